@@ -1,0 +1,130 @@
+"""`toolkit`: the command line. Each command parses options, builds its stage config, calls one stage
+function and prints the result path (stdout); logs and progress go to stderr.
+
+Stages find their input in the run folder (`export/<run>/<stage>`) unless it is given explicitly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from toolkit import __version__
+from toolkit.errors import ToolkitError
+
+log = logging.getLogger("toolkit")
+EXPORT_ROOT = Path("export")
+
+
+def run_dir(run: str) -> Path:
+    return EXPORT_ROOT / run
+
+
+def stage_dir(run: str, stage: str) -> Path:
+    return run_dir(run) / stage
+
+
+def default_run(corpus: Path | None = None) -> str:
+    """Run name: the corpus file's stem, or the only/most recent run under export/."""
+    if corpus is not None:
+        return corpus.stem
+    runs = [p for p in EXPORT_ROOT.glob("*") if p.is_dir()] if EXPORT_ROOT.is_dir() else []
+    if not runs:
+        raise click.UsageError("no run under export/: start with `toolkit prep CORPUS.tsv`, or pass --run.")
+    return max(runs, key=lambda p: p.stat().st_mtime).name
+
+
+def handle_errors(func):
+    """Turn ToolkitError into one line on stderr and exit 2 (a traceback only with --debug)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except ToolkitError as exc:
+            if click.get_current_context().find_root().params.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def config_options(func):
+    """The options every stage shares: --config PRESET_OR_FILE, repeated --set, --force."""
+    func = click.option("--force", is_flag=True, help="Replace a finished or interrupted output folder.")(func)
+    func = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                        help="Override one config value, e.g. --set train.lora_r=32 (repeatable).")(func)
+    func = click.option("--config", "config", metavar="PRESET|FILE.toml",
+                        help="A shipped preset name or a TOML file.")(func)
+    return func
+
+
+def echo_result(manifest: dict, out_dir: Path, as_json: bool = False) -> None:
+    if as_json:
+        click.echo(json.dumps({"out": str(out_dir), "metrics": manifest.get("metrics", {})}, ensure_ascii=False))
+    else:
+        click.echo(str(out_dir))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="toolkit")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def main(verbose: int, quiet: bool, debug: bool) -> None:
+    """Fine-tune gpt-oss (or any chat LM) to translate the pairs of a parallel corpus.
+
+    \b
+    toolkit prep corpus.tsv      TSV pairs -> Harmony chat examples
+    toolkit train                LoRA / QLoRA on attention and MoE experts
+    toolkit merge                fold the adapter into the base weights
+    toolkit export               GGUF (llama.cpp) + Ollama Modelfile
+    toolkit eval                 translate a test TSV, score with sacrebleu
+    toolkit serve                FastAPI translation endpoint
+    """
+    level = logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose + 1, 2)]
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("corpus", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output folder (default export/RUN/prep).")
+@click.option("--run", "run", help="Run name (default: the corpus file name).")
+@click.option("--src", "source_column", help="Source column (default zh).")
+@click.option("--tgt", "target_column", help="Target column (default nan).")
+@click.option("--reasoning-column", help="Column with a reasoning text for the analysis channel.")
+@click.option("--src-name", "source_name", help="Source language name used in the prompt.")
+@click.option("--tgt-name", "target_name", help="Target language name used in the prompt.")
+@click.option("--direction", type=click.Choice(["forward", "reverse", "both"]), help="Which way to translate.")
+@click.option("--reasoning-language", help="The system option `reasoning language: X`.")
+@click.option("--reasoning-effort", type=click.Choice(["low", "medium", "high"]))
+@click.option("--instruction", help="Developer instruction; {src} and {tgt} become the language names.")
+@click.option("--dev-fraction", type=float, help="Share held out as dev split.")
+@click.option("--dev-file", help="Explicit dev file instead of a random split.")
+@click.option("--seed", type=int)
+@click.option("--max-length", type=int, help="Longest source/target kept.")
+@click.option("--length-unit", type=click.Choice(["tokens", "chars"]), help="Unit of --max-length.")
+@click.option("--dedupe/--no-dedupe", default=None, help="Drop repeated pairs (default on).")
+@click.option("--skip-bad-lines", is_flag=True, default=None, help="Count and skip malformed lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print the output folder and statistics as JSON.")
+@config_options
+@handle_errors
+def prep(corpus: Path, out_dir: Path | None, run: str | None, config, overrides, force, as_json, **options) -> None:
+    """TSV (or recipe JSONL) pairs -> train.jsonl, dev.jsonl, stats.json, manifest.json."""
+    from toolkit import config as cfgmod
+    from toolkit import corpus as corpus_mod
+
+    cfg = cfgmod.build("prep", config, overrides, **options)
+    out_dir = out_dir or stage_dir(run or default_run(corpus), "prep")
+    manifest = corpus_mod.prepare(cfg, corpus, out_dir, force=force)
+    echo_result(manifest, out_dir, as_json)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
