@@ -1,0 +1,94 @@
+"""The translation prompt a model was trained with, recovered from a stage manifest.
+
+Training, evaluation and serving must all build the same prompt: this is that one place. The prep
+manifest (reachable from every later manifest through its `upstream` chain) records the language
+names, instruction template, `reasoning language`, reasoning effort and date.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from toolkit import harmony
+from toolkit.errors import ArtifactError
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    source_name: str
+    target_name: str
+    instruction: str  # template with {src} and {tgt}
+    reasoning_language: str
+    reasoning_effort: str = "low"
+    date: str = harmony.DEFAULT_DATE
+
+    def reversed(self) -> PromptSpec:
+        return replace(self, source_name=self.target_name, target_name=self.source_name)
+
+    def for_direction(self, direction: str) -> PromptSpec:
+        """`forward` (source->target as prepared) or `reverse`."""
+        return self.reversed() if direction == "reverse" else self
+
+    def messages(self, text: str, target: str | None = None, thinking: str | None = None) -> list[dict[str, Any]]:
+        instruction = self.instruction.format(src=self.source_name, tgt=self.target_name)
+        return harmony.build_messages(
+            text, reasoning_language=self.reasoning_language, instruction=instruction,
+            target=target, thinking=thinking,
+        )
+
+    def harmony_prompt(self, text: str) -> str:
+        """Harmony text up to `<|start|>assistant`, ready for generation."""
+        return harmony.render(
+            self.messages(text), reasoning_effort=self.reasoning_effort, date=self.date, add_generation_prompt=True
+        )
+
+    def render_prompt(self, text: str, tokenizer: Any = None) -> str:
+        """The generation prompt in the model's chat format: Harmony, or the tokenizer's own template."""
+        if tokenizer is None or is_harmony_tokenizer(tokenizer):
+            return self.harmony_prompt(text)
+        return tokenizer.apply_chat_template(
+            template_messages(self.messages(text)), tokenize=False, add_generation_prompt=True
+        )
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages for a non-Harmony chat template: no `thinking` key (templates differ on it)."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def is_harmony_tokenizer(tokenizer: Any) -> bool:
+    """True for gpt-oss tokenizers (they carry the Harmony special tokens)."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    return "<|channel|>" in vocab and "<|message|>" in vocab
+
+
+def find_prep_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    node: dict[str, Any] | None = manifest
+    while node is not None:
+        if node.get("stage") == "prep":
+            return node
+        node = node.get("upstream")
+    raise ArtifactError("no prep manifest in this folder's upstream chain: it was not made by `toolkit prep`.")
+
+
+def from_manifest(manifest: dict[str, Any]) -> PromptSpec:
+    """The PromptSpec of any stage manifest (prep, train, merge, export)."""
+    cfg = find_prep_manifest(manifest)["config"]
+    return PromptSpec(
+        source_name=cfg["source_name"],
+        target_name=cfg["target_name"],
+        instruction=cfg["instruction"],
+        reasoning_language=cfg["reasoning_language"],
+        reasoning_effort=cfg["reasoning_effort"],
+        date=cfg["date"],
+    )
+
+
+def default_spec() -> PromptSpec:
+    """The prep defaults (zh -> nan), for a bare base model evaluated without any manifest."""
+    from toolkit.config import PrepConfig
+
+    cfg = PrepConfig()
+    return PromptSpec(cfg.source_name, cfg.target_name, cfg.instruction, cfg.reasoning_language,
+                      cfg.reasoning_effort, cfg.date)
