@@ -126,5 +126,23 @@ def prep(corpus: Path, out_dir: Path | None, run: str | None, config, overrides,
     echo_result(manifest, out_dir, as_json)
 
 
+# --- train command (owned by the train stage) ---
+
+
+# --- merge command (owned by the merge stage) ---
+
+
+# --- export command (owned by the export stage) ---
+
+
+# --- eval command (owned by the eval stage) ---
+
+
+# --- serve command (owned by the serve stage) ---
+
+
+# --- run command (owned by the run stage) ---
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

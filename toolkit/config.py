@@ -69,17 +69,23 @@ class PrepConfig:
         return out
 
 
+# --- train config (owned by the train stage; add it to SECTIONS) ---
+
+
+# --- merge config (owned by the merge stage; add it to SECTIONS) ---
+
+
+# --- export config (owned by the export stage; add it to SECTIONS) ---
+
+
+# --- eval config (owned by the eval stage; add it to SECTIONS) ---
+
+
+# --- serve config (owned by the serve stage; add it to SECTIONS) ---
+
+
 SECTIONS: dict[str, type] = {"prep": PrepConfig}
 
-
-def register(name: str):
-    """Class decorator: a stage module's config dataclass becomes TOML section `name`."""
-
-    def wrap(cls):
-        SECTIONS[name] = cls
-        return cls
-
-    return wrap
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
