@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from toolkit.errors import ConfigError
 
@@ -27,6 +27,8 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
 @dataclass(frozen=True)
 class PrepConfig:
     """`toolkit prep`: TSV/JSONL pairs -> Harmony chat examples."""
+
+    section: ClassVar[str] = "prep"
 
     source_column: str = _help("TSV column holding the source sentence.", "zh")
     target_column: str = _help("TSV column holding the target sentence.", "nan")
@@ -69,22 +71,26 @@ class PrepConfig:
         return out
 
 
-# --- train config (owned by the train stage; add it to SECTIONS) ---
+# --- train config (owned by the train stage; give it `section: ClassVar[str] = "NAME"`) ---
 
 
-# --- merge config (owned by the merge stage; add it to SECTIONS) ---
+# --- merge config (owned by the merge stage; give it `section: ClassVar[str] = "NAME"`) ---
 
 
-# --- export config (owned by the export stage; add it to SECTIONS) ---
+# --- export config (owned by the export stage; give it `section: ClassVar[str] = "NAME"`) ---
 
 
-# --- eval config (owned by the eval stage; add it to SECTIONS) ---
+# --- eval config (owned by the eval stage; give it `section: ClassVar[str] = "NAME"`) ---
 
 
-# --- serve config (owned by the serve stage; add it to SECTIONS) ---
+# --- serve config (owned by the serve stage; give it `section: ClassVar[str] = "NAME"`) ---
 
 
-SECTIONS: dict[str, type] = {"prep": PrepConfig}
+# Every dataclass above with a `section` class attribute is a TOML section.
+SECTIONS: dict[str, type] = {
+    obj.section: obj for obj in list(globals().values())
+    if isinstance(obj, type) and dataclasses.is_dataclass(obj) and isinstance(getattr(obj, "section", None), str)
+}
 
 
 
