@@ -126,6 +126,18 @@ def prep(corpus: Path, out_dir: Path | None, run: str | None, config, overrides,
     echo_result(manifest, out_dir, as_json)
 
 
+@main.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--real-tokenizer", is_flag=True, help="Use the real o200k_harmony tokenizer (201k vocab).")
+@handle_errors
+def tiny(out_dir: Path, seed: int, real_tokenizer: bool) -> None:
+    """Write a tiny random gpt-oss (real architecture) for tests and the CPU demo."""
+    from toolkit.tiny import build_tiny
+
+    click.echo(str(build_tiny(out_dir, seed=seed, real_tokenizer=real_tokenizer)))
+
+
 # --- train command (owned by the train stage) ---
 
 

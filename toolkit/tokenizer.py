@@ -107,14 +107,19 @@ def build_hf_tokenizer(out_dir: Path, chat_template: str | None = None):
 
     from toolkit.harmony import CHAT_TEMPLATE
 
+    from tokenizers import AddedToken
+
     enc = tiktoken_encoding()
-    specials = sorted(enc._special_tokens.items(), key=lambda kv: kv[1])
-    converter = TikTokenConverter(
-        vocab_file=str(install_ranks() / "o200k_base.tiktoken"),
-        pattern=enc._pat_str,
-        additional_special_tokens=[name for name, _ in specials],
-    )
+    converter = TikTokenConverter(vocab_file=str(install_ranks() / "o200k_base.tiktoken"), pattern=enc._pat_str)
     backend = converter.converted()
+    # Special tokens must keep their tiktoken ids (199998..201087, no gaps). Several names share 200018
+    # (<|endofprompt|> and a reserved one): keep the named one, as gpt-oss's tokenizer.json does.
+    by_id: dict[int, str] = {}
+    for name, idx in sorted(enc._special_tokens.items(), key=lambda kv: (kv[1], kv[0].startswith("<|reserved"))):
+        by_id.setdefault(idx, name)
+    if backend.get_vocab_size() != min(by_id) or sorted(by_id) != list(range(min(by_id), max(by_id) + 1)):
+        raise ExternalToolError("o200k_harmony special tokens are not contiguous after the ranks; cannot build.")
+    backend.add_special_tokens([AddedToken(by_id[i], special=True, normalized=False) for i in sorted(by_id)])
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token="<|startoftext|>",
@@ -126,3 +131,12 @@ def build_hf_tokenizer(out_dir: Path, chat_template: str | None = None):
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(out_dir)
     return tok
+
+
+def tiktoken_pattern() -> str:
+    """gpt-oss's pre-tokenizer regex (o200k's), without loading the ranks."""
+    return (
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+        r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+        r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny gpt-oss models generated offline (never downloaded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_TSV = ROOT / "corpora" / "zh-nan-moe-sample" / "sample.tsv"
+SHARED = ROOT.parent / "shared"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random GptOssForCausalLM with a small BPE tokenizer (Harmony specials + chat template)."""
+    from toolkit.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_real_tokenizer(tmp_path_factory) -> Path:
+    """The same architecture with the real o200k_harmony tokenizer (201,088 tokens, hidden 32)."""
+    from toolkit.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny-real") / "model", seed=0, real_tokenizer=True)
+
+
+@pytest.fixture
+def sample_tsv() -> Path:
+    return SAMPLE_TSV
