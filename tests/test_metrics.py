@@ -1,0 +1,131 @@
+"""Metric plumbing against sacrebleu's own CLI, the copy baseline on the held-out set, and the
+reasoning-language check."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from toolkit import metrics
+
+HELDOUT = Path("/work/shared/eval/zh-nan.heldout.tsv")
+
+# Fixed strings: Han with an Extension B character (𪜶), Latin in Han, an empty hypothesis.
+REFS = ["今仔日天氣真好。", "伊講𪜶欲來。", "我來矣。", "Cheney宣佈了後，全體參眾議員徛起來拍噗仔致敬。", "這是一本冊。"]
+HYPS = ["今天天氣很好。", "伊講𪜶欲來。", "", "錢尼宣佈之後，全體參眾議員起立鼓掌致敬。", "這是一本書。"]
+OTHER = ["今仔日天氣好。", "伊講𪜶beh來。", "我來。", "Cheney宣佈了後，全體議員徛起來致敬。", "這是冊。"]
+
+CLI_ARGS = {
+    "bleu": ["-m", "bleu", "-tok", "zh"],
+    "bleu_char": ["-m", "bleu", "-tok", "char"],
+    "chrf": ["-m", "chrf"],
+    "chrf_pp": ["-m", "chrf", "--chrf-word-order", "2"],
+    "ter": ["-m", "ter", "--ter-normalized", "--ter-asian-support"],
+}
+
+
+def sacrebleu_cli(tmp_path: Path, hyps: list[str], refs: list[str], *args: str) -> list | dict:
+    ref_file, hyp_file = tmp_path / "ref.txt", tmp_path / "hyp.txt"
+    ref_file.write_text("\n".join(refs) + "\n", encoding="utf-8")
+    hyp_file.write_text("\n".join(hyps) + "\n", encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sacrebleu", str(ref_file), "-i", str(hyp_file), "-f", "json", "-w", "6", *args],
+        capture_output=True, text=True, check=True, env={"SACREBLEU_SEED": "12345", "PATH": "/usr/bin:/bin"},
+    )
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("key", metrics.METRIC_KEYS)
+def test_scores_and_signatures_match_sacrebleu_cli(tmp_path, key):
+    ours = metrics.score(HYPS, REFS, n_bootstrap=1)[key]
+    cli = sacrebleu_cli(tmp_path, HYPS, REFS, *CLI_ARGS[key])
+    assert ours["score"] == pytest.approx(cli["score"], abs=1e-6)
+    assert ours["signature"] == cli["signature"]
+    assert ours["ci"] is None
+
+
+@pytest.mark.parametrize("key", ["bleu", "chrf", "ter"])
+def test_bootstrap_confidence_matches_sacrebleu_cli(tmp_path, key):
+    ours = metrics.score(HYPS, REFS, n_bootstrap=1000)[key]
+    cli = sacrebleu_cli(tmp_path, HYPS, REFS, *CLI_ARGS[key], "--confidence")
+    assert ours["signature"] == cli["signature"]
+    assert "bs:1000|seed:12345" in ours["signature"]
+    assert ours["mean"] == pytest.approx(cli["confidence_mean"], abs=1e-6)
+    assert ours["ci"] == pytest.approx(cli["confidence_var"], abs=1e-6)
+
+
+def test_char_bleu_sees_extension_b_where_zh_tokenizer_does_not():
+    # The zh tokenizer glues 𪜶 to its Latin/unknown neighbours; char-level BLEU splits every character.
+    ref, hyp = ["𪜶𪜶𪜶𪜶𪜶 欲來"], ["𪜶𪜶𪜶𪜶 欲來"]
+    scores = metrics.score(hyp, ref, n_bootstrap=1)
+    assert scores["bleu_char"]["score"] > scores["bleu"]["score"]
+
+
+def test_paired_bootstrap_matches_sacrebleu_cli(tmp_path):
+    refs, base, system = REFS * 8, HYPS * 8, OTHER * 8
+    ours = metrics.paired(base, system, refs)["bleu"]
+    ref_file, b_file, s_file = tmp_path / "ref.txt", tmp_path / "baseline.txt", tmp_path / "system.txt"
+    for path, lines in ((ref_file, refs), (b_file, base), (s_file, system)):
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sacrebleu", str(ref_file), "-i", str(b_file), str(s_file), "-m", "bleu",
+         "-tok", "zh", "--paired-bs", "-f", "json"],
+        capture_output=True, text=True, check=True, env={"SACREBLEU_SEED": "12345", "PATH": "/usr/bin:/bin"},
+    )
+    cli_base, cli_sys = json.loads(proc.stdout)
+    assert ours["baseline"] == pytest.approx(cli_base["BLEU"]["score"])
+    assert ours["system"] == pytest.approx(cli_sys["BLEU"]["score"])
+    assert ours["p_value"] == pytest.approx(cli_sys["BLEU"]["p_value"])
+    assert ours["ci"] == pytest.approx(cli_sys["BLEU"]["ci"])
+    assert ours["delta"] == pytest.approx(ours["system"] - ours["baseline"])
+    assert "bs:1000" in ours["signature"] and "tok:zh" in ours["signature"]
+
+
+def test_paired_identical_systems_are_not_significant():
+    result = metrics.paired(HYPS * 4, HYPS * 4, REFS * 4, n_samples=200)
+    for key in metrics.METRIC_KEYS:
+        assert result[key]["delta"] == 0
+        assert result[key]["p_value"] == 1.0
+
+
+def test_copy_baseline_reproduces_heldout_numbers():
+    with HELDOUT.open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    assert len(rows) == 2000
+    hyps = metrics.copy_hypotheses([r["zh"] for r in rows])
+    scores = metrics.score(hyps, [r["nan"] for r in rows], n_bootstrap=1)
+    assert round(scores["bleu"]["score"], 1) == 66.2
+    assert round(scores["chrf"]["score"], 1) == 59.2
+    assert "tok:zh" in scores["bleu"]["signature"]
+
+
+@pytest.mark.parametrize(
+    ("text", "language", "expected"),
+    [
+        ("The user wants a Taiwanese translation of 天氣.", "English", True),
+        ("使用者要翻譯成台語，𪜶是他們。", "English", False),
+        ("使用者要翻譯成台語，𪜶是他們。", "Chinese", True),
+        ("使用者要翻譯成台語", "Mandarin Chinese (Traditional)", True),
+        ("The user wants", "Chinese", False),
+        ("これは翻訳です", "Japanese", True),
+        ("12345 ... !!", "English", None),  # no letters: not checkable
+        ("whatever", "Klingon", None),  # no script known for the language
+    ],
+)
+def test_in_language(text, language, expected):
+    assert metrics.in_language(text, language) is expected
+
+
+def test_reasoning_compliance_counts():
+    analyses = ["We translate the sentence.", "翻譯這句話。", None, "", "Short answer."]
+    result = metrics.reasoning_compliance(analyses, "English")
+    assert result["with_analysis"] == 3
+    assert result["checked"] == 3
+    assert result["compliant"] == 2
+    assert result["share"] == pytest.approx(2 / 3)
+    assert metrics.reasoning_compliance([None, ""], "English")["share"] is None

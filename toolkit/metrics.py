@@ -1,0 +1,191 @@
+"""Scores for `toolkit eval`: sacrebleu metrics with their signatures, the copy-source baseline,
+bootstrap confidence intervals, paired significance between two systems, and the share of analysis
+texts written in the requested reasoning language.
+
+Han text has no spaces, so BLEU uses sacrebleu's `zh` tokenizer; its CJK ranges stop before
+Extension B (common in Taigi: 𪜶), so a character-level BLEU (`char`) is reported beside it. TER is
+normalized with Asian support, else a sentence without spaces would be a single "word".
+"""
+
+from __future__ import annotations
+
+import os
+import unicodedata
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sacrebleu
+from sacrebleu.metrics.base import Metric
+
+N_BOOTSTRAP = 1000
+SEED = 12345  # sacrebleu's default SACREBLEU_SEED: our numbers match its CLI
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    key: str  # our name in scores.json
+    label: str  # column header in reports
+    higher_is_better: bool
+    make: Any  # () -> a fresh sacrebleu Metric
+
+
+METRICS: tuple[MetricDef, ...] = (
+    MetricDef("bleu", "BLEU (zh)", True, lambda: sacrebleu.BLEU(tokenize="zh")),
+    MetricDef("bleu_char", "BLEU (char)", True, lambda: sacrebleu.BLEU(tokenize="char")),
+    MetricDef("chrf", "chrF", True, lambda: sacrebleu.CHRF()),
+    MetricDef("chrf_pp", "chrF++", True, lambda: sacrebleu.CHRF(word_order=2)),
+    MetricDef("ter", "TER", False, lambda: sacrebleu.TER(normalized=True, asian_support=True)),
+)
+METRIC_KEYS = tuple(m.key for m in METRICS)
+LABELS = {m.key: m.label for m in METRICS}
+
+
+def _seed_env() -> None:
+    # sacrebleu reads its bootstrap seed from the environment; pin it unless the user chose one.
+    os.environ.setdefault("SACREBLEU_SEED", str(SEED))
+
+
+def score(hypotheses: Sequence[str], references: Sequence[str], *, n_bootstrap: int = N_BOOTSTRAP) -> dict[str, Any]:
+    """Every metric of one system: score, bootstrap mean and 95% half-interval, sacrebleu signature."""
+    _seed_env()
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    out: dict[str, Any] = {}
+    for m in METRICS:
+        metric = m.make()
+        result = metric.corpus_score(list(hypotheses), [list(references)], n_bootstrap=n_bootstrap)
+        out[m.key] = {
+            "score": float(result.score),
+            "mean": float(result._mean) if n_bootstrap > 1 else None,
+            "ci": float(result._ci) if n_bootstrap > 1 else None,
+            "signature": str(metric.get_signature()),
+        }
+    return out
+
+
+def copy_hypotheses(sources: Sequence[str]) -> list[str]:
+    """The copy-source baseline: the untranslated source as the hypothesis.
+
+    Mandarin and Taigi Han text share most characters, so copying scores high; a model that does not
+    beat it has learned nothing useful.
+    """
+    return list(sources)
+
+
+def paired(
+    baseline: Sequence[str],
+    system: Sequence[str],
+    references: Sequence[str],
+    *,
+    n_samples: int = N_BOOTSTRAP,
+) -> dict[str, Any]:
+    """Paired bootstrap resampling (sacrebleu's, as `sacrebleu --paired-bs`) of `system` against `baseline`.
+
+    Per metric: both scores, the difference, the p-value (chance of a difference this large under the
+    null hypothesis), and the system's bootstrap mean and 95% half-interval.
+    """
+    from sacrebleu.significance import PairedTest
+
+    _seed_env()
+    out: dict[str, Any] = {}
+    for m in METRICS:
+        # One metric per test: PairedTest keys results by score name, and both BLEUs are "BLEU".
+        metrics: dict[str, Metric] = {m.key: m.make()}
+        test = PairedTest(
+            [("baseline", list(baseline)), ("system", list(system))], metrics, [list(references)],
+            test_type="bs", n_samples=n_samples,
+        )
+        signatures, results = test()
+        (name,) = [k for k in results if k != "System"]
+        base, sys_result = results[name]
+        delta = float(sys_result.score - base.score)
+        # sacrebleu counts resampled differences strictly greater than the observed one, so two
+        # systems with identical scores get p = 1/(n+1), "significant"; no observed difference is p = 1.
+        p_value = 1.0 if delta == 0 else float(sys_result.p_value)
+        out[m.key] = {
+            "baseline": float(base.score),
+            "system": float(sys_result.score),
+            "delta": delta,
+            "p_value": p_value,
+            "mean": float(sys_result.mean),
+            "ci": float(sys_result.ci),
+            "signature": str(signatures[name]),
+        }
+    return out
+
+
+# ---- reasoning-language compliance -------------------------------------------------------------
+
+# Language name (lower case, as written in `reasoning language: X`) -> scripts its text is written in.
+_LATIN = ("english", "french", "german", "spanish", "italian", "portuguese", "dutch", "swedish", "norwegian",
+          "danish", "finnish", "polish", "czech", "turkish", "indonesian", "malay", "vietnamese", "tagalog",
+          "romanian", "hungarian", "taiwanese romanization", "tâi-lô", "pe̍h-ōe-jī")
+SCRIPTS: dict[str, frozenset[str]] = {
+    **{name: frozenset({"LATIN"}) for name in _LATIN},
+    **{name: frozenset({"CJK"}) for name in ("chinese", "mandarin", "mandarin chinese", "cantonese",
+                                             "taiwanese", "taiwanese hokkien", "hokkien", "taigi")},
+    "japanese": frozenset({"CJK", "HIRAGANA", "KATAKANA"}),
+    "korean": frozenset({"HANGUL"}),
+    "russian": frozenset({"CYRILLIC"}),
+    "ukrainian": frozenset({"CYRILLIC"}),
+    "greek": frozenset({"GREEK"}),
+    "arabic": frozenset({"ARABIC"}),
+    "hebrew": frozenset({"HEBREW"}),
+    "hindi": frozenset({"DEVANAGARI"}),
+    "thai": frozenset({"THAI"}),
+}
+
+
+def scripts_for(language: str) -> frozenset[str] | None:
+    """The scripts of a reasoning language, or None when we have no check for it.
+
+    `Chinese (Traditional)` and `Mandarin Chinese` are looked up by their first matching word too.
+    """
+    name = language.strip().lower()
+    if name in SCRIPTS:
+        return SCRIPTS[name]
+    for word in name.replace("(", " ").replace(")", " ").split():
+        if word in SCRIPTS:
+            return SCRIPTS[word]
+    return None
+
+
+def dominant_script(text: str) -> str | None:
+    """The Unicode script (first word of the character name: LATIN, CJK, HANGUL...) of most letters."""
+    counts: Counter[str] = Counter()
+    for ch in text:
+        if ch.isalpha():
+            counts[unicodedata.name(ch, "UNKNOWN").split()[0]] += 1
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def in_language(text: str, language: str) -> bool | None:
+    """Whether `text` is mostly written in the script of `language` (None: language or text not checkable)."""
+    scripts = scripts_for(language)
+    script = dominant_script(text)
+    if scripts is None or script is None:
+        return None
+    return script in scripts
+
+
+def reasoning_compliance(analyses: Sequence[str | None], language: str) -> dict[str, Any]:
+    """Share of non-empty analysis texts written in `language` (a script check, not language ID)."""
+    checked = compliant = 0
+    for text in analyses:
+        if not text:
+            continue
+        verdict = in_language(text, language)
+        if verdict is None:
+            continue
+        checked += 1
+        compliant += verdict
+    return {
+        "language": language,
+        "checkable": scripts_for(language) is not None,
+        "with_analysis": sum(1 for t in analyses if t),
+        "checked": checked,
+        "compliant": compliant,
+        "share": compliant / checked if checked else None,
+    }
