@@ -109,7 +109,7 @@ def main(verbose: int, quiet: bool, debug: bool) -> None:
 @click.option("--dev-file", help="Explicit dev file instead of a random split.")
 @click.option("--seed", type=int)
 @click.option("--max-length", type=int, help="Longest source/target kept.")
-@click.option("--length-unit", type=click.Choice(["tokens", "chars"]), help="Unit of --max-length.")
+@click.option("--length-unit", type=click.Choice(["tokens", "chars", "auto"]), help="Unit of --max-length.")
 @click.option("--dedupe/--no-dedupe", default=None, help="Drop repeated pairs (default on).")
 @click.option("--skip-bad-lines", is_flag=True, default=None, help="Count and skip malformed lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the output folder and statistics as JSON.")

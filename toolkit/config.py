@@ -48,7 +48,8 @@ class PrepConfig:
     dev_file: str | None = _help("Explicit dev TSV/JSONL instead of a random split.", None)
     seed: int = _help("Seed of the dev split.", 20261125)
     max_length: int = _help("Longest allowed source or target (tokens, or characters without a tokenizer).", 256)
-    length_unit: str = _help("tokens (gpt-oss tokenizer, built offline) or chars.", "chars")
+    length_unit: str = _help("tokens (the gpt-oss tokenizer, built offline), chars, or auto (tokens when the "
+                             "tokenizer can be built, else chars).", "auto")
     dedupe: bool = _help("Drop repeated (source, target) pairs.", True)
     skip_bad_lines: bool = _help("Count and skip malformed lines instead of stopping at the first.", False)
     date: str = _help("Current date written in the Harmony system message (fixed for reproducibility).",
@@ -64,14 +65,104 @@ class PrepConfig:
             out.append(f"prep.dev_fraction: expected 0 <= x < 1, found {self.dev_fraction}")
         if self.max_length <= 0:
             out.append(f"prep.max_length: expected a positive number, found {self.max_length}")
-        if self.length_unit not in ("tokens", "chars"):
-            out.append(f"prep.length_unit: expected tokens or chars, found {self.length_unit!r}")
+        if self.length_unit not in ("tokens", "chars", "auto"):
+            out.append(f"prep.length_unit: expected tokens, chars or auto, found {self.length_unit!r}")
         if self.source_column == self.target_column:
             out.append("prep.source_column and prep.target_column must differ")
         return out
 
 
 # --- train config (owned by the train stage; give it `section: ClassVar[str] = "NAME"`) ---
+_LAYERS_HELP = 'which decoder layers get it: "all" or a list of indices, e.g. [7, 15, 23]'
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`toolkit train`: LoRA / QLoRA with TRL's SFTTrainer on the prep folder's chat examples."""
+
+    section: ClassVar[str] = "train"
+
+    base_model: str = _help("Base model: a local folder or a Hugging Face Hub id.", "openai/gpt-oss-20b")
+    mode: str = _help("lora (16-bit base weights) or qlora (bitsandbytes 4-bit NF4 base, needs CUDA).", "lora")
+    dtype: str = _help("Weights/compute dtype: bfloat16, float16 or float32 (the CPU demo).", "bfloat16")
+    device: str = _help("auto (CUDA when present), cuda or cpu.", "auto")
+    attn_implementation: str = _help("Attention kernel passed to transformers (gpt-oss: eager or flex_attention; "
+                                     "a kernels-hub id works too).", "eager")
+    chat_format: str = _help("auto (Harmony for gpt-oss, else the tokenizer's chat template), harmony or template.",
+                             "auto")
+    chat_template: str | None = _help("A .jinja chat template for a tokenizer that has none.", None)
+    lora_r: int = _help("LoRA rank.", 8)
+    lora_alpha: int = _help("LoRA alpha (scale = alpha / r).", 16)
+    lora_dropout: float = _help("Dropout on the LoRA input.", 0.0)
+    lora_modules: list[str] = _help("nn.Linear names that get LoRA (attention projections).",
+                                    ["q_proj", "k_proj", "v_proj", "o_proj"])
+    lora_experts: list[str] = _help("3-D MoE expert parameters that get LoRA (peft target_parameters); ignored "
+                                    "for models without them. [] = attention only.",
+                                    ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    attention_layers: list[int] | str = _help(f"Attention LoRA: {_LAYERS_HELP}.", "all")
+    expert_layers: list[int] | str = _help(f"Expert LoRA: {_LAYERS_HELP}.", "all")
+    max_length: int = _help("Longest training sequence in tokens (longer ones are cut at the end).", 1024)
+    batch_size: int = _help("Micro-batch per device.", 4)
+    grad_accum: int = _help("Gradient accumulation steps.", 4)
+    learning_rate: float = _help("Peak learning rate.", 2e-4)
+    lr_scheduler: str = _help("transformers scheduler name (cosine_with_min_lr, cosine, linear, constant ...).",
+                              "cosine_with_min_lr")
+    min_lr_rate: float = _help("Final LR as a share of the peak (cosine_with_min_lr only).", 0.1)
+    warmup_ratio: float = _help("Share of steps spent warming up.", 0.03)
+    weight_decay: float = _help("AdamW weight decay.", 0.0)
+    max_grad_norm: float = _help("Gradient clipping norm.", 1.0)
+    optimizer: str = _help("transformers optimizer name (adamw_torch, adamw_torch_fused, paged_adamw_8bit ...).",
+                           "adamw_torch")
+    epochs: float = _help("Passes over the training split (ignored when max_steps > 0).", 1.0)
+    max_steps: int = _help("Stop after this many optimizer steps (0: use epochs).", 0)
+    gradient_checkpointing: bool = _help("Recompute activations in the backward pass (less memory, ~30% slower).",
+                                         True)
+    packing: bool = _help("Pack examples into max_length blocks (TRL best-fit decreasing, padding-free).", False)
+    padding_free: bool = _help("Concatenate each batch into one row with per-example positions, no padding "
+                               "(max_length is then not enforced; prep already bounds lengths).", False)
+    eval_steps: int = _help("Dev-split eval loss every N steps (0: only at the end).", 50)
+    max_eval_examples: int = _help("Dev examples used for eval loss (0: all).", 200)
+    max_train_examples: int = _help("Use only the first N training examples (0: all).", 0)
+    save_steps: int = _help("Write a resumable checkpoint every N steps (0: none).", 100)
+    save_total_limit: int = _help("Checkpoints kept on disk while training.", 2)
+    keep_checkpoints: bool = _help("Keep the checkpoints/ folder after a finished run.", False)
+    logging_steps: int = _help("Log train loss every N steps (metrics.jsonl, TensorBoard).", 10)
+    report_to: str = _help("tensorboard (local, in OUT/tensorboard) or none.", "tensorboard")
+    seed: int = _help("Seed of LoRA init, data order and dropout.", 42)
+
+    def problems(self) -> list[str]:
+        choices = {
+            "mode": ("lora", "qlora"), "dtype": ("bfloat16", "float16", "float32"),
+            "device": ("auto", "cuda", "cpu"), "chat_format": ("auto", "harmony", "template"),
+            "report_to": ("tensorboard", "none"),
+        }
+        out = [f"train.{k}: expected one of {', '.join(v)}, found {getattr(self, k)!r}"
+               for k, v in choices.items() if getattr(self, k) not in v]
+        positive = ("lora_r", "lora_alpha", "max_length", "batch_size", "grad_accum", "logging_steps")
+        out += [f"train.{k}: expected a positive number, found {getattr(self, k)}"
+                for k in positive if getattr(self, k) <= 0]
+        non_negative = ("max_steps", "eval_steps", "save_steps", "save_total_limit", "max_eval_examples",
+                        "max_train_examples", "weight_decay", "warmup_ratio")
+        out += [f"train.{k}: expected 0 or more, found {getattr(self, k)}" for k in non_negative if getattr(self, k) < 0]
+        if not 0.0 <= self.lora_dropout < 1.0:
+            out.append(f"train.lora_dropout: expected 0 <= x < 1, found {self.lora_dropout}")
+        if self.learning_rate <= 0:
+            out.append(f"train.learning_rate: expected a positive number, found {self.learning_rate}")
+        if self.max_steps == 0 and self.epochs <= 0:
+            out.append(f"train.epochs: expected a positive number (or set max_steps), found {self.epochs}")
+        for key in ("attention_layers", "expert_layers"):
+            value = getattr(self, key)
+            if isinstance(value, str) and value != "all" or isinstance(value, list) and any(i < 0 for i in value):
+                out.append(f'train.{key}: expected "all" or a list of layer indices >= 0, found {value!r}')
+        if not self.lora_modules and not self.lora_experts:
+            out.append("train.lora_modules and train.lora_experts are both empty: nothing to train")
+        if self.mode == "qlora" and self.device == "cpu":
+            out.append("train.mode qlora needs CUDA (bitsandbytes 4-bit); use mode lora on the CPU")
+        if self.mode == "qlora" and self.dtype == "float32":
+            out.append("train.dtype: qlora computes in bfloat16 or float16, found float32")
+        if self.chat_template and not self.chat_template.endswith((".jinja", ".j2")):
+            out.append(f"train.chat_template: expected a .jinja file, found {self.chat_template!r}")
+        return out
 
 
 # --- merge config (owned by the merge stage; give it `section: ClassVar[str] = "NAME"`) ---

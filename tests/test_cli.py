@@ -1,0 +1,67 @@
+"""The command line through click's CliRunner: prep, errors as one line, a light --help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from toolkit.cli import main
+
+
+def test_help_is_instant_and_imports_no_torch():
+    code = "import sys; from toolkit.cli import main; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for stage in ("prep", "train", "merge", "export", "eval", "serve"):
+        assert f"toolkit {stage}" in result.output
+
+
+def test_prep_writes_run_folder_and_prints_path(sample_tsv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(main, ["prep", str(sample_tsv), "--length-unit", "chars"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "export/sample/prep"
+    assert (tmp_path / "export" / "sample" / "prep" / "manifest.json").is_file()
+    again = runner.invoke(main, ["prep", str(sample_tsv), "--length-unit", "chars"])
+    assert again.exit_code == 0 and again.stdout.strip() == "export/sample/prep"
+
+
+def test_prep_options_and_json(sample_tsv, tmp_path):
+    out = tmp_path / "o"
+    result = CliRunner().invoke(main, [
+        "prep", str(sample_tsv), "--out", str(out), "--direction", "both", "--reasoning-language", "中文",
+        "--length-unit", "chars", "--set", "prep.dev_fraction=0.5", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["out"] == str(out)
+    assert info["metrics"]["examples"]["train"] + info["metrics"]["examples"]["dev"] == 2 * 303
+    assert 100 < info["metrics"]["examples"]["dev"] < 500  # a real 50% split, not 5%
+    row = json.loads((out / "train.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert row["messages"][0]["content"].startswith("reasoning language: 中文\n\n")
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("zh\tnan\n一\t二\t三\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["prep", str(bad), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {bad}:2: expected 2 tab-separated columns (zh, nan), found 3. Fix the line or pass --skip-bad-lines."
+    ]
+    assert "Traceback" not in result.output
+
+
+def test_config_problems_are_reported_together(sample_tsv, tmp_path):
+    result = CliRunner().invoke(main, ["prep", str(sample_tsv), "--out", str(tmp_path / "o"),
+                                       "--set", "prep.nope=1", "--set", "prep.seed=abc", "--set", "bad"])
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert line.startswith("error: 3 config problem(s):")
+    assert "prep.nope: unknown key" in line and "prep.seed: expected" in line and "--set 'bad'" in line
