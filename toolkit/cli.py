@@ -142,6 +142,30 @@ def tiny(out_dir: Path, seed: int, real_tokenizer: bool) -> None:
 
 
 # --- merge command (owned by the merge stage) ---
+@main.command()
+@click.argument("train_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output folder (default export/RUN/merge).")
+@click.option("--run", "run", help="Run name (default: the most recent run under export/).")
+@click.option("--base-model", help="Base model folder or hub id (default: the one the train manifest names).")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+              help="Weights dtype (auto: bfloat16 on CUDA, float32 on CPU).")
+@click.option("--device", help="auto, cuda or cpu.")
+@click.option("--json", "as_json", is_flag=True, help="Print the output folder and the merge check as JSON.")
+@config_options
+@handle_errors
+def merge(train_dir: Path | None, out_dir: Path | None, run: str | None, config, overrides, force, as_json,
+          **options) -> None:
+    """Fold the LoRA adapter of TRAIN_DIR (default export/RUN/train) into its base -> safetensors."""
+    from toolkit import config as cfgmod
+    from toolkit import merge as merge_mod
+
+    cfg = cfgmod.build("merge", config, overrides, **options)
+    run = run or (None if train_dir and out_dir else default_run())
+    train_dir = train_dir or stage_dir(run, "train")
+    out_dir = out_dir or stage_dir(run, "merge")
+    manifest = merge_mod.run(cfg, train_dir, out_dir, force=force)
+    echo_result(manifest, out_dir, as_json)
+
 
 
 # --- export command (owned by the export stage) ---

@@ -166,9 +166,81 @@ class TrainConfig:
 
 
 # --- merge config (owned by the merge stage; give it `section: ClassVar[str] = "NAME"`) ---
+@dataclass(frozen=True)
+class MergeConfig:
+    """`toolkit merge`: fold the LoRA adapter into the base weights (safetensors)."""
+
+    section: ClassVar[str] = "merge"
+
+    base_model: str | None = _help("Base model folder or hub id (default: the one the train manifest names).", None)
+    dtype: str = _help("auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32.", "auto")
+    device: str = _help("auto (CUDA when present), cuda or cpu.", "auto")
+    parity_text: str = _help("Source sentence of the Harmony prompt used to check the merge.",
+                             "今天天氣真好，我們去公園散步。")
+    parity_atol: float | None = _help("Largest allowed |merged - (base+adapter)| next-token logit "
+                                      "(default: 1e-3 float32, 0.1 float16, 0.25 bfloat16).", None)
+    max_shard_size: str = _help("Largest safetensors shard.", "5GB")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            out.append(f"merge.dtype: expected auto, bfloat16, float16 or float32, found {self.dtype!r}")
+        if self.parity_atol is not None and self.parity_atol <= 0:
+            out.append(f"merge.parity_atol: expected a positive number, found {self.parity_atol}")
+        return out
+
 
 
 # --- export config (owned by the export stage; give it `section: ClassVar[str] = "NAME"`) ---
+GGUF_OUTTYPES = ("f32", "f16", "bf16")
+GGUF_QUANTS = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "MXFP4_MOE")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`toolkit export`: GGUF through llama.cpp's converter, quantized files, Ollama Modelfile."""
+
+    section: ClassVar[str] = "export"
+
+    outtype: str = _help("Type of the converted GGUF: f32, f16 or bf16.", "f16")
+    quants: list[str] = _help(f"Quantized files made from it ({', '.join(GGUF_QUANTS)}); [] for none.",
+                              ["Q8_0", "Q4_K_M"])
+    pre_tokenizer: str | None = _help("llama.cpp pre-tokenizer name for a tokenizer whose hash the converter does "
+                                      "not know (e.g. gpt-4o for gpt-oss-style BPE). Never applied silently.", None)
+    llama_cpp: str | None = _help("Folder with llama.cpp's convert_hf_to_gguf.py, conversion/ and gguf-py/ "
+                                  "(default: the pinned copy `python -m toolkit.llamacpp fetch` unpacks).", None)
+    verify: bool = _help("Load every GGUF with llama-cpp-python and compare its logits with the merged model.", True)
+    verify_texts: list[str] = _help("Source sentences of the Harmony prompts used to verify the files.", [
+        "今天天氣真好，我們去公園散步。", "你吃飯了嗎？", "這本書是我昨天在台北買的。", "請問火車站要怎麼走？",
+    ])
+    float_rtol: float = _help("Largest allowed max|gguf - hf| / max|hf| of next-token logits for f32/f16/bf16.",
+                              0.02)
+    min_top1: float = _help("Quantized files: least share of prompt positions whose top-1 token matches the "
+                            "merged model.", 0.8)
+    n_threads: int = _help("CPU threads for quantization and verification (0 = all).", 0)
+    ollama_gguf: str = _help("Which file the Modelfile uses: the outtype or one of the quants.", "Q4_K_M")
+    modelfile_template: str = _help("Template in modelfiles/ (name without .Modelfile) or a file path.",
+                                    "gpt-oss-harmony")
+    temperature: float = _help("Modelfile PARAMETER temperature (0 = greedy, best for translation).", 0.0)
+    num_ctx: int = _help("Modelfile PARAMETER num_ctx (context window).", 4096)
+    num_predict: int = _help("Modelfile PARAMETER num_predict (longest reply, reasoning included).", 1024)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.outtype not in GGUF_OUTTYPES:
+            out.append(f"export.outtype: expected one of {', '.join(GGUF_OUTTYPES)}, found {self.outtype!r}")
+        bad = [q for q in self.quants if q not in GGUF_QUANTS]
+        if bad:
+            out.append(f"export.quants: unknown {bad} (known: {', '.join(GGUF_QUANTS)})")
+        if self.ollama_gguf not in (self.outtype, *self.quants):
+            out.append(f"export.ollama_gguf: {self.ollama_gguf!r} is not made by this export "
+                       f"(outtype {self.outtype}, quants {list(self.quants)})")
+        if not self.verify_texts:
+            out.append("export.verify_texts: give at least one sentence")
+        if not 0.0 <= self.min_top1 <= 1.0:
+            out.append(f"export.min_top1: expected 0..1, found {self.min_top1}")
+        return out
+
 
 
 # --- eval config (owned by the eval stage; give it `section: ClassVar[str] = "NAME"`) ---

@@ -1,0 +1,196 @@
+"""`toolkit merge TRAIN_DIR --out DIR`: fold a LoRA adapter into its base model's weights.
+
+The base named by the train manifest is loaded in 16 bits (float32 on CPU; gpt-oss MXFP4 experts are
+dequantized), the adapter (attention and expert LoRA) applied and merged with peft's `merge_and_unload`,
+and the result saved as safetensors beside the tokenizer and chat template. Before the manifest is
+written the merge is checked on a Harmony prompt built exactly as in training: the merged model's
+next-token logits must equal base+adapter within tolerance and differ from the bare base.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from toolkit import artifacts, prompt
+from toolkit.config import MergeConfig, as_dict
+from toolkit.errors import ArtifactError, ConfigError
+
+log = logging.getLogger(__name__)
+ADAPTER_CONFIG = "adapter_config.json"
+# Loose enough for a bf16 merge of a 20B model, tight enough that a lost adapter fails (it moves logits by O(1)).
+DEFAULT_ATOL = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.1}
+
+
+def find_adapter(train_dir: Path) -> Path:
+    """The folder holding adapter_config.json: the train folder itself or its `adapter/` subfolder."""
+    for candidate in (train_dir, train_dir / "adapter"):
+        if (candidate / ADAPTER_CONFIG).is_file():
+            return candidate
+    raise ArtifactError(
+        f"{train_dir}: no {ADAPTER_CONFIG} here or in {train_dir / 'adapter'}. Pass the folder `toolkit train` wrote."
+    )
+
+
+def base_model_of(train_manifest: dict[str, Any], adapter_dir: Path, override: str | None) -> str:
+    """The base model: --base-model, else the train manifest's config, else the adapter's own record."""
+    if override:
+        return override
+    name = (train_manifest.get("config") or {}).get("base_model") or train_manifest.get("base_model")
+    if not name:
+        name = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not name:
+        raise ArtifactError(f"{adapter_dir}: no base model recorded. Pass --base-model PATH_OR_ID.")
+    return str(name)
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        name = "bfloat16" if device.startswith("cuda") else "float32"
+    return name, getattr(torch, name)
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("merge.device: cuda was asked for but no CUDA device is visible. Use --device cpu.")
+    return name
+
+
+def load_base(base: str, dtype: Any, device: str):
+    """The base model in `dtype`; gpt-oss MXFP4 checkpoints are dequantized on load."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    quant = getattr(config, "quantization_config", None)
+    quant_method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if str(quant_method).lower().endswith("mxfp4"):
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+        log.info("merge: %s is MXFP4; dequantizing to %s", base, dtype)
+    model = AutoModelForCausalLM.from_pretrained(base, device_map=device, **kwargs)
+    model.eval()
+    return model
+
+
+def next_token_logits(model, input_ids) -> Any:
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits[0, -1].float().cpu()
+
+
+def parity_prompt(train_manifest: dict[str, Any], tokenizer, text: str) -> tuple[str, str]:
+    """(prompt, where its format came from): the training prompt of the prep manifest upstream."""
+    try:
+        spec, source = prompt.from_manifest(train_manifest), "prep manifest"
+    except ArtifactError:
+        log.warning("merge: no prep manifest upstream of the train folder; using the default translation prompt")
+        spec, source = prompt.default_spec(), "default"
+    return spec.render_prompt(text, tokenizer), source
+
+
+def check_parity(base_logits, adapted_logits, merged_logits, atol: float) -> dict[str, Any]:
+    """Figures of the merge check; raises ArtifactError when merged != base+adapter or merged == base."""
+    to_adapted = float((merged_logits - adapted_logits).abs().max())
+    to_base = float((merged_logits - base_logits).abs().max())
+    figures = {
+        "max_abs_diff_merged_vs_adapter": to_adapted,
+        "max_abs_diff_merged_vs_base": to_base,
+        "atol": atol,
+        "top1_merged": int(merged_logits.argmax()),
+        "top1_adapter": int(adapted_logits.argmax()),
+        "top1_base": int(base_logits.argmax()),
+    }
+    if to_adapted > atol:
+        raise ArtifactError(
+            f"merge check failed: merged logits differ from base+adapter by {to_adapted:.3g} (> {atol:g}). "
+            "The merge is wrong; nothing was written. Re-run with -vv and report it."
+        )
+    if to_base <= atol:
+        raise ArtifactError(
+            f"merge check failed: merged logits equal the bare base (max diff {to_base:.3g} <= {atol:g}), so the "
+            "adapter had no effect. Check that the train folder holds a trained adapter."
+        )
+    return figures
+
+
+def check_saved_keys(out_dir: Path, expected: set[str]) -> None:
+    """The saved checkpoint holds exactly the base model's tensor names (no LoRA or base_layer leftovers)."""
+    from safetensors import safe_open
+
+    found: set[str] = set()
+    for shard in sorted(out_dir.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as fh:
+            found |= set(fh.keys())
+    if found != expected:
+        extra, missing = sorted(found - expected)[:5], sorted(expected - found)[:5]
+        raise ArtifactError(f"{out_dir}: saved tensors differ from the base model's (extra {extra}, missing {missing}).")
+
+
+def run(cfg: MergeConfig, train_dir: Path, out_dir: Path, *, force: bool = False) -> dict[str, Any]:
+    """Merge the adapter of `train_dir` into its base and write the merged model to `out_dir`."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    train_dir, out_dir = Path(train_dir), Path(out_dir)
+    train_manifest = artifacts.read_manifest(train_dir, stage="train")
+    adapter_dir = find_adapter(train_dir)
+    base = base_model_of(train_manifest, adapter_dir, cfg.base_model)
+    config = {**as_dict(cfg), "base_model": base}
+    done = artifacts.prepare_out_dir(out_dir, stage="merge", config=config, force=force)
+    if done is not None:
+        log.info("merge: %s already holds this merge; nothing to do (--force redoes it)", out_dir)
+        return done
+
+    started = time.monotonic()
+    device = resolve_device(cfg.device)
+    dtype_name, dtype = resolve_dtype(cfg.dtype, device)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir if (adapter_dir / "tokenizer_config.json").is_file()
+                                              else base)
+    text, prompt_source = parity_prompt(train_manifest, tokenizer, cfg.parity_text)
+    input_ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+
+    log.info("merge: loading %s (%s on %s)", base, dtype_name, device)
+    model = load_base(base, dtype, device)
+    expected_keys = set(model.state_dict().keys())
+    base_logits = next_token_logits(model, input_ids)
+    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    adapted_logits = next_token_logits(model, input_ids)
+    log.info("merge: folding the adapter into the base weights")
+    model = model.merge_and_unload()
+    merged_logits = next_token_logits(model, input_ids)
+    atol = cfg.parity_atol if cfg.parity_atol is not None else DEFAULT_ATOL[dtype_name]
+    figures = check_parity(base_logits, adapted_logits, merged_logits, atol)
+    figures.update(prompt_tokens=int(input_ids.shape[1]), prompt_source=prompt_source, dtype=dtype_name)
+
+    if getattr(model.config, "quantization_config", None) is not None:  # weights are plain 16-bit now
+        del model.config.quantization_config
+    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=cfg.max_shard_size)
+    tokenizer.save_pretrained(out_dir)
+    check_saved_keys(out_dir, expected_keys)
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+    elapsed = time.monotonic() - started
+    size = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
+    manifest = artifacts.write_manifest(
+        out_dir, stage="merge", config=config, metrics={"parity": figures, "seconds": round(elapsed, 1),
+                                                        "weights_bytes": size},
+        upstream=train_manifest, extra={"base_model": base, "adapter": str(adapter_dir)},
+    )
+    log.info("merge: adapter folded into %s in %.0fs, %.1f MB, logits diff vs base+adapter %.2g -> %s",
+                base, elapsed, size / 1e6, figures["max_abs_diff_merged_vs_adapter"], out_dir)
+    return manifest
