@@ -244,6 +244,51 @@ class ExportConfig:
 
 
 # --- eval config (owned by the eval stage; give it `section: ClassVar[str] = "NAME"`) ---
+EVAL_BACKENDS = ("transformers", "llama-cpp", "ollama")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`toolkit eval`: translate a test TSV through a backend and score it with sacrebleu."""
+
+    section: ClassVar[str] = "eval"
+
+    backend: str = _help("transformers (model/merge/train folder), llama-cpp (GGUF file) or ollama (model name).",
+                         "transformers")
+    model: str | None = _help("Model to evaluate (default: the run's latest export GGUF > merge > train).", None)
+    source_column: str | None = _help("TSV column of the source sentences (default: the model's prep config, "
+                                      "else zh).", None)
+    target_column: str | None = _help("TSV column of the references (default: the model's prep config, else nan).",
+                                      None)
+    direction: str = _help("forward (source column -> target column) or reverse.", "forward")
+    limit: int = _help("Evaluate only the first N rows (0 = all).", 0)
+    max_new_tokens: int = _help("Generation limit per sentence (analysis + final).", 256)
+    batch_size: int = _help("Sentences per generate call (transformers) and per predictions.jsonl flush.", 8)
+    n_bootstrap: int = _help("Bootstrap resamples for confidence intervals and the paired test (sacrebleu's).",
+                             1000)
+    host: str | None = _help("Ollama server URL (default $OLLAMA_HOST, else http://127.0.0.1:11434).", None)
+    n_ctx: int = _help("llama-cpp context window.", 2048)
+    n_gpu_layers: int = _help("llama-cpp layers offloaded to the GPU (-1 = all).", 0)
+    device: str | None = _help("transformers device: cpu, cuda (default: cuda when available).", None)
+    dtype: str = _help("transformers weights dtype: auto, bfloat16, float16, float32.", "auto")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.backend not in EVAL_BACKENDS:
+            out.append(f"eval.backend: expected one of {', '.join(EVAL_BACKENDS)}, found {self.backend!r}")
+        if self.direction not in ("forward", "reverse"):
+            out.append(f"eval.direction: expected forward or reverse, found {self.direction!r}")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) <= 0:
+                out.append(f"eval.{name}: expected a positive number, found {getattr(self, name)}")
+        if self.limit < 0:
+            out.append(f"eval.limit: expected 0 (all) or a positive number, found {self.limit}")
+        if self.n_bootstrap < 1:
+            out.append(f"eval.n_bootstrap: expected 1 (no intervals) or more, found {self.n_bootstrap}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            out.append(f"eval.dtype: expected auto, bfloat16, float16 or float32, found {self.dtype!r}")
+        return out
+
 
 
 # --- serve config (owned by the serve stage; give it `section: ClassVar[str] = "NAME"`) ---

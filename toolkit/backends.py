@@ -1,0 +1,322 @@
+"""Translation backends shared by `toolkit eval` and `toolkit serve`: transformers, llama.cpp, Ollama.
+
+Every backend builds the prompt the model was trained with (`PromptSpec`, read from the nearest
+manifest), decodes greedily with a per-sentence token limit, and splits Harmony output into the final
+answer and the analysis text (`harmony.parse`). For a model without Harmony tokens the whole generated
+text is the answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from toolkit import harmony
+from toolkit.artifacts import MANIFEST, read_manifest
+from toolkit.errors import ArtifactError, ExternalToolError
+from toolkit.prompt import PromptSpec, default_spec, from_manifest, is_harmony_tokenizer
+
+log = logging.getLogger(__name__)
+BACKENDS = ("transformers", "llama-cpp", "ollama")
+DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
+
+
+@dataclass
+class Translation:
+    text: str  # final channel ("" when missing)
+    analysis: str | None  # analysis channel, kept apart
+    complete: bool  # final message ended properly (not truncated)
+    tokens: int  # generated tokens
+    latency_s: float
+    raw: str  # raw generated text
+
+
+class Translator(Protocol):
+    name: str
+
+    def translate(self, texts: list[str], spec: PromptSpec, *, max_new_tokens: int = 256) -> list[Translation]: ...
+
+    def health(self) -> bool: ...
+
+
+def to_translation(raw: str, *, harmony_model: bool, stopped: bool, tokens: int, latency_s: float,
+                   analysis: str | None = None) -> Translation:
+    """One generated text -> Translation. `stopped`: generation ended on a stop token, not the length limit.
+
+    Backends that strip the stop token from the text (llama.cpp, Ollama) pass `stopped` so a final
+    message that ran to its stop token still counts as complete.
+    """
+    if harmony_model:
+        parsed = harmony.parse(raw)
+        final, complete = parsed.final, parsed.complete or (stopped and parsed.final is not None)
+        analysis = analysis or parsed.analysis
+    else:
+        final, complete = raw.strip(), stopped
+    return Translation(text=final or "", analysis=analysis or None, complete=complete, tokens=tokens,
+                       latency_s=latency_s, raw=raw)
+
+
+# ---- which prompt -------------------------------------------------------------------------------
+
+def nearest_manifest(target: str | Path) -> dict[str, Any] | None:
+    """The manifest of the stage folder holding `target` (its own folder, then up to two parents)."""
+    path = Path(target)
+    if not path.exists():
+        return None
+    folder = path if path.is_dir() else path.parent
+    for candidate in (folder, folder.parent, folder.parent.parent):
+        if (candidate / MANIFEST).is_file():
+            return read_manifest(candidate)
+    return None
+
+
+def spec_for(backend: str, target: str | Path, *, manifest_dir: str | Path | None = None) -> PromptSpec:
+    """The prompt the model at `target` was trained with, else the prep defaults (a bare base model).
+
+    An Ollama model name has no folder: pass the export folder as `manifest_dir`.
+    """
+    manifest = nearest_manifest(manifest_dir or target) if backend != "ollama" or manifest_dir else None
+    if manifest is not None:
+        try:
+            return from_manifest(manifest)
+        except ArtifactError:
+            log.info("%s: manifest has no prep stage upstream; using the default prompt", target)
+    return default_spec()
+
+
+# ---- transformers -------------------------------------------------------------------------------
+
+def _adapter_dir(path: Path) -> Path | None:
+    for candidate in (path, path / "adapter"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    return None
+
+
+class TransformersTranslator:
+    """A base model, a merged folder, or base + LoRA adapter (a `toolkit train` folder); batched greedy decoding."""
+
+    def __init__(self, target: str | Path, *, base_model: str | None = None, device: str | None = None,
+                 dtype: str = "auto", batch_size: int = 8) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(target)
+        adapter = _adapter_dir(path) if path.is_dir() else None
+        if adapter is not None:
+            base = base_model or json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+        else:
+            base = str(target)
+        if path.is_dir() and adapter is None and not (path / "config.json").is_file():
+            raise ArtifactError(f"{target}: expected a model folder (config.json) or a train folder "
+                                "(adapter_config.json); found neither. Pass --model.")
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.name = str(target)
+        self.batch_size = batch_size
+        tok_source = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else base
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
+        except OSError as exc:  # not a folder and not reachable on the Hub
+            raise ArtifactError(f"{tok_source}: cannot load a tokenizer ({str(exc).splitlines()[0]}). "
+                                "Pass a local model folder with --model.") from exc
+        self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if self.device == "cuda":
+            kwargs["device_map"] = "auto"
+        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter))
+        if self.device != "cuda":
+            model = model.to(self.device)
+        self.model = model.eval()
+        self.harmony = is_harmony_tokenizer(self.tokenizer)
+        stops = [self.tokenizer.convert_tokens_to_ids(t) for t in harmony.STOP_TOKENS] if self.harmony else []
+        eos = self.tokenizer.eos_token_id
+        self.stop_ids = sorted({i for i in [*stops, eos] if isinstance(i, int) and i >= 0})
+
+    def health(self) -> bool:
+        return self.model is not None
+
+    def translate(self, texts: list[str], spec: PromptSpec, *, max_new_tokens: int = 256) -> list[Translation]:
+        out: list[Translation] = []
+        for start in range(0, len(texts), self.batch_size):
+            out.extend(self._batch(texts[start:start + self.batch_size], spec, max_new_tokens))
+        return out
+
+    def _batch(self, texts: list[str], spec: PromptSpec, max_new_tokens: int) -> list[Translation]:
+        import torch
+
+        prompts = [spec.render_prompt(t, self.tokenizer) for t in texts]
+        # The prompt text already holds the template's special tokens: add none.
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            generated = self.model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
+            )
+        # Batched: each sentence is charged an equal share of its batch's wall time.
+        latency = (time.perf_counter() - started) / len(texts)
+        results = []
+        for row in generated[:, enc["input_ids"].shape[1]:].tolist():
+            stop_at = next((i for i, tok in enumerate(row) if tok in self.stop_ids), None)
+            ids = row if stop_at is None else row[: stop_at + 1]
+            raw = self.tokenizer.decode(ids, skip_special_tokens=False)
+            if not self.harmony:
+                raw = self.tokenizer.decode(ids, skip_special_tokens=True)
+            results.append(to_translation(raw, harmony_model=self.harmony, stopped=stop_at is not None,
+                                          tokens=len(ids), latency_s=latency))
+        return results
+
+
+# ---- llama.cpp ----------------------------------------------------------------------------------
+
+class _GGUFTemplate:
+    """The chat template stored in a GGUF, with `apply_chat_template` so `PromptSpec.render_prompt` can use it."""
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+        self.template = llm.metadata.get("tokenizer.chat_template")
+
+    def get_vocab(self) -> dict[str, int]:
+        return {}
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], tokenize: bool = False,
+                            add_generation_prompt: bool = True) -> str:
+        if not self.template:
+            raise ArtifactError("the GGUF has no tokenizer.chat_template and no Harmony tokens: cannot build "
+                                "the prompt. Export it with `toolkit export`.")
+        import jinja2
+
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        detok = self.llm.detokenize
+        return env.from_string(self.template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=detok([self.llm.token_bos()], special=True).decode("utf-8", "replace"),
+            eos_token=detok([self.llm.token_eos()], special=True).decode("utf-8", "replace"),
+        )
+
+
+class LlamaCppTranslator:
+    """A GGUF file through llama-cpp-python; one sentence at a time, greedy."""
+
+    def __init__(self, target: str | Path, *, n_ctx: int = 2048, n_gpu_layers: int = 0, n_threads: int | None = None,
+                 seed: int = 0) -> None:
+        path = Path(target)
+        if not path.is_file():
+            raise ArtifactError(f"{path}: no such GGUF file. Run `toolkit export` or pass --model FILE.gguf.")
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:
+            raise ExternalToolError("llama-cpp-python is not installed: `pip install 'toolkit[export]'`.") from exc
+        self.name = path.name
+        self.llm = Llama(model_path=str(path), logits_all=False, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
+                         n_threads=n_threads, seed=seed, verbose=False)
+        self.harmony = self._token_id("<|channel|>") is not None
+        self.stop_ids = {self.llm.token_eos()}
+        if self.harmony:
+            self.stop_ids |= {self._token_id(t) for t in harmony.STOP_TOKENS} - {None}
+        self.template = None if self.harmony else _GGUFTemplate(self.llm)
+
+    def _token_id(self, text: str) -> int | None:
+        ids = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return ids[0] if len(ids) == 1 else None
+
+    def health(self) -> bool:
+        return self.llm is not None
+
+    def translate(self, texts: list[str], spec: PromptSpec, *, max_new_tokens: int = 256) -> list[Translation]:
+        return [self._one(text, spec, max_new_tokens) for text in texts]
+
+    def _one(self, text: str, spec: PromptSpec, max_new_tokens: int) -> Translation:
+        prompt = spec.harmony_prompt(text) if self.harmony else spec.render_prompt(text, self.template)
+        # The prompt holds the template's special tokens already (BOS included where the template has one).
+        tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        budget = min(max_new_tokens, self.llm.n_ctx() - len(tokens))
+        if budget <= 0:
+            raise ExternalToolError(f"prompt of {len(tokens)} tokens does not fit n_ctx={self.llm.n_ctx()}; "
+                                    "raise n_ctx or shorten the text.")
+        started = time.perf_counter()
+        out: list[int] = []
+        stopped = False
+        for tok in self.llm.generate(tokens, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
+                                     reset=True):
+            out.append(tok)
+            if tok in self.stop_ids:
+                stopped = True
+                break
+            if len(out) >= budget:
+                break
+        latency = time.perf_counter() - started
+        # special=True keeps <|channel|>, <|message|>... in the text so the Harmony parser sees them.
+        raw = self.llm.detokenize(out, special=self.harmony).decode("utf-8", errors="replace")
+        return to_translation(raw, harmony_model=self.harmony, stopped=stopped, tokens=len(out), latency_s=latency)
+
+
+# ---- Ollama -------------------------------------------------------------------------------------
+
+class OllamaTranslator:
+    """A model on an Ollama server. The prompt is sent raw, so it is exactly the Harmony prompt of training."""
+
+    def __init__(self, target: str, *, host: str | None = None, timeout: float = 120.0, check: bool = True,
+                 keep_alive: str | None = None) -> None:
+        from ollama import Client
+
+        self.name = str(target)
+        self.host = host or DEFAULT_OLLAMA_HOST
+        self.keep_alive = keep_alive
+        self.client = Client(host=self.host, timeout=timeout)
+        if check and not self.health():
+            raise ExternalToolError(f"Ollama at {self.host}: no server answers. Start it with `ollama serve` "
+                                    "or pass --host.")
+
+    def health(self) -> bool:
+        try:
+            self.client.list()
+        except Exception:  # connection refused, timeout, HTTP error: all mean "not usable now"
+            return False
+        return True
+
+    def translate(self, texts: list[str], spec: PromptSpec, *, max_new_tokens: int = 256) -> list[Translation]:
+        return [self._one(text, spec, max_new_tokens) for text in texts]
+
+    def _one(self, text: str, spec: PromptSpec, max_new_tokens: int) -> Translation:
+        from ollama import ResponseError
+
+        options = {"temperature": 0.0, "top_k": 1, "num_predict": max_new_tokens, "stop": list(harmony.STOP_TOKENS)}
+        started = time.perf_counter()
+        try:
+            resp = self.client.generate(model=self.name, prompt=spec.harmony_prompt(text), raw=True, options=options,
+                                        keep_alive=self.keep_alive)
+        except ConnectionError as exc:
+            raise ExternalToolError(f"Ollama at {self.host}: no server answers ({exc}). Start it with "
+                                    "`ollama serve` or pass --host.") from exc
+        except ResponseError as exc:
+            hint = f" Create it with `ollama create {self.name} -f Modelfile`." if exc.status_code == 404 else ""
+            raise ExternalToolError(f"Ollama model {self.name!r} at {self.host}: {exc.error} "
+                                    f"(HTTP {exc.status_code}).{hint}") from exc
+        latency = time.perf_counter() - started
+        raw = resp.response or ""
+        # A server that parses Harmony itself returns the analysis as `thinking` and only the final text.
+        return to_translation(raw, harmony_model=True, stopped=resp.done_reason == "stop",
+                              tokens=resp.eval_count or 0, latency_s=latency, analysis=resp.thinking)
+
+
+def load_translator(backend: str, target: str | Path, **options: Any) -> Translator:
+    """A ready translator. backend: transformers (model folder / hub id / train folder), llama-cpp (GGUF
+    path), ollama (model name; option host=)."""
+    if backend == "transformers":
+        return TransformersTranslator(target, **options)
+    if backend == "llama-cpp":
+        return LlamaCppTranslator(target, **options)
+    if backend == "ollama":
+        return OllamaTranslator(str(target), **options)
+    raise ArtifactError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}.")
