@@ -139,6 +139,38 @@ def tiny(out_dir: Path, seed: int, real_tokenizer: bool) -> None:
 
 
 # --- train command (owned by the train stage) ---
+@main.command()
+@click.argument("data_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="Output folder (default export/RUN/train, or beside PREP_DIR).")
+@click.option("--run", "run", help="Run name (default: the most recent run under export/).")
+@click.option("--base-model", help="Base model folder or hub id (default openai/gpt-oss-20b).")
+@click.option("--mode", type=click.Choice(["lora", "qlora"]), help="16-bit LoRA or 4-bit NF4 QLoRA (CUDA).")
+@click.option("--max-steps", type=int, help="Stop after N optimizer steps (default: train.epochs).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from the last checkpoint in --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print the output folder and metrics as JSON.")
+@config_options
+@handle_errors
+def train(data_dir: Path | None, out_dir: Path | None, run: str | None, resume: bool, config, overrides, force,
+          as_json, **options) -> None:
+    """Prep folder -> LoRA adapter on attention and MoE experts (TRL SFTTrainer).
+
+    \b
+    PREP_DIR defaults to export/RUN/prep. Multi-GPU or multi-process:
+    accelerate launch --config_file toolkit/configs/accelerate/fsdp.yaml -m toolkit train ...
+    """
+    from toolkit import config as cfgmod
+    from toolkit import train as train_mod
+
+    cfg = cfgmod.build("train", config, overrides, **options)
+    if data_dir is None:
+        run = run or default_run()
+        data_dir = stage_dir(run, "prep")
+    if out_dir is None:
+        out_dir = stage_dir(run, "train") if run else data_dir.parent / "train"
+    manifest = train_mod.run(cfg, data_dir, out_dir, force=force, resume=resume)
+    if manifest:  # empty on the non-main processes of a distributed run
+        echo_result(manifest, out_dir, as_json)
 
 
 # --- merge command (owned by the merge stage) ---
@@ -172,6 +204,71 @@ def merge(train_dir: Path | None, out_dir: Path | None, run: str | None, config,
 
 
 # --- eval command (owned by the eval stage) ---
+@main.command(name="eval")
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="Output folder (default export/RUN/eval; required with --model, --baseline and --compare).")
+@click.option("--run", "run", help="Run whose latest stage (export GGUF > merge > train) is evaluated without --model.")
+@click.option("--backend", type=click.Choice(["transformers", "llama-cpp", "ollama"]),
+              help="How to run the model (default: llama-cpp for a GGUF, else transformers).")
+@click.option("--model", help="Model folder, train folder, GGUF file or Ollama model name.")
+@click.option("--baseline", type=click.Choice(["copy"]), help="Score the copy-source baseline alone (no model).")
+@click.option("--compare", is_flag=True, help="INPUTS are earlier eval folders: write their side-by-side report.")
+@click.option("--src", "source_column", help="Source column (default: the model's prep config, else zh).")
+@click.option("--tgt", "target_column", help="Reference column (default: the model's prep config, else nan).")
+@click.option("--direction", type=click.Choice(["forward", "reverse"]), help="reverse: translate --tgt into --src.")
+@click.option("--limit", type=int, help="Only the first N rows.")
+@click.option("--max-new-tokens", type=int, help="Generation limit per sentence.")
+@click.option("--batch-size", type=int, help="Sentences per generate call.")
+@click.option("--n-bootstrap", type=int, help="Bootstrap resamples (1 = no intervals, no paired test).")
+@click.option("--host", help="Ollama server URL.")
+@click.option("--json", "as_json", is_flag=True, help="Print the output folder and scores as JSON.")
+@config_options
+@handle_errors
+def eval_(inputs: tuple[Path, ...], out_dir: Path | None, run: str | None, baseline: str | None, compare: bool,
+          config, overrides, force, as_json, **options) -> None:
+    """Translate TEST.tsv and score it (sacrebleu) beside the copy-source baseline.
+
+    \b
+    toolkit eval TEST.tsv [--backend B] [--model M] --out DIR
+    toolkit eval TEST.tsv --run r1                  the run's latest export/merge/train
+    toolkit eval --baseline copy TEST.tsv --out DIR the copy-source baseline alone
+    toolkit eval --compare DIR DIR... --out DIR     earlier evals side by side
+    """
+    import dataclasses
+
+    from toolkit import config as cfgmod
+    from toolkit import evaluate
+
+    cfg = cfgmod.build("eval", config, overrides, **options)
+    if compare:
+        if not inputs or out_dir is None:
+            raise click.UsageError("--compare needs the eval folders to compare and --out DIR.")
+        manifest = evaluate.compare(list(inputs), out_dir, n_bootstrap=cfg.n_bootstrap, force=force)
+        return echo_result(manifest, out_dir, as_json)
+    if len(inputs) != 1:
+        raise click.UsageError(f"expected one test TSV, found {len(inputs)} arguments (--compare takes several).")
+    test_file = inputs[0]
+    if baseline:
+        if out_dir is None:
+            raise click.UsageError("--baseline copy needs --out DIR.")
+        return echo_result(evaluate.baseline(cfg, test_file, out_dir, force=force), out_dir, as_json)
+    if cfg.model is None:
+        if cfg.backend == "ollama":
+            raise click.UsageError("--backend ollama needs --model NAME (the name given to `ollama create`).")
+        run = run or default_run()
+        backend, model = evaluate.latest_model(run_dir(run), options.get("backend"))
+        cfg = dataclasses.replace(cfg, backend=backend, model=str(model))
+        log.info("eval: %s through %s", model, backend)
+    elif options.get("backend") is None and str(cfg.model).endswith(".gguf"):
+        cfg = dataclasses.replace(cfg, backend="llama-cpp")
+    if out_dir is None:
+        if run is None:
+            raise click.UsageError("pass --out DIR (or --run RUN to write export/RUN/eval).")
+        out_dir = stage_dir(run, "eval")
+    manifest = evaluate.run(cfg, test_file, out_dir, force=force)
+    echo_result(manifest, out_dir, as_json)
+
 
 
 # --- serve command (owned by the serve stage) ---

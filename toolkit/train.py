@@ -1,0 +1,289 @@
+"""`toolkit train [PREP_DIR] --config PRESET --out DIR`: LoRA / QLoRA with TRL's SFTTrainer.
+
+Reads the prep folder (train.jsonl, dev.jsonl, manifest.json). Each example becomes a prompt-completion
+pair so that only the assistant's answer is supervised:
+- gpt-oss (Harmony): `harmony.split_example` text; the completion is the channels, the answer and
+  `<|return|>` (TRL's EOS is set to `<|return|>`, so nothing else is appended).
+- other chat models: conversational pairs; TRL renders both with the tokenizer's chat template and
+  supervises what the answer adds, template end-of-turn tokens included (what inference stops on).
+
+Writes OUT/: adapter_model.safetensors + adapter_config.json, the tokenizer (with its chat template),
+train_config.json (resolved config), metrics.jsonl, loss.png, tensorboard/, and manifest.json last.
+Checkpoints go to OUT/checkpoints/ while training (`--resume` continues from the last one) and are
+deleted at the end unless `train.keep_checkpoints`. Multi-GPU: `accelerate launch -m toolkit train`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from toolkit import artifacts, harmony
+from toolkit.config import TrainConfig, as_dict
+from toolkit.errors import ArtifactError, ConfigError, DataError
+
+log = logging.getLogger(__name__)
+CHECKPOINTS = "checkpoints"
+CONFIG_FILE = "train_config.json"
+METRICS_FILE = "metrics.jsonl"
+LOSS_PNG = "loss.png"
+
+
+def read_examples(path: Path, limit: int = 0) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{n}: not valid JSON ({exc.msg}). Re-run `toolkit prep --force`.") from exc
+            messages = row.get("messages") if isinstance(row, dict) else None
+            if not messages or messages[-1].get("role") != "assistant":
+                raise DataError(f"{path}:{n}: expected a `messages` list ending with the assistant's answer. "
+                                "Re-run `toolkit prep --force`.")
+            rows.append(row)
+            if limit and len(rows) >= limit:
+                break
+    return rows
+
+
+def to_pairs(rows: list[dict[str, Any]], fmt: str, prep_config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Prompt-completion records in the model's chat format (see the module docstring)."""
+    from toolkit.prompt import template_messages
+
+    pairs = []
+    for row in rows:
+        messages = row["messages"]
+        if fmt == "harmony":
+            prompt, completion = harmony.split_example(
+                messages, reasoning_effort=row.get("reasoning_effort", prep_config.get("reasoning_effort", "low")),
+                date=prep_config.get("date", harmony.DEFAULT_DATE),
+            )
+        else:
+            prompt = template_messages(messages[:-1])
+            completion = [{"role": "assistant", "content": messages[-1]["content"]}]
+        pairs.append({"prompt": prompt, "completion": completion})
+    return pairs
+
+
+def load_datasets(cfg: TrainConfig, data_dir: Path, fmt: str):
+    """(train, dev or None) `datasets.Dataset`s of prompt-completion pairs, and the prep manifest."""
+    from datasets import Dataset
+
+    prep = artifacts.read_manifest(data_dir, "prep")
+    train_path, dev_path = Path(data_dir) / "train.jsonl", Path(data_dir) / "dev.jsonl"
+    if not train_path.is_file():
+        raise ArtifactError(f"{train_path}: missing from a finished prep folder. Re-run `toolkit prep --force`.")
+    train_rows = read_examples(train_path, cfg.max_train_examples)
+    if not train_rows:
+        raise DataError(f"{train_path}: no examples. Check the corpus given to `toolkit prep`.")
+    dev_rows = read_examples(dev_path, cfg.max_eval_examples) if dev_path.is_file() else []
+    train = Dataset.from_list(to_pairs(train_rows, fmt, prep["config"]))
+    dev = Dataset.from_list(to_pairs(dev_rows, fmt, prep["config"])) if dev_rows else None
+    return train, dev, prep
+
+
+def training_args(cfg: TrainConfig, out_dir: Path, fmt: str):
+    from trl import SFTConfig
+
+    from toolkit.lora import resolve_device
+
+    padding_free_only = cfg.padding_free and not cfg.packing
+    return SFTConfig(
+        output_dir=str(Path(out_dir) / CHECKPOINTS),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        lr_scheduler_kwargs={"min_lr_rate": cfg.min_lr_rate} if cfg.lr_scheduler == "cosine_with_min_lr" else None,
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a share of the total steps
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optimizer,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        bf16=cfg.dtype == "bfloat16",
+        fp16=cfg.dtype == "float16",
+        use_cpu=resolve_device(cfg) == "cpu",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if cfg.eval_steps else "no",
+        eval_steps=cfg.eval_steps or None,
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=cfg.save_total_limit or None,
+        report_to="none",  # TensorBoard is added as a callback writing to OUT/tensorboard
+        disable_tqdm=False,
+        include_num_input_tokens_seen="non_padding",
+        max_length=None if padding_free_only else cfg.max_length,
+        packing=cfg.packing,
+        padding_free=cfg.padding_free,
+        completion_only_loss=True,
+        eos_token="<|return|>" if fmt == "harmony" else None,
+        router_aux_loss_coef=0.0,  # plain cross-entropy, as the public gpt-oss recipe trains (router frozen)
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+    )
+
+
+def build_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, fmt: str, train_ds: Any, eval_ds: Any,
+                  out_dir: Path, callbacks: list[Any] | tuple[Any, ...] = ()):
+    """An SFTTrainer for a model that already carries its LoRA (see `toolkit.lora.load_model`)."""
+    from transformers.trainer_callback import ProgressCallback
+    from trl import SFTTrainer
+
+    from toolkit.tracking import MetricsCallback, QuietProgressCallback, tensorboard_callback
+
+    if cfg.padding_free and not cfg.packing:
+        log.warning("padding_free without packing: max_length is not enforced (prep bounds the lengths)")
+    args = training_args(cfg, out_dir, fmt)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(QuietProgressCallback())
+    trainer.add_callback(MetricsCallback(Path(out_dir) / METRICS_FILE))
+    if cfg.report_to == "tensorboard":
+        trainer.add_callback(tensorboard_callback(Path(out_dir) / "tensorboard"))
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    return trainer
+
+
+def _check_resume(out_dir: Path, config: dict[str, Any]) -> str | None:
+    """The last checkpoint to resume from; the folder's config must be this run's."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    saved_path = out_dir / CONFIG_FILE
+    if saved_path.is_file():
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))["train"]
+        diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+        if diff:
+            changes = ", ".join(f"train.{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in diff)
+            raise ConfigError(f"{out_dir}: --resume with another config ({changes}). Resume with the same "
+                              "--config/--set, or pass --force to start over.")
+    folder = out_dir / CHECKPOINTS
+    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if last is None:
+        log.warning("%s: no checkpoint to resume from; training starts at step 0", out_dir)
+    return last
+
+
+def _tokens_seen_at(checkpoint: str | None) -> int:
+    """Input tokens already counted by the checkpoint a run resumes from (0 for a fresh run)."""
+    path = Path(checkpoint) / "trainer_state.json" if checkpoint else None
+    if path is None or not path.is_file():
+        return 0
+    return int(json.loads(path.read_text(encoding="utf-8")).get("num_input_tokens_seen", 0))
+
+
+def _final_eval(trainer: Any, cfg: TrainConfig) -> dict[str, float]:
+    """The dev loss after the last step (evaluated again only if the last step was not an eval step)."""
+    step = trainer.state.global_step
+    if cfg.eval_steps and step % cfg.eval_steps == 0:
+        for record in reversed(trainer.state.log_history):
+            if "eval_loss" in record and record.get("step") == step:
+                return record
+    return trainer.evaluate()
+
+
+def _human(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def run(cfg: TrainConfig, data_dir: Path, out_dir: Path, *, force: bool = False, resume: bool = False,
+        callbacks: list[Any] | tuple[Any, ...] = ()) -> dict[str, Any]:
+    """Train a LoRA adapter on the prep folder `data_dir`; write `out_dir` and return its manifest.
+
+    `callbacks` are extra transformers TrainerCallbacks (benchmarks, tests).
+    """
+    from accelerate import PartialState
+
+    from toolkit import lora
+    from toolkit.tracking import plot_loss
+
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    config = as_dict(cfg)
+    state = PartialState(cpu=lora.resolve_device(cfg) == "cpu")
+    artifacts.read_manifest(data_dir, "prep")  # a clear error before anything else
+    done = None
+    if state.is_main_process:
+        done = artifacts.prepare_out_dir(out_dir, stage="train", config=config, force=force, resume=resume)
+    state.wait_for_everyone()
+    if done is None and not state.is_main_process and (out_dir / artifacts.MANIFEST).is_file():
+        done = artifacts.read_manifest(out_dir, "train")
+    if done is not None:
+        log.info("train: %s already holds this finished run; nothing to do (--force to redo it)", out_dir)
+        return done
+    checkpoint = _check_resume(out_dir, config) if resume else None
+    if state.is_main_process:
+        artifacts.atomic_write_json(out_dir / CONFIG_FILE, {"train": config, "data_dir": str(data_dir)})
+        if checkpoint is None and (out_dir / METRICS_FILE).exists():
+            (out_dir / METRICS_FILE).unlink()
+
+    model, tokenizer, fmt = lora.load_model(cfg)
+    targets = lora.lora_targets(model)
+    train_ds, eval_ds, prep = load_datasets(cfg, data_dir, fmt)
+    log.info("train: %d train / %d dev examples, %s format, LoRA on %d modules + %d expert tensors",
+             len(train_ds), len(eval_ds) if eval_ds is not None else 0, fmt, len(targets["modules"]),
+             len(targets["parameters"]))
+    trainer = build_trainer(cfg, model, tokenizer, fmt, train_ds, eval_ds, out_dir, callbacks)
+    if len(trainer.train_dataset) == 0:
+        raise ConfigError(f"train.max_length {cfg.max_length}: every training example's prompt fills it, so no "
+                          "answer token is left to learn. Raise it, e.g. --set train.max_length=2048.")
+
+    tokens_before = _tokens_seen_at(checkpoint)
+    started = time.monotonic()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    runtime = time.monotonic() - started
+    final_eval = _final_eval(trainer, cfg) if eval_ds is not None else {}
+    trainer.save_model(str(out_dir))  # adapter + tokenizer; collective under FSDP / DeepSpeed
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}
+
+    for name in ("training_args.bin", "README.md"):  # a pickle and peft's model-card stub
+        (out_dir / name).unlink(missing_ok=True)
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
+    plot_loss(out_dir / METRICS_FILE, out_dir / LOSS_PNG)
+    history = [e for e in trainer.state.log_history if "loss" in e]
+    metrics = {
+        "steps": trainer.state.global_step,
+        "resumed_from_step": int(Path(checkpoint).name.rsplit("-", 1)[-1]) if checkpoint else None,
+        "epochs": round(trainer.state.epoch or 0.0, 4),
+        "train_loss": history[-1]["loss"] if history else result.training_loss,
+        "mean_train_loss": result.training_loss,
+        "eval_loss": final_eval.get("eval_loss"),
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "tokens_per_second": round((trainer.state.num_input_tokens_seen - tokens_before) / runtime, 1),
+        "runtime_seconds": round(runtime, 2),
+        "processes": state.num_processes,
+    }
+    if metrics["eval_loss"] is not None and not math.isfinite(metrics["eval_loss"]):
+        log.warning("train: eval loss is %s", metrics["eval_loss"])
+    adapter = out_dir / "adapter_model.safetensors"
+    extra = {
+        "base_model": cfg.base_model,
+        "chat_format": fmt,
+        "adapter": adapter.name,
+        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+                 "target_modules": targets["modules"], "target_parameters": targets["parameters"]},
+    }
+    manifest = artifacts.write_manifest(out_dir, stage="train", config=config, inputs=[
+        data_dir / "train.jsonl", data_dir / "dev.jsonl"], metrics=metrics, upstream=prep, extra=extra)
+    size = adapter.stat().st_size / 1e6 if adapter.is_file() else 0.0
+    log.info("train: %d steps in %s, adapter %.1f MB -> %s", metrics["steps"], _human(runtime), size, out_dir)
+    return manifest
