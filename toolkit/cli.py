@@ -201,6 +201,50 @@ def merge(train_dir: Path | None, out_dir: Path | None, run: str | None, config,
 
 
 # --- export command (owned by the export stage) ---
+@main.command()
+@click.argument("merged_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output folder (default export/RUN/export).")
+@click.option("--run", "run", help="Run name (default: the most recent run under export/).")
+@click.option("--name", help="Model name for the GGUF files and Ollama (default: the run name).")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16"]), help="Type of the converted GGUF.")
+@click.option("--quant", "quants", multiple=True, metavar="TYPE",
+              help="Quantized file to make (repeatable): Q8_0, Q6_K, Q5_K_M, Q5_0, Q4_K_M, Q4_0, MXFP4_MOE; "
+                   "`none` for none. Default Q8_0 and Q4_K_M.")
+@click.option("--pre-tokenizer", help="llama.cpp pre-tokenizer name for a tokenizer the converter does not "
+                                      "recognise (e.g. gpt-4o). Used only when its hash is unknown; logged.")
+@click.option("--llama-cpp", help="Folder with llama.cpp's converter (default: `python -m toolkit.llamacpp fetch`).")
+@click.option("--verify/--no-verify", default=None, help="Compare every GGUF's logits with the merged model.")
+@click.option("--ollama-gguf", help="Which file the Modelfile uses (outtype or a quant; default Q4_K_M).")
+@click.option("--register", is_flag=True, help="Register the Modelfile with an Ollama server.")
+@click.option("--ollama-host", help="Ollama server (default: $OLLAMA_HOST or http://localhost:11434).")
+@click.option("--json", "as_json", is_flag=True, help="Print the output folder and the checks as JSON.")
+@config_options
+@handle_errors
+def export(merged_dir: Path | None, out_dir: Path | None, run: str | None, quants: tuple[str, ...], register: bool,
+           ollama_host: str | None, config, overrides, force, as_json, **options) -> None:
+    """GGUF files of MERGED_DIR (default export/RUN/merge) through llama.cpp, verified, and an Ollama Modelfile."""
+    from toolkit import config as cfgmod
+    from toolkit import gguf
+    from toolkit import ollama as ollama_mod
+
+    run = run or (None if merged_dir and out_dir else default_run())
+    if quants:
+        options["quants"] = [] if list(quants) == ["none"] else list(quants)
+    options["name"] = options.get("name") or run
+    cfg = cfgmod.build("export", config, overrides, **options)
+    merged_dir = merged_dir or stage_dir(run, "merge")
+    out_dir = out_dir or stage_dir(run, "export")
+    manifest = gguf.run(cfg, merged_dir, out_dir, force=force)
+    echo_result(manifest, out_dir, as_json)
+    name, modelfile = manifest["ollama"]["name"], out_dir / manifest["ollama"]["modelfile"]
+    if register:
+        ollama_mod.register(modelfile, name, host=ollama_host, force=force,
+                            digest=gguf.gguf_digest(manifest, manifest["ollama"]["gguf"]))
+        click.echo(f"ollama run {name}")
+    else:
+        click.echo(f"register with: toolkit export {merged_dir} --out {out_dir} --register  "
+                   f"(or: ollama create {name} -f {modelfile})", err=True)
+
 
 
 # --- eval command (owned by the eval stage) ---

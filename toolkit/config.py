@@ -202,6 +202,8 @@ class ExportConfig:
 
     section: ClassVar[str] = "export"
 
+    name: str | None = _help("Model name: GGUF file names NAME-TYPE.gguf and the Ollama model (default: the run "
+                             "name, else model).", None)
     outtype: str = _help("Type of the converted GGUF: f32, f16 or bf16.", "f16")
     quants: list[str] = _help(f"Quantized files made from it ({', '.join(GGUF_QUANTS)}); [] for none.",
                               ["Q8_0", "Q4_K_M"])
