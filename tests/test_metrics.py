@@ -129,3 +129,12 @@ def test_reasoning_compliance_counts():
     assert result["compliant"] == 2
     assert result["share"] == pytest.approx(2 / 3)
     assert metrics.reasoning_compliance([None, ""], "English")["share"] is None
+
+
+def test_bootstrap_survives_zero_bleu_resamples():
+    # Resamples scoring chrF 0 (a plain float among numpy float32s) made sacrebleu 2.6.0's own
+    # corpus_score(n_bootstrap=...) raise TypeError in statistics.mean.
+    refs, hyps = ["今仔日天氣真好。"] * 3 + ["伊講𪜶欲來。"], ["x"] * 3 + ["伊講𪜶欲來。"]
+    for key, result in metrics.score(hyps, refs, n_bootstrap=200).items():
+        assert 0.0 <= result["mean"] <= 100.0, key
+        assert result["ci"] >= 0.0, key

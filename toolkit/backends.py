@@ -8,8 +8,8 @@ text is the answer.
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,10 +91,13 @@ def spec_for(backend: str, target: str | Path, *, manifest_dir: str | Path | Non
 # ---- transformers -------------------------------------------------------------------------------
 
 def _adapter_dir(path: Path) -> Path | None:
-    for candidate in (path, path / "adapter"):
-        if (candidate / "adapter_config.json").is_file():
-            return candidate
-    return None
+    """The adapter folder of a `toolkit train` folder, None for a model folder."""
+    from toolkit.merge import find_adapter
+
+    try:
+        return find_adapter(path)
+    except ArtifactError:
+        return None
 
 
 class TransformersTranslator:
@@ -108,7 +111,9 @@ class TransformersTranslator:
         path = Path(target)
         adapter = _adapter_dir(path) if path.is_dir() else None
         if adapter is not None:
-            base = base_model or json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+            from toolkit.merge import base_model_of
+
+            base = base_model_of(nearest_manifest(path) or {}, adapter, base_model)
         else:
             base = str(target)
         if path.is_dir() and adapter is None and not (path / "config.json").is_file():
@@ -271,7 +276,7 @@ class OllamaTranslator:
         from ollama import Client
 
         self.name = str(target)
-        self.host = host or DEFAULT_OLLAMA_HOST
+        self.host = host or os.environ.get("OLLAMA_HOST") or DEFAULT_OLLAMA_HOST
         self.keep_alive = keep_alive
         self.client = Client(host=self.host, timeout=timeout)
         if check and not self.health():
@@ -279,9 +284,12 @@ class OllamaTranslator:
                                     "or pass --host.")
 
     def health(self) -> bool:
+        import httpx
+        from ollama import ResponseError
+
         try:
             self.client.list()
-        except Exception:  # connection refused, timeout, HTTP error: all mean "not usable now"
+        except (ConnectionError, httpx.HTTPError, ResponseError):  # refused, timed out, HTTP error: not usable now
             return False
         return True
 

@@ -9,7 +9,9 @@ normalized with Asian support, else a sentence without spaces would be a single 
 
 from __future__ import annotations
 
+import logging
 import os
+import statistics
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
@@ -55,14 +57,29 @@ def score(hypotheses: Sequence[str], references: Sequence[str], *, n_bootstrap: 
     out: dict[str, Any] = {}
     for m in METRICS:
         metric = m.make()
-        result = metric.corpus_score(list(hypotheses), [list(references)], n_bootstrap=n_bootstrap)
-        out[m.key] = {
-            "score": float(result.score),
-            "mean": float(result._mean) if n_bootstrap > 1 else None,
-            "ci": float(result._ci) if n_bootstrap > 1 else None,
-            "signature": str(metric.get_signature()),
-        }
+        mean, ci, value = _corpus_score(metric, list(hypotheses), [list(references)], n_bootstrap)
+        out[m.key] = {"score": value, "mean": mean, "ci": ci, "signature": str(metric.get_signature())}
     return out
+
+
+def _corpus_score(metric: Metric, hyps: list[str], refs: list[list[str]], n_bootstrap: int):
+    """`metric.corpus_score(hyps, refs, n_bootstrap)` -> (mean, ci, score), the same numbers and signature.
+
+    sacrebleu 2.6.0's `Score.estimate_ci` calls `statistics.mean` on a mix of float and numpy float32
+    scores (a resample whose BLEU is 0 is a plain float) and raises TypeError; this takes the mean and
+    interval the same way (sorted scores, 1/40 from each end) after converting to float.
+    """
+    stats = metric._extract_corpus_statistics(hyps, refs)
+    value = float(metric._aggregate_and_compute(stats).score)
+    if n_bootstrap <= 1:
+        return None, None, value
+    from sacrebleu.significance import _bootstrap_resample
+
+    metric.n_bootstrap = n_bootstrap  # recorded in the signature, as corpus_score does
+    metric.seed, resampled = _bootstrap_resample(stats, metric, n_bootstrap)
+    raw = sorted(float(s.score) for s in resampled)
+    low = len(raw) // 40
+    return statistics.mean(raw), 0.5 * (raw[len(raw) - low - 1] - raw[low]), value
 
 
 def copy_hypotheses(sources: Sequence[str]) -> list[str]:
@@ -89,6 +106,8 @@ def paired(
     from sacrebleu.significance import PairedTest
 
     _seed_env()
+    # PairedTest logs every step at INFO; the CLI shows INFO by default.
+    logging.getLogger("sacrebleu").setLevel(logging.WARNING)
     out: dict[str, Any] = {}
     for m in METRICS:
         # One metric per test: PairedTest keys results by score name, and both BLEUs are "BLEU".

@@ -1,0 +1,351 @@
+"""`toolkit eval TEST.tsv --out DIR`: translate a test set through a backend, score it beside the copy baseline.
+
+Writes DIR/predictions.jsonl (one line per sentence, appended as batches finish, so an interrupted
+eval resumes where it stopped), scores.json, report.md, scores.png and, last, manifest.json.
+`toolkit eval --baseline copy` scores the copy-source baseline alone; `toolkit eval --compare RUN...`
+puts earlier runs side by side with paired significance tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from toolkit import artifacts, metrics
+from toolkit.config import EvalConfig, PrepConfig, as_dict
+from toolkit.errors import ArtifactError, DataError
+from toolkit.prompt import PromptSpec
+
+log = logging.getLogger(__name__)
+PREDICTIONS = "predictions.jsonl"
+SCORES = "scores.json"
+REPORT = "report.md"
+CHART = "scores.png"
+STATE = ".eval-state.json"  # config of an unfinished eval (a dot file: manifests skip it)
+COPY = "copy source"
+
+
+@dataclass(frozen=True)
+class TestSet:
+    path: Path
+    lines: list[int]
+    sources: list[str]
+    references: list[str]
+    source_column: str
+    target_column: str
+    direction: str
+
+
+def read_test_set(path: Path, source_column: str, target_column: str, direction: str, limit: int = 0) -> TestSet:
+    """The (first `limit`) rows of a TSV with a header; `reverse` swaps source and reference."""
+    from toolkit.corpus import read_tsv
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file. Pass a TSV test set with a header line (e.g. zh<TAB>nan).")
+    lines, sources, references = [], [], []
+    for pair in read_tsv(path, PrepConfig(source_column=source_column, target_column=target_column), Counter()):
+        lines.append(pair.line)
+        sources.append(pair.source)
+        references.append(pair.target)
+        if limit and len(lines) >= limit:
+            break
+    if not lines:
+        raise DataError(f"{path}: no sentence pairs after the header.")
+    if direction == "reverse":
+        sources, references = references, sources
+        source_column, target_column = target_column, source_column
+    return TestSet(path, lines, sources, references, source_column, target_column, direction)
+
+
+# ---- which model ------------------------------------------------------------------------------
+
+def latest_model(run_dir: Path, backend: str | None = None) -> tuple[str, Path]:
+    """(backend, model) of a run folder's most advanced finished stage: export GGUF > merge > train."""
+    run_dir = Path(run_dir)
+    export = run_dir / "export"
+    if backend in (None, "llama-cpp") and (export / artifacts.MANIFEST).is_file():
+        manifest = artifacts.read_manifest(export)
+        ggufs = sorted(export.rglob("*.gguf"))
+        wanted = str((manifest.get("config") or {}).get("ollama_gguf", "")).lower()
+        preferred = [g for g in ggufs if wanted and wanted in g.name.lower()]
+        if preferred or ggufs:
+            return "llama-cpp", (preferred or ggufs)[0]
+    if backend in (None, "transformers"):
+        for stage in ("merge", "train"):
+            if (run_dir / stage / artifacts.MANIFEST).is_file():
+                return "transformers", run_dir / stage
+    wanted_stages = {"llama-cpp": "export", "transformers": "merge or train"}.get(backend or "", "export, merge or train")
+    raise ArtifactError(f"{run_dir}: no finished {wanted_stages} stage to evaluate. Pass --model, or finish "
+                        "`toolkit train` first.")
+
+
+# ---- predictions ------------------------------------------------------------------------------
+
+def load_predictions(path: Path, test: TestSet) -> list[dict[str, Any]]:
+    """Rows already written by an interrupted eval; a torn last line (killed mid-write) is dropped."""
+    if not path.is_file():
+        return []
+    rows: list[dict[str, Any]] = []
+    torn = False
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                torn = True
+                log.warning("%s:%d: unreadable line dropped (the eval was interrupted while writing it)", path, number)
+                break
+            i = len(rows)
+            if i >= len(test.sources) or row.get("source") != test.sources[i] \
+                    or row.get("reference") != test.references[i]:
+                raise ArtifactError(f"{path}:{number}: this prediction is not for row {i + 1} of {test.path}. "
+                                    "The folder holds another eval: pass --force to start over.")
+            rows.append(row)
+    if torn:
+        artifacts.atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return rows
+
+
+def prediction_row(test: TestSet, i: int, hypothesis: str, **fields: Any) -> dict[str, Any]:
+    return {"line": test.lines[i], "source": test.sources[i], "reference": test.references[i],
+            "hypothesis": hypothesis, **fields}
+
+
+def translate_all(load: Callable[[], Any], spec: PromptSpec, test: TestSet, path: Path,
+                  cfg: EvalConfig) -> tuple[list[dict], str | None]:
+    """Predictions for every row, resuming after those already in `path`; appended batch by batch.
+
+    `load()` gives the translator; it is called only when sentences are left to translate. Returns the
+    rows and the translator's name (None when nothing was left).
+    """
+    from tqdm import tqdm
+
+    rows = load_predictions(path, test)
+    if rows:
+        log.info("eval: resuming after %d of %d sentences already in %s", len(rows), len(test.sources), path)
+    if len(rows) == len(test.sources):
+        return rows, None
+    translator = load()
+    with path.open("a", encoding="utf-8") as fh, tqdm(total=len(test.sources), initial=len(rows), desc="eval",
+                                                       unit="sent", dynamic_ncols=True) as bar:
+        for start in range(len(rows), len(test.sources), cfg.batch_size):
+            batch = test.sources[start:start + cfg.batch_size]
+            results = translator.translate(batch, spec, max_new_tokens=cfg.max_new_tokens)
+            if len(results) != len(batch):
+                raise ArtifactError(f"backend {translator.name} returned {len(results)} translations for "
+                                    f"{len(batch)} sentences")
+            for j, t in enumerate(results):
+                row = prediction_row(test, start + j, t.text, analysis=t.analysis, complete=t.complete,
+                                     tokens=t.tokens, latency_s=round(t.latency_s, 4), raw=t.raw)
+                rows.append(row)
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.flush()
+            bar.update(len(batch))
+    return rows, translator.name
+
+
+# ---- scores -----------------------------------------------------------------------------------
+
+def output_counts(rows: list[dict[str, Any]], reasoning_language: str | None) -> dict[str, Any]:
+    """How the outputs looked: empty or truncated finals, analysis present, tokens, latency."""
+    tokens = [r.get("tokens", 0) for r in rows]
+    latency = sorted(r.get("latency_s", 0.0) for r in rows)
+    counts = {
+        "sentences": len(rows),
+        "empty_final": sum(1 for r in rows if not r["hypothesis"]),
+        "incomplete": sum(1 for r in rows if not r.get("complete", True)),
+        "with_analysis": sum(1 for r in rows if r.get("analysis")),
+        "tokens_mean": round(statistics.fmean(tokens), 2) if tokens else 0.0,
+        "latency_p50_s": round(latency[len(latency) // 2], 4) if latency else 0.0,
+        "latency_p95_s": round(latency[min(len(latency) - 1, int(0.95 * len(latency)))], 4) if latency else 0.0,
+    }
+    if reasoning_language:
+        counts["reasoning_language"] = metrics.reasoning_compliance([r.get("analysis") for r in rows],
+                                                                    reasoning_language)
+    return counts
+
+
+def score_systems(systems: dict[str, list[str]], test: TestSet, n_bootstrap: int) -> dict[str, Any]:
+    """Scores of the copy baseline and every system, and each system's paired test against the copy."""
+    copy = metrics.copy_hypotheses(test.sources)
+    out: dict[str, Any] = {"systems": {COPY: metrics.score(copy, test.references, n_bootstrap=n_bootstrap)},
+                           "paired_vs_copy": {}}
+    for name, hyps in systems.items():
+        out["systems"][name] = metrics.score(hyps, test.references, n_bootstrap=n_bootstrap)
+        if n_bootstrap > 1:
+            out["paired_vs_copy"][name] = metrics.paired(copy, hyps, test.references, n_samples=n_bootstrap)
+    return out
+
+
+def summary(scores: dict[str, Any]) -> str:
+    """One line per system: every metric beside the copy baseline's."""
+    copy = scores["systems"][COPY]
+    lines = []
+    for name, values in scores["systems"].items():
+        if name == COPY and len(scores["systems"]) > 1:
+            continue
+        cells = [f"{metrics.LABELS[k]} {values[k]['score']:.1f}" + ("" if name == COPY else
+                 f" (copy {copy[k]['score']:.1f})") for k in metrics.METRIC_KEYS]
+        lines.append(f"eval: {name}: " + ", ".join(cells))
+    return "\n".join(lines)
+
+
+# ---- the stage --------------------------------------------------------------------------------
+
+def _start(out_dir: Path, config: dict[str, Any], force: bool) -> dict[str, Any] | None:
+    """prepare_out_dir, except that an unfinished eval with the same config is resumed, not refused."""
+    state = out_dir / STATE
+    resume = (not force and not (out_dir / artifacts.MANIFEST).is_file() and state.is_file()
+              and json.loads(state.read_text(encoding="utf-8")) == config)
+    done = artifacts.prepare_out_dir(out_dir, stage="eval", config=config, force=force, resume=resume)
+    if done is None:
+        artifacts.atomic_write_json(state, config)
+    return done
+
+
+def _finish(out_dir: Path, test: TestSet, scores: dict[str, Any], config: dict[str, Any], title: str,
+            upstream: dict[str, Any] | None, inputs: list[Path]) -> dict[str, Any]:
+    from toolkit import report
+
+    artifacts.atomic_write_json(out_dir / SCORES, scores)
+    artifacts.atomic_write_text(out_dir / REPORT, report.markdown(scores, title=title))
+    report.chart(scores, out_dir / CHART, title=title)
+    manifest = artifacts.write_manifest(
+        out_dir, stage="eval", config=config, inputs=inputs, upstream=upstream,
+        metrics={name: {k: round(v[k]["score"], 2) for k in metrics.METRIC_KEYS}
+                 for name, v in scores["systems"].items()},
+    )
+    (out_dir / STATE).unlink(missing_ok=True)
+    log.info("%s", summary(scores))
+    return manifest
+
+
+def _title(test: TestSet) -> str:
+    return f"{test.path.name}: {len(test.sources):,} sentences, {test.source_column} → {test.target_column}"
+
+
+def run(cfg: EvalConfig, test_file: Path, out_dir: Path, *, force: bool = False, translator: Any = None,
+        spec: PromptSpec | None = None) -> dict[str, Any]:
+    """Evaluate `cfg.model` through `cfg.backend` on `test_file`; returns the manifest.
+
+    `translator` and `spec` may be given (tests, callers holding a loaded model); else they are loaded
+    from `cfg` and the model's manifests.
+    """
+    from toolkit import backends
+
+    if cfg.model is None and translator is None:
+        raise ArtifactError("no model to evaluate: pass --model, or --baseline copy for the baseline alone.")
+    test_file, out_dir = Path(test_file), Path(out_dir)
+    model_manifest = backends.nearest_manifest(cfg.model) if cfg.model and cfg.backend != "ollama" else None
+    spec = spec or backends.spec_for(cfg.backend, cfg.model or "")
+    prep_cfg = _prep_config(model_manifest)
+    test = read_test_set(test_file, cfg.source_column or prep_cfg.source_column,
+                         cfg.target_column or prep_cfg.target_column, cfg.direction, cfg.limit)
+    spec = spec.for_direction(cfg.direction)
+    config = {**as_dict(cfg), "test_file": str(test_file), "test_sha256": artifacts.sha256_file(test_file)}
+    done = _start(out_dir, config, force)
+    if done is not None:
+        log.info("eval: %s already holds this evaluation; nothing to do (--force redoes it)", out_dir)
+        return done
+
+    def load() -> Any:
+        return translator or backends.load_translator(cfg.backend, cfg.model, **_backend_options(cfg))
+
+    rows, loaded_name = translate_all(load, spec, test, out_dir / PREDICTIONS, cfg)
+    name = f"{cfg.backend}:{Path(cfg.model).name if cfg.model else loaded_name or translator.name}"
+    scores = score_systems({name: [r["hypothesis"] for r in rows]}, test, cfg.n_bootstrap)
+    scores["outputs"] = {name: output_counts(rows, spec.reasoning_language)}
+    scores["prompt"] = asdict(spec)
+    return _finish(out_dir, test, scores, config, _title(test), model_manifest, [test_file])
+
+
+def baseline(cfg: EvalConfig, test_file: Path, out_dir: Path, *, force: bool = False) -> dict[str, Any]:
+    """`toolkit eval --baseline copy`: the copy-source baseline alone (hypothesis = source sentence)."""
+    test_file, out_dir = Path(test_file), Path(out_dir)
+    test = read_test_set(test_file, cfg.source_column or "zh", cfg.target_column or "nan", cfg.direction, cfg.limit)
+    config = {**as_dict(cfg), "baseline": "copy", "test_file": str(test_file),
+              "test_sha256": artifacts.sha256_file(test_file)}
+    done = _start(out_dir, config, force)
+    if done is not None:
+        log.info("eval: %s already holds this baseline; nothing to do (--force redoes it)", out_dir)
+        return done
+    rows = [prediction_row(test, i, src, analysis=None, complete=True, tokens=0, latency_s=0.0)
+            for i, src in enumerate(test.sources)]
+    artifacts.atomic_write_text(out_dir / PREDICTIONS, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                for r in rows))
+    scores = score_systems({}, test, cfg.n_bootstrap)
+    return _finish(out_dir, test, scores, config, _title(test), None, [test_file])
+
+
+def _prep_config(manifest: dict[str, Any] | None) -> PrepConfig:
+    from toolkit.prompt import find_prep_manifest
+
+    try:
+        cfg = find_prep_manifest(manifest)["config"] if manifest else {}
+    except ArtifactError:
+        cfg = {}
+    return PrepConfig(source_column=cfg.get("source_column", "zh"), target_column=cfg.get("target_column", "nan"))
+
+
+def _backend_options(cfg: EvalConfig) -> dict[str, Any]:
+    if cfg.backend == "transformers":
+        return {"device": cfg.device, "dtype": cfg.dtype, "batch_size": cfg.batch_size}
+    if cfg.backend == "llama-cpp":
+        return {"n_ctx": cfg.n_ctx, "n_gpu_layers": cfg.n_gpu_layers}
+    return {"host": cfg.host}
+
+
+def compare(run_dirs: list[Path], out_dir: Path, *, n_bootstrap: int = metrics.N_BOOTSTRAP,
+            force: bool = False) -> dict[str, Any]:
+    """`toolkit eval --compare RUN RUN...`: earlier evals of one test set side by side, each system tested
+    against the copy baseline and against the first run's system."""
+    out_dir = Path(out_dir)
+    if not run_dirs:
+        raise ArtifactError("--compare needs at least one eval folder (toolkit eval ... --out DIR).")
+    runs = []
+    for folder in map(Path, run_dirs):
+        manifest = artifacts.read_manifest(folder, stage="eval")
+        if "compare" in manifest["config"]:
+            raise ArtifactError(f"{folder}: a comparison, not an eval run. Pass the folders `toolkit eval` wrote.")
+        rows = [json.loads(line) for line in (folder / PREDICTIONS).read_text(encoding="utf-8").splitlines()]
+        runs.append((folder, manifest, rows, json.loads((folder / SCORES).read_text(encoding="utf-8"))))
+    first_folder, first_manifest, first_rows, _ = runs[0]
+    for folder, _, rows, _ in runs[1:]:
+        if [(r["source"], r["reference"]) for r in rows] != [(r["source"], r["reference"]) for r in first_rows]:
+            raise DataError(f"{folder}: evaluated other sentences than {first_folder} (another test set, --limit "
+                            "or --direction). Compare runs of the same test set.")
+    cfg = first_manifest["config"]
+    test = TestSet(Path(cfg["test_file"]), [r["line"] for r in first_rows], [r["source"] for r in first_rows],
+                   [r["reference"] for r in first_rows], "source", "reference", cfg.get("direction", "forward"))
+    systems: dict[str, list[str]] = {}
+    outputs: dict[str, Any] = {}
+    for folder, manifest, rows, old_scores in runs:
+        if manifest["config"].get("baseline") == "copy":
+            continue  # the copy baseline is in every comparison anyway
+        name = f"{folder.parent.name}/{folder.name}" if folder.parent.name else folder.name
+        if name in systems:
+            name = str(folder)
+        systems[name] = [r["hypothesis"] for r in rows]
+        outputs[name] = next(iter(old_scores.get("outputs", {}).values()), None) or output_counts(rows, None)
+    config = {"compare": [str(f) for f, *_ in runs], "n_bootstrap": n_bootstrap}
+    done = artifacts.prepare_out_dir(out_dir, stage="eval", config=config, force=force)
+    if done is not None:
+        log.info("eval: %s already holds this comparison; nothing to do (--force redoes it)", out_dir)
+        return done
+    scores = score_systems(systems, test, n_bootstrap)
+    scores["outputs"] = outputs
+    names = list(systems)
+    if len(names) > 1 and n_bootstrap > 1:
+        scores["first"] = names[0]
+        scores["paired_vs_first"] = {n: metrics.paired(systems[names[0]], systems[n], test.references,
+                                                       n_samples=n_bootstrap) for n in names[1:]}
+    title = f"comparison of {len(runs)} runs, {len(test.sources):,} sentences of {test.path.name}"
+    inputs = [f / name for f, *_ in runs for name in (PREDICTIONS, SCORES)]
+    return _finish(out_dir, test, scores, config, title, None, inputs)
