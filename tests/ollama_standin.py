@@ -6,6 +6,10 @@ against the body, 400 when it differs), POST /api/create with `files`/`template`
 (the files must be uploaded blobs holding GGUF data), POST /api/show (404 for an unknown model; the
 modelfile it returns is generated the way `ollama show` writes one), GET /api/tags, DELETE /api/delete
 and GET /api/version. It runs no model. Every request is logged in `requests` for the tests.
+
+POST /api/generate (for the eval/serve backends) answers with `reply(request)`: by default the user
+sentence of a raw Harmony prompt echoed as the final channel after a short analysis, the stop token left
+out as Ollama leaves it out; `num_predict` cuts it (one "token" per character, done_reason "length").
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -22,6 +27,15 @@ VERSION = "0.0.0-standin"
 
 def full_name(name: str) -> str:
     return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def echo_reply(req: dict[str, Any]) -> str:
+    """The user sentence of a raw Harmony prompt as the final answer, after a short analysis."""
+    found = re.search(r"<\|start\|>user<\|message\|>(.*?)<\|end\|>", req.get("prompt") or "", re.DOTALL)
+    if not req.get("raw") or not found:
+        return req.get("prompt") or ""
+    return ("<|channel|>analysis<|message|>The user wants this sentence translated.<|end|>"
+            f"<|start|>assistant<|channel|>final<|message|>{found.group(1)}")
 
 
 def _quote(value: Any) -> str:
@@ -35,6 +49,8 @@ class StandinOllama:
         self.blobs: dict[str, bytes] = {}
         self.models: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str]] = []
+        self.generate_requests: list[dict[str, Any]] = []
+        self.reply = echo_reply
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -130,6 +146,8 @@ class StandinOllama:
                     return self._send(201)
                 if self.path == "/api/create":
                     return self._create(self._json())
+                if self.path == "/api/generate":
+                    return self._generate(self._json())
                 if self.path == "/api/show":
                     name = full_name(self._json().get("model", ""))
                     if name not in standin.models:
@@ -145,6 +163,22 @@ class StandinOllama:
                         "modified_at": model["modified_at"],
                     })
                 self._send(404, {"error": "not found"})
+
+            def _generate(self, req: dict[str, Any]) -> None:
+                name = full_name(req.get("model", ""))
+                if name not in standin.models:
+                    return self._send(404, {"error": f"model '{name}' not found, try pulling it first"})
+                standin.generate_requests.append(req)
+                text, reason = standin.reply(req), "stop"
+                limit = (req.get("options") or {}).get("num_predict")
+                if limit and 0 < limit < len(text):
+                    text, reason = text[:limit], "length"
+                body = {"model": name, "created_at": _dt.datetime.now(_dt.UTC).isoformat(), "response": text,
+                        "done": True, "done_reason": reason, "prompt_eval_count": len(req.get("prompt") or ""),
+                        "eval_count": len(text)}
+                if req.get("stream", True):
+                    return self._send(200, ndjson=[body])
+                self._send(200, body)
 
             def _create(self, req: dict[str, Any]) -> None:
                 name, files = req.get("model"), req.get("files") or {}
