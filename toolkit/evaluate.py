@@ -339,6 +339,10 @@ def compare(run_dirs: list[Path], out_dir: Path, *, n_bootstrap: int = metrics.N
     if done is not None:
         log.info("eval: %s already holds this comparison; nothing to do (--force redoes it)", out_dir)
         return done
+    side_by_side = [{"line": test.lines[i], "source": test.sources[i], "reference": test.references[i],
+                     "hypotheses": {name: hyps[i] for name, hyps in systems.items()}} for i in range(len(test.sources))]
+    artifacts.atomic_write_text(out_dir / PREDICTIONS, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                for r in side_by_side))
     scores = score_systems(systems, test, n_bootstrap)
     scores["outputs"] = outputs
     names = list(systems)

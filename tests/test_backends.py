@@ -1,0 +1,189 @@
+"""Translation backends: Harmony output parsing, the prompt from manifests, transformers on the tiny
+gpt-oss (base and base + adapter), Ollama through the stand-in server, llama.cpp on a tiny GGUF."""
+
+from __future__ import annotations
+
+import pytest
+from ollama_standin import StandinOllama, full_name
+
+from toolkit import artifacts, backends, harmony
+from toolkit.config import PrepConfig, as_dict
+from toolkit.errors import ArtifactError, ExternalToolError
+from toolkit.prompt import default_spec
+
+FINAL = "<|start|>assistant<|channel|>final<|message|>"
+ANALYSIS = "<|channel|>analysis<|message|>"
+
+
+# ---- parsing generated text ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("raw", "stopped", "text", "analysis", "complete"),
+    [
+        # well-formed: analysis, then final ended by <|return|>
+        (f"{ANALYSIS}Translate it.<|end|>{FINAL}一蕊花<|return|>", True, "一蕊花", "Translate it.", True),
+        # final only (no analysis), header present
+        ("<|channel|>final<|message|>一蕊花<|return|>", True, "一蕊花", None, True),
+        # missing final: the model stopped after its analysis
+        (f"{ANALYSIS}Thinking about it<|end|>", True, "", "Thinking about it", False),
+        # truncated: the token limit cut the final message
+        (f"{ANALYSIS}ok<|end|>{FINAL}一蕊", False, "一蕊", "ok", False),
+        # truncated inside the analysis: no final at all
+        (f"{ANALYSIS}I am still thinki", False, "", "I am still thinki", False),
+        # stray special tokens inside the final are dropped
+        (f"{ANALYSIS}x<|end|>{FINAL}一<|endoftext|>蕊<|constrain|>花<|return|>", True, "一蕊花", "x", True),
+        # a repeated role header before the final
+        (f"{ANALYSIS}x<|end|><|start|>assistant<|start|>assistant<|channel|>final<|message|>花<|end|>", True, "花",
+         "x", True),
+        # llama.cpp / Ollama strip the stop token: `stopped` says the final ran to its end
+        (f"{ANALYSIS}x<|end|>{FINAL}一蕊花", True, "一蕊花", "x", True),
+        # no channel headers at all: the whole text is the answer, stopped or not
+        ("一蕊花", True, "一蕊花", None, True),
+        ("", False, "", None, False),
+    ],
+)
+def test_harmony_output_to_translation(raw, stopped, text, analysis, complete):
+    t = backends.to_translation(raw, harmony_model=True, stopped=stopped, tokens=7, latency_s=0.5)
+    assert (t.text, t.analysis, t.complete) == (text, analysis, complete)
+    assert (t.tokens, t.latency_s, t.raw) == (7, 0.5, raw)
+
+
+def test_non_harmony_output_is_the_whole_text():
+    t = backends.to_translation("  一蕊花 <b>\n", harmony_model=False, stopped=False, tokens=3, latency_s=0.1)
+    assert (t.text, t.analysis, t.complete) == ("一蕊花 <b>", None, False)
+
+
+def test_separate_analysis_wins_over_parsed():
+    # An Ollama server that parses Harmony itself sends `thinking` apart from the final text.
+    t = backends.to_translation("一蕊花", harmony_model=True, stopped=True, tokens=3, latency_s=0.1,
+                                analysis="The user wants Taigi.")
+    assert (t.text, t.analysis, t.complete) == ("一蕊花", "The user wants Taigi.", True)
+
+
+# ---- which prompt -------------------------------------------------------------------------------
+
+def _stage_folder(folder, stage="merge", **prep_overrides):
+    folder.mkdir(parents=True, exist_ok=True)
+    prep = {"stage": "prep", "config": as_dict(PrepConfig(**prep_overrides)), "upstream": None}
+    artifacts.write_manifest(folder, stage=stage, config={}, upstream=prep)
+    return folder
+
+
+def test_spec_from_nearest_manifest(tmp_path):
+    folder = _stage_folder(tmp_path / "export", stage="export", reasoning_language="Chinese",
+                           instruction="Render {src} as {tgt}.", source_name="A", target_name="B")
+    (folder / "model-Q4_K_M.gguf").write_bytes(b"GGUF")
+    spec = backends.spec_for("llama-cpp", folder / "model-Q4_K_M.gguf")
+    assert (spec.reasoning_language, spec.instruction, spec.source_name) == ("Chinese", "Render {src} as {tgt}.", "A")
+    assert "Render A as B." in spec.harmony_prompt("x")
+    # An Ollama model name has no folder unless the export folder is named.
+    assert backends.spec_for("ollama", "taigi") == default_spec()
+    assert backends.spec_for("ollama", "taigi", manifest_dir=folder).reasoning_language == "Chinese"
+
+
+def test_spec_defaults_for_bare_model_and_manifest_without_prep(tmp_path):
+    assert backends.spec_for("transformers", tmp_path / "nothing-here") == default_spec()
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    artifacts.write_manifest(folder, stage="merge", config={})
+    assert backends.spec_for("transformers", folder) == default_spec()
+
+
+def test_unknown_backend_and_missing_files(tmp_path):
+    with pytest.raises(ArtifactError, match="expected one of transformers, llama-cpp, ollama"):
+        backends.load_translator("vllm", "x")
+    with pytest.raises(ArtifactError, match="no such GGUF file"):
+        backends.load_translator("llama-cpp", tmp_path / "missing.gguf")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match="expected a model folder"):
+        backends.load_translator("transformers", tmp_path / "empty")
+
+
+# ---- transformers -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_translator(tiny_model):
+    return backends.load_translator("transformers", tiny_model, batch_size=4)
+
+
+TEXTS = ["一朵花", "形容人多嘴雜。", "今天天氣很好，我們出去走走吧。"]
+
+
+def test_transformers_batched_equals_one_by_one(tiny_translator):
+    spec = default_spec()
+    batched = tiny_translator.translate(TEXTS, spec, max_new_tokens=10)
+    single = [tiny_translator.translate([t], spec, max_new_tokens=10)[0] for t in TEXTS]
+    assert [t.raw for t in batched] == [t.raw for t in single]  # left padding changes nothing
+    assert tiny_translator.harmony
+    for t in batched:
+        assert 1 <= t.tokens <= 10
+        assert t.latency_s > 0
+        # complete only when a final message was closed by a Harmony end token
+        assert not t.complete or any(end in t.raw for end in ("<|end|>", "<|return|>", "<|call|>"))
+
+
+def test_transformers_token_limit_and_stop_ids(tiny_translator, tiny_model):
+    out = tiny_translator.translate(TEXTS[:2], default_spec(), max_new_tokens=3)
+    assert all(t.tokens <= 3 for t in out)
+    tok = tiny_translator.tokenizer
+    assert set(tiny_translator.stop_ids) >= {tok.convert_tokens_to_ids(t) for t in harmony.STOP_TOKENS}
+    assert tok.padding_side == "left"
+
+
+def test_transformers_base_plus_adapter_differs_from_base(tiny_model, tiny_translator, tmp_path):
+    from lora_fixture import make_train_dir
+
+    train_dir = make_train_dir(tiny_model, tmp_path / "train")
+    adapted = backends.load_translator("transformers", train_dir, batch_size=4)
+    assert type(adapted.model).__name__ == "PeftModelForCausalLM"
+    spec = backends.spec_for("transformers", train_dir)  # prompt from the train manifest's prep upstream
+    assert spec == default_spec()
+    a = adapted.translate(TEXTS, spec, max_new_tokens=8)
+    b = tiny_translator.translate(TEXTS, spec, max_new_tokens=8)
+    assert [t.raw for t in a] != [t.raw for t in b]
+
+
+# ---- Ollama (stand-in server) -------------------------------------------------------------------
+
+def _add_model(server: StandinOllama, name: str) -> None:
+    server.models[full_name(name)] = {"files": {"model.gguf": "sha256:0"}, "size": 4, "digest": "0",
+                                      "family": "gpt-oss", "modified_at": "2026-01-01T00:00:00Z"}
+
+
+def test_ollama_raw_harmony_prompt_and_parsing():
+    spec = default_spec()
+    with StandinOllama() as server:
+        _add_model(server, "taigi")
+        translator = backends.load_translator("ollama", "taigi", host=server.url)
+        assert translator.health()
+        out = translator.translate(TEXTS[:2], spec, max_new_tokens=200)
+        req = server.generate_requests[0]
+    assert req["raw"] is True and req["stream"] is False
+    assert req["prompt"] == spec.harmony_prompt(TEXTS[0])
+    assert req["options"]["temperature"] == 0 and req["options"]["num_predict"] == 200
+    assert req["options"]["stop"] == list(harmony.STOP_TOKENS)
+    assert [t.text for t in out] == TEXTS[:2]  # the stand-in echoes the sentence as its final
+    assert all(t.complete and t.analysis == "The user wants this sentence translated." for t in out)
+    assert all(t.tokens == len(t.raw) for t in out)
+
+
+def test_ollama_truncated_reply_is_incomplete():
+    with StandinOllama() as server:
+        _add_model(server, "taigi")
+        out = backends.load_translator("ollama", "taigi", host=server.url).translate(
+            ["一朵花"], default_spec(), max_new_tokens=20)
+    assert out[0].text == "" and not out[0].complete and out[0].tokens == 20  # cut inside the analysis
+
+
+def test_ollama_errors_are_one_line():
+    with StandinOllama() as server:
+        translator = backends.load_translator("ollama", "missing", host=server.url)
+        with pytest.raises(ExternalToolError, match="'missing'.*not found.*ollama create missing"):
+            translator.translate(["x"], default_spec())
+        url = server.url
+    with pytest.raises(ExternalToolError, match="no server answers"):
+        backends.load_translator("ollama", "taigi", host=url)
+    down = backends.load_translator("ollama", "taigi", host=url, check=False)
+    assert not down.health()
+    with pytest.raises(ExternalToolError, match="no server answers"):
+        down.translate(["x"], default_spec())

@@ -1,0 +1,249 @@
+"""`toolkit eval`: output files, counts, resume, no-op re-run, copy baseline, --compare, the CLI, and the
+tiny gpt-oss end to end through transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from toolkit import backends, evaluate
+from toolkit.cli import main
+from toolkit.config import EvalConfig
+from toolkit.errors import ArtifactError, DataError
+
+HELDOUT = Path("/work/shared/eval/zh-nan.heldout.tsv")
+FILES = {"predictions.jsonl", "scores.json", "report.md", "scores.png", "manifest.json"}
+PAIRS = [("一朵花", "一蕊花"), ("形容人多嘴雜。", "十喙九尻川。"), ("今天天氣很好。", "今仔日天氣真好。"),
+         ("他們要來。", "𪜶欲來。"), ("這是一本書。", "這是一本冊。"), ("我不知道。", "我毋知。"), ("謝謝你。", "多謝你。")]
+
+
+@pytest.fixture
+def tsv(tmp_path) -> Path:
+    path = tmp_path / "test.tsv"
+    path.write_text("zh\tnan\n" + "".join(f"{a}\t{b}\n" for a, b in PAIRS), encoding="utf-8")
+    return path
+
+
+class Scripted:
+    """A translator that answers in Harmony: English analysis, then the source copied as the final,
+    except for sentences with 花 (analysis only: no final) and 雜 (a Chinese analysis)."""
+
+    name = "scripted"
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.calls: list[list[str]] = []
+        self.specs = []
+        self.fail_after = fail_after
+
+    def reply(self, text: str) -> str:
+        if "花" in text:
+            return "<|channel|>analysis<|message|>Thinking about flowers<|end|>"
+        thought = "使用者要翻譯" if "雜" in text else "The user wants Taigi."
+        return f"<|channel|>analysis<|message|>{thought}<|end|><|start|>assistant<|channel|>final<|message|>{text}<|return|>"
+
+    def translate(self, texts, spec, *, max_new_tokens=256):
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt  # killed mid-run
+        self.calls.append(list(texts))
+        self.specs.append(spec)
+        return [backends.to_translation(self.reply(t), harmony_model=True, stopped=True, tokens=5, latency_s=0.01)
+                for t in texts]
+
+    def health(self) -> bool:
+        return True
+
+
+def cfg(**kw) -> EvalConfig:
+    return EvalConfig(**{"batch_size": 2, "n_bootstrap": 50, **kw})
+
+
+def read_rows(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def test_outputs_counts_and_scores(tsv, tmp_path):
+    out = tmp_path / "eval"
+    fake = Scripted()
+    manifest = evaluate.run(cfg(), tsv, out, translator=fake)
+    assert {p.name for p in out.iterdir()} == FILES | {"manifest.json"}
+    assert {o["path"] for o in manifest["outputs"]} == FILES - {"manifest.json"}
+    assert manifest["stage"] == "eval" and manifest["inputs"][0]["path"] == str(tsv)
+    assert [len(c) for c in fake.calls] == [2, 2, 2, 1]
+
+    rows = read_rows(out)
+    assert [r["source"] for r in rows] == [a for a, _ in PAIRS]
+    assert [r["reference"] for r in rows] == [b for _, b in PAIRS]
+    assert rows[0]["hypothesis"] == "" and rows[0]["analysis"] == "Thinking about flowers" and not rows[0]["complete"]
+    assert rows[1]["hypothesis"] == PAIRS[1][0] and rows[1]["analysis"] == "使用者要翻譯"
+    assert {"line", "tokens", "latency_s", "raw"} <= rows[2].keys() and rows[2]["line"] == 4
+
+    scores = json.loads((out / "scores.json").read_text(encoding="utf-8"))
+    system = "transformers:scripted"
+    assert list(scores["systems"]) == ["copy source", system]
+    counts = scores["outputs"][system]
+    assert (counts["sentences"], counts["empty_final"], counts["incomplete"], counts["with_analysis"]) == (7, 1, 1, 7)
+    assert counts["reasoning_language"]["checked"] == 7
+    assert counts["reasoning_language"]["compliant"] == 6  # the Chinese analysis is not English
+    # Copying the source for 6 of 7 sentences scores just under the copy baseline.
+    copy, ours = scores["systems"]["copy source"], scores["systems"][system]
+    assert ours["chrf"]["score"] < copy["chrf"]["score"]
+    assert scores["paired_vs_copy"][system]["chrf"]["delta"] == pytest.approx(
+        ours["chrf"]["score"] - copy["chrf"]["score"])
+    assert "bs:50" in ours["bleu"]["signature"]
+
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "| copy source |" in report and f"| {system} |" in report and "tok:zh" in report
+    assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert manifest["metrics"][system]["bleu"] == round(ours["bleu"]["score"], 2)
+
+
+def test_rerun_is_a_noop_and_other_config_is_refused(tsv, tmp_path):
+    out = tmp_path / "eval"
+    first = evaluate.run(cfg(), tsv, out, translator=Scripted())
+    again = Scripted()
+    assert evaluate.run(cfg(), tsv, out, translator=again) == first
+    assert again.calls == []
+    with pytest.raises(ArtifactError, match="another config"):
+        evaluate.run(cfg(limit=3), tsv, out, translator=Scripted())
+    redone = Scripted()
+    evaluate.run(cfg(limit=3), tsv, out, translator=redone, force=True)
+    assert len(read_rows(out)) == 3 and sum(map(len, redone.calls)) == 3
+
+
+def test_interrupted_eval_resumes(tsv, tmp_path):
+    out = tmp_path / "eval"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run(cfg(), tsv, out, translator=Scripted(fail_after=2))
+    assert len(read_rows(out)) == 4 and not (out / "manifest.json").exists()
+    # A kill while writing leaves a torn line: it is dropped and translated again.
+    with (out / "predictions.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write('{"line": 6, "source": "這是')
+    resumed = Scripted()
+    evaluate.run(cfg(), tsv, out, translator=resumed)
+    assert resumed.calls == [[PAIRS[4][0], PAIRS[5][0]], [PAIRS[6][0]]]
+    full = tmp_path / "full"
+    evaluate.run(cfg(), tsv, full, translator=Scripted())
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "latency_s"} for r in rows]
+    assert strip(read_rows(out)) == strip(read_rows(full))
+    assert (out / "manifest.json").is_file() and not (out / ".eval-state.json").exists()
+
+
+def test_unfinished_folder_of_another_eval_is_refused(tsv, tmp_path):
+    out = tmp_path / "eval"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run(cfg(), tsv, out, translator=Scripted(fail_after=1))
+    with pytest.raises(ArtifactError, match="not empty"):
+        evaluate.run(cfg(max_new_tokens=9), tsv, out, translator=Scripted())
+    # Same config but the predictions are for other sentences (the TSV changed in between).
+    tsv.write_text("zh\tnan\n" + "".join(f"{b}\t{a}\n" for a, b in PAIRS), encoding="utf-8")
+    (out / ".eval-state.json").unlink()
+    with pytest.raises(ArtifactError, match="not empty"):
+        evaluate.run(cfg(), tsv, out, translator=Scripted())
+
+
+def test_direction_reverse_limit_and_columns(tsv, tmp_path):
+    fake = Scripted()
+    evaluate.run(cfg(direction="reverse", limit=3), tsv, tmp_path / "rev", translator=fake)
+    rows = read_rows(tmp_path / "rev")
+    assert [r["source"] for r in rows] == [b for _, b in PAIRS[:3]]
+    assert [r["reference"] for r in rows] == [a for a, _ in PAIRS[:3]]
+    assert fake.specs[0].source_name.startswith("Taiwanese") and fake.specs[0].target_name.startswith("Mandarin")
+    with pytest.raises(DataError, match=r"test.tsv:1: expected a header naming the column\(s\) tl"):
+        evaluate.run(cfg(target_column="tl"), tsv, tmp_path / "bad", translator=Scripted())
+    with pytest.raises(DataError, match="no such file"):
+        evaluate.run(cfg(), tmp_path / "nope.tsv", tmp_path / "bad", translator=Scripted())
+
+
+def test_compare_runs(tsv, tmp_path):
+    evaluate.run(cfg(), tsv, tmp_path / "a" / "eval", translator=Scripted())
+    evaluate.baseline(cfg(), tsv, tmp_path / "copy")
+    other = Scripted()
+    other.reply = lambda text: f"<|channel|>final<|message|>{text[::-1]}<|return|>"
+    evaluate.run(cfg(), tsv, tmp_path / "b" / "eval", translator=other)
+    out = tmp_path / "cmp"
+    manifest = evaluate.compare([tmp_path / "a" / "eval", tmp_path / "copy", tmp_path / "b" / "eval"], out,
+                                n_bootstrap=50)
+    assert {p.name for p in out.iterdir()} == FILES
+    scores = json.loads((out / "scores.json").read_text(encoding="utf-8"))
+    assert list(scores["systems"]) == ["copy source", "a/eval", "b/eval"]
+    assert list(scores["paired_vs_first"]) == ["b/eval"]
+    side = read_rows(out)
+    assert side[1]["hypotheses"] == {"a/eval": PAIRS[1][0], "b/eval": PAIRS[1][0][::-1]}
+    assert scores["outputs"]["a/eval"]["empty_final"] == 1
+    assert "Difference from the first run (a/eval)" in (out / "report.md").read_text(encoding="utf-8")
+    assert manifest["config"]["compare"][0] == str(tmp_path / "a" / "eval")
+    # Runs of different sentences cannot be compared.
+    evaluate.run(cfg(limit=3), tsv, tmp_path / "short", translator=Scripted())
+    with pytest.raises(DataError, match="other sentences"):
+        evaluate.compare([tmp_path / "a" / "eval", tmp_path / "short"], tmp_path / "cmp2")
+    with pytest.raises(ArtifactError, match="a comparison, not an eval run"):
+        evaluate.compare([out, tmp_path / "a" / "eval"], tmp_path / "cmp3")
+
+
+def test_latest_model(tmp_path):
+    from toolkit import artifacts
+
+    run = tmp_path / "r1"
+    with pytest.raises(ArtifactError, match="no finished export, merge or train"):
+        evaluate.latest_model(run)
+    for stage in ("train", "merge", "export"):
+        (run / stage).mkdir(parents=True)
+    artifacts.write_manifest(run / "train", stage="train", config={})
+    assert evaluate.latest_model(run) == ("transformers", run / "train")
+    artifacts.write_manifest(run / "merge", stage="merge", config={})
+    assert evaluate.latest_model(run) == ("transformers", run / "merge")
+    for name in ("r1-f16.gguf", "r1-Q4_K_M.gguf"):
+        (run / "export" / name).write_bytes(b"GGUF")
+    artifacts.write_manifest(run / "export", stage="export", config={"ollama_gguf": "Q4_K_M"})
+    assert evaluate.latest_model(run) == ("llama-cpp", run / "export" / "r1-Q4_K_M.gguf")
+    assert evaluate.latest_model(run, "transformers") == ("transformers", run / "merge")
+
+
+def test_cli_copy_baseline_reproduces_heldout(tmp_path):
+    out = tmp_path / "copy"
+    result = CliRunner().invoke(main, ["eval", "--baseline", "copy", str(HELDOUT), "--out", str(out),
+                                       "--n-bootstrap", "100", "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert printed["out"] == str(out)
+    assert printed["metrics"]["copy source"]["bleu"] == pytest.approx(66.2, abs=0.05)
+    assert printed["metrics"]["copy source"]["chrf"] == pytest.approx(59.2, abs=0.05)
+    rows = read_rows(out)
+    assert len(rows) == 2000 and all(r["hypothesis"] == r["source"] for r in rows)
+    assert "| copy source | 66.2 ± " in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_cli_usage_errors(tsv, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["eval", str(tsv), str(tsv), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "expected one test TSV" in result.output
+    result = runner.invoke(main, ["eval", "--compare", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--compare needs" in result.output
+    result = runner.invoke(main, ["eval", str(tsv), "--backend", "ollama", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "needs --model NAME" in result.output
+    result = runner.invoke(main, ["eval", str(tsv), "--model", "m", "--set", "eval.limit=-1", "--out", "x"])
+    assert result.exit_code == 2 and "eval.limit" in result.output
+
+
+def test_cli_end_to_end_tiny_gpt_oss_transformers(tiny_model, tsv, tmp_path):
+    out = tmp_path / "tiny-eval"
+    result = CliRunner().invoke(main, ["eval", str(tsv), "--model", str(tiny_model), "--limit", "4",
+                                       "--max-new-tokens", "6", "--batch-size", "4", "--n-bootstrap", "20",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == str(out)
+    assert {p.name for p in out.iterdir()} == FILES
+    rows = read_rows(out)
+    assert len(rows) == 4 and all(1 <= r["tokens"] <= 6 for r in rows)
+    # The random model rarely closes a Harmony final in 6 tokens; whatever it did is counted, never a crash.
+    scores = json.loads((out / "scores.json").read_text(encoding="utf-8"))
+    counts = scores["outputs"][f"transformers:{tiny_model.name}"]
+    assert counts["sentences"] == 4
+    assert counts["empty_final"] == sum(1 for r in rows if r["hypothesis"] == "")
+    assert counts["incomplete"] == sum(1 for r in rows if not r["complete"])
+    assert scores["prompt"]["reasoning_language"] == "English"
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["config"]["model"] == str(tiny_model) and manifest["config"]["backend"] == "transformers"
