@@ -35,3 +35,14 @@ def tiny_model_real_tokenizer(tmp_path_factory) -> Path:
 @pytest.fixture
 def sample_tsv() -> Path:
     return SAMPLE_TSV
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_model, tmp_path_factory) -> Path:
+    """The tiny gpt-oss as an f32 GGUF (llama.cpp's pinned converter; loading it needs llama-cpp-python)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+    from toolkit import gguf, llamacpp
+
+    out = tmp_path_factory.mktemp("tiny-gguf") / "tiny-f32.gguf"
+    gguf.convert(tiny_model, out, "f32", llamacpp.fetch(), "gpt-4o")  # the tiny BPE's hash is unknown to llama.cpp
+    return out

@@ -247,3 +247,18 @@ def test_cli_end_to_end_tiny_gpt_oss_transformers(tiny_model, tsv, tmp_path):
     assert scores["prompt"]["reasoning_language"] == "English"
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["config"]["model"] == str(tiny_model) and manifest["config"]["backend"] == "transformers"
+
+
+@pytest.mark.llama
+def test_cli_end_to_end_tiny_gguf_llama_cpp(tiny_gguf, tsv, tmp_path):
+    out = tmp_path / "gguf-eval"
+    result = CliRunner().invoke(main, ["eval", str(tsv), "--model", str(tiny_gguf), "--limit", "3",
+                                       "--max-new-tokens", "6", "--n-bootstrap", "20", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} == FILES
+    rows = read_rows(out)
+    assert len(rows) == 3 and all(1 <= r["tokens"] <= 6 for r in rows)
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["config"]["backend"] == "llama-cpp"  # chosen from the .gguf suffix
+    counts = json.loads((out / "scores.json").read_text(encoding="utf-8"))["outputs"][f"llama-cpp:{tiny_gguf.name}"]
+    assert counts["empty_final"] == sum(1 for r in rows if r["hypothesis"] == "")
