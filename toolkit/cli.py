@@ -316,9 +316,78 @@ def eval_(inputs: tuple[Path, ...], out_dir: Path | None, run: str | None, basel
 
 
 # --- serve command (owned by the serve stage) ---
+@main.command()
+@click.argument("model", required=False)
+@click.option("--run", "run", help="Serve this run's latest export GGUF > merge > train (default: the latest run).")
+@click.option("--backend", type=click.Choice(["transformers", "llama-cpp", "ollama"]),
+              help="Default: llama-cpp for a GGUF or export folder, transformers for a model/merge/train folder.")
+@click.option("--host", help="Address to bind (default 127.0.0.1; anything else needs the API key).")
+@click.option("--port", type=int, help="TCP port (default 8000; 0 = any free port).")
+@click.option("--api-key-env", help="Environment variable holding the API key (default TOOLKIT_API_KEY).")
+@click.option("--max-chars", type=int, help="Longest text accepted (default 2000).")
+@click.option("--max-texts", type=int, help="Most texts per request (default 32).")
+@click.option("--max-new-tokens", type=int, help="Generation limit per text (default 256).")
+@click.option("--concurrency", type=int, help="Backend calls at once (default 1).")
+@click.option("--queue-size", type=int, help="Requests waiting beyond that before 429 (default 16).")
+@click.option("--timeout", "request_timeout_s", type=float, help="Seconds per request before 504 (default 120).")
+@click.option("--ollama-host", help="Ollama server URL (default $OLLAMA_HOST or http://127.0.0.1:11434).")
+@click.option("--config", "config", metavar="PRESET|FILE.toml", help="A shipped preset name or a TOML file.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override one config value, e.g. --set serve.n_ctx=4096 (repeatable).")
+@handle_errors
+def serve(model: str | None, run: str | None, config, overrides, **options) -> None:
+    """Serve MODEL (a GGUF, an export/merge/train folder, or an Ollama name) over HTTP.
+
+    \b
+    POST /translate {"text": "..."} or {"texts": [...]}, optional source_lang, target_lang,
+    reasoning_language, reasoning_effort, include_reasoning. GET /health, GET /v1/models, /docs.
+    Prints the URL on stdout, then one log line per request on stderr.
+    """
+    from toolkit import config as cfgmod
+    from toolkit import serve as serve_mod
+
+    cfg = cfgmod.build("serve", config, overrides, **options)
+    if model is None:
+        if cfg.backend == "ollama":
+            raise click.UsageError("--backend ollama needs MODEL (an Ollama model name or an export folder).")
+        from toolkit.evaluate import latest_model
+
+        _, model = latest_model(run_dir(run or default_run()), cfg.backend)
+    if logging.getLogger().level <= logging.WARNING:  # not -q: show the per-request lines
+        logging.getLogger("toolkit.serve").setLevel(logging.INFO)
+    serve_mod.run(cfg, model, on_ready=click.echo)
+
 
 
 # --- run command (owned by the run stage) ---
+@main.command(name="run")
+@click.argument("corpus", type=click.Path(path_type=Path))
+@click.option("--run", "run", help="Run name (default: the corpus file name).")
+@click.option("--test", "test_file", type=click.Path(path_type=Path),
+              help="Test TSV for the final eval (default: the prep dev split).")
+@click.option("--until", type=click.Choice(["prep", "train", "merge", "export", "eval"]), default="eval",
+              show_default=True, help="Last stage to run.")
+@config_options
+@handle_errors
+def run_pipeline(corpus: Path, run: str | None, test_file: Path | None, until: str, config, overrides,
+                 force) -> None:
+    """The whole pipeline: prep -> train -> merge -> export -> eval, in export/RUN/.
+
+    \b
+    toolkit tiny export/tiny && toolkit run corpora/zh-nan-moe-sample/sample.tsv --config tiny-cpu
+    Finished stages are no-ops, so the same command continues an interrupted run.
+    """
+    from toolkit import pipeline
+
+    folder = run_dir(run or default_run(corpus))
+    manifests = pipeline.run(corpus, folder, config=config, overrides=overrides, test_file=test_file,
+                             until=until, force=force)
+    for stage, manifest in manifests.items():
+        click.echo(f"{stage}\t{folder / stage}")
+    if "eval" in manifests:
+        from toolkit.evaluate import summary
+
+        click.echo(summary(manifests["eval"]["metrics"]))
 
 
 if __name__ == "__main__":  # pragma: no cover

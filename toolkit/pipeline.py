@@ -1,0 +1,57 @@
+"""`toolkit run CORPUS --config PRESET`: the whole pipeline in one place, stage after stage.
+
+    prep -> train -> merge -> export (GGUF + Modelfile) -> eval (the GGUF on a test set)
+
+Each stage writes `export/<run>/<stage>/` exactly as its own command would, so a run that stops half
+way is continued by running the same command again: finished stages are no-ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from toolkit import config as cfgmod
+
+log = logging.getLogger(__name__)
+STAGES = ("prep", "train", "merge", "export", "eval")
+
+
+def run(corpus: Path, run_dir: Path, *, config: str | Path | None = None, overrides: tuple[str, ...] = (),
+        test_file: Path | None = None, until: str = "eval", force: bool = False) -> dict[str, Any]:
+    """Run the stages up to `until`; returns {stage: manifest}. The eval set defaults to the prep dev split."""
+    from toolkit import corpus as corpus_mod
+    from toolkit import evaluate, gguf, merge, train
+
+    if until not in STAGES:
+        raise ValueError(f"until must be one of {STAGES}")
+    # Build every config first: a typo in any section fails before hours of training, not after.
+    cfgs = {s: cfgmod.build(s, config, overrides) for s in STAGES}
+    dirs = {s: Path(run_dir) / s for s in STAGES}
+    manifests: dict[str, Any] = {}
+    steps = {
+        "prep": lambda: corpus_mod.prepare(cfgs["prep"], corpus, dirs["prep"], force=force),
+        "train": lambda: train.run(cfgs["train"], dirs["prep"], dirs["train"], force=force),
+        "merge": lambda: merge.run(cfgs["merge"], dirs["train"], dirs["merge"], force=force),
+        "export": lambda: gguf.run(cfgs["export"], dirs["merge"], dirs["export"], force=force),
+        "eval": lambda: _evaluate(evaluate, cfgs["eval"], manifests["export"], dirs, test_file, force),
+    }
+    for stage in STAGES:
+        start = time.perf_counter()
+        manifests[stage] = steps[stage]()
+        log.info("run: %s done in %.1fs -> %s", stage, time.perf_counter() - start, dirs[stage])
+        if stage == until:
+            break
+    return manifests
+
+
+def _evaluate(evaluate, cfg, export_manifest: dict[str, Any], dirs: dict[str, Path], test_file: Path | None,
+              force: bool):
+    gguf_name = export_manifest["ollama"]["gguf"]
+    model = dirs["export"] / gguf_name
+    cfg = dataclasses.replace(cfg, backend="llama-cpp", model=str(model))
+    test = Path(test_file) if test_file else dirs["prep"] / "dev.jsonl"
+    return evaluate.run(cfg, test, dirs["eval"], force=force)
