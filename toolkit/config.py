@@ -294,6 +294,46 @@ class EvalConfig:
 
 
 # --- serve config (owned by the serve stage; give it `section: ClassVar[str] = "NAME"`) ---
+@dataclass(frozen=True)
+class ServeConfig:
+    """`toolkit serve`: a FastAPI translation endpoint in front of one backend."""
+
+    section: ClassVar[str] = "serve"
+
+    backend: str | None = _help("transformers, llama-cpp or ollama (default: llama-cpp for a GGUF or an export "
+                                "folder, transformers for a model/merge/train folder).", None)
+    host: str = _help("Address to bind. Anything but localhost needs the API key (api_key_env).", "127.0.0.1")
+    port: int = _help("TCP port (0 picks a free one; the URL is printed).", 8000)
+    api_key_env: str = _help("Environment variable holding the API key (clients send X-API-Key or "
+                             "Authorization: Bearer). Unset: no key, localhost only.", "TOOLKIT_API_KEY")
+    max_chars: int = _help("Longest text accepted, in characters (longer: 413).", 2000)
+    max_texts: int = _help("Most texts in one request (more: 413).", 32)
+    max_new_tokens: int = _help("Generation limit per text (analysis + final).", 256)
+    concurrency: int = _help("Backend calls running at once (worker threads). llama.cpp and one transformers "
+                             "model are not thread-safe: keep 1 unless the backend is a server (Ollama).", 1)
+    queue_size: int = _help("Requests waiting for a worker beyond `concurrency`; when full: 429.", 16)
+    request_timeout_s: float = _help("Seconds a request may wait and run before a 504.", 120.0)
+    ollama_host: str | None = _help("Ollama server URL (default $OLLAMA_HOST, else http://127.0.0.1:11434).", None)
+    n_ctx: int = _help("llama-cpp context window.", 2048)
+    n_gpu_layers: int = _help("llama-cpp layers offloaded to the GPU (-1 = all).", 0)
+    device: str | None = _help("transformers device: cpu, cuda (default: cuda when available).", None)
+    dtype: str = _help("transformers weights dtype: auto, bfloat16, float16, float32.", "auto")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.backend is not None and self.backend not in EVAL_BACKENDS:
+            out.append(f"serve.backend: expected one of {', '.join(EVAL_BACKENDS)}, found {self.backend!r}")
+        if not 0 <= self.port <= 65535:
+            out.append(f"serve.port: expected 0..65535, found {self.port}")
+        for name in ("max_chars", "max_texts", "max_new_tokens", "concurrency", "request_timeout_s"):
+            if getattr(self, name) <= 0:
+                out.append(f"serve.{name}: expected a positive number, found {getattr(self, name)}")
+        if self.queue_size < 0:
+            out.append(f"serve.queue_size: expected 0 or more, found {self.queue_size}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            out.append(f"serve.dtype: expected auto, bfloat16, float16 or float32, found {self.dtype!r}")
+        return out
+
 
 
 # Every dataclass above with a `section` class attribute is a TOML section.
