@@ -204,13 +204,14 @@ def test_llama_cpp_generates_harmony_with_special_tokens(tiny_gguf, tiny_transla
         assert not t.complete or any(end in t.raw for end in ("<|end|>", "<|return|>", "<|call|>"))
     # Greedy and deterministic: the same prompt gives the same text twice.
     assert [t.raw for t in translator.translate(TEXTS, spec, max_new_tokens=8)] == [t.raw for t in out]
-    # The same weights as the transformers model: an f32 GGUF greedily picks the same first tokens.
-    hf = tiny_translator.translate(TEXTS, spec, max_new_tokens=3)
-    assert sum(a.raw[:2] == b.raw[:2] for a, b in zip(out, hf, strict=True)) >= 2
+    # The same weights as the transformers model: an f32 GGUF greedily picks the same tokens
+    # (f32 rounding may flip a near-tie, so 2 of 3 must agree on all 8 tokens).
+    hf = tiny_translator.translate(TEXTS, spec, max_new_tokens=8)
+    assert sum(a.raw == b.raw for a, b in zip(out, hf, strict=True)) >= 2
 
 
 @pytest.mark.llama
 def test_llama_cpp_prompt_too_long_is_a_clear_error(tiny_gguf):
     translator = backends.load_translator("llama-cpp", tiny_gguf, n_ctx=64)
-    with pytest.raises(ExternalToolError, match="does not fit n_ctx=64"):
+    with pytest.raises(ExternalToolError, match=r"prompt of \d+ tokens does not fit n_ctx=\d+"):
         translator.translate(["很長的句子" * 40], default_spec())
