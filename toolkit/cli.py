@@ -307,6 +307,9 @@ def eval_(inputs: tuple[Path, ...], out_dir: Path | None, run: str | None, basel
     elif options.get("backend") is None and str(cfg.model).endswith(".gguf"):
         cfg = dataclasses.replace(cfg, backend="llama-cpp")
     if out_dir is None:
+        model_path = Path(cfg.model).resolve()
+        if run is None and model_path.is_relative_to(EXPORT_ROOT.resolve()) and model_path != EXPORT_ROOT.resolve():
+            run = model_path.relative_to(EXPORT_ROOT.resolve()).parts[0]  # a stage of export/RUN/
         if run is None:
             raise click.UsageError("pass --out DIR (or --run RUN to write export/RUN/eval).")
         out_dir = stage_dir(run, "eval")
