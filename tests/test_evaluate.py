@@ -262,3 +262,18 @@ def test_cli_end_to_end_tiny_gguf_llama_cpp(tiny_gguf, tsv, tmp_path):
     assert manifest["config"]["backend"] == "llama-cpp"  # chosen from the .gguf suffix
     counts = json.loads((out / "scores.json").read_text(encoding="utf-8"))["outputs"][f"llama-cpp:{tiny_gguf.name}"]
     assert counts["empty_final"] == sum(1 for r in rows if r["hypothesis"] == "")
+
+
+def test_prep_split_as_test_set(sample_tsv, tmp_path):
+    from toolkit import config, corpus
+
+    prep = tmp_path / "prep"
+    corpus.prepare(config.build("prep", None, [], direction="both", dev_fraction=0.1), sample_tsv, prep)
+    dev = [json.loads(line) for line in (prep / "dev.jsonl").read_text(encoding="utf-8").splitlines()]
+    for direction in ("forward", "reverse"):
+        fake = Scripted()
+        evaluate.run(cfg(direction=direction), prep / "dev.jsonl", tmp_path / direction, translator=fake)
+        rows = read_rows(tmp_path / direction)
+        wanted = [r for r in dev if r["direction"] == direction]
+        assert [(r["source"], r["reference"]) for r in rows] == [(r["source"], r["target"]) for r in wanted]
+        assert fake.specs[0].source_name.startswith("Mandarin" if direction == "forward" else "Taiwanese")

@@ -43,14 +43,24 @@ class TestSet:
 
 
 def read_test_set(path: Path, source_column: str, target_column: str, direction: str, limit: int = 0) -> TestSet:
-    """The (first `limit`) rows of a TSV with a header; `reverse` swaps source and reference."""
-    from toolkit.corpus import read_tsv
+    """The (first `limit`) pairs of a TSV with a header, of a prep split (`dev.jsonl`: the rows of
+    `direction`, already oriented) or of recipe JSONL; `reverse` swaps source and reference otherwise."""
+    from toolkit import corpus
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file. Pass a TSV test set with a header line (e.g. zh<TAB>nan).")
+    prep_cfg = PrepConfig(source_column=source_column, target_column=target_column)
+    if path.suffix.lower() in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as fh:
+            first = fh.readline()
+        if '"direction"' in first and '"source"' in first:
+            return _read_prep_split(path, direction, limit)
+        pairs, source_column, target_column = corpus.read_jsonl(path, prep_cfg, Counter()), "user", "final"
+    else:
+        pairs = corpus.read_tsv(path, prep_cfg, Counter())
     lines, sources, references = [], [], []
-    for pair in read_tsv(path, PrepConfig(source_column=source_column, target_column=target_column), Counter()):
+    for pair in pairs:
         lines.append(pair.line)
         sources.append(pair.source)
         references.append(pair.target)
@@ -62,6 +72,27 @@ def read_test_set(path: Path, source_column: str, target_column: str, direction:
         sources, references = references, sources
         source_column, target_column = target_column, source_column
     return TestSet(path, lines, sources, references, source_column, target_column, direction)
+
+
+def _read_prep_split(path: Path, direction: str, limit: int) -> TestSet:
+    lines, sources, references = [], [], []
+    with path.open(encoding="utf-8") as fh:
+        for number, text in enumerate(fh, start=1):
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg}). Re-run `toolkit prep`.") from None
+            if row.get("direction") != direction:
+                continue
+            lines.append(row.get("line", number))
+            sources.append(row["source"])
+            references.append(row["target"])
+            if limit and len(lines) >= limit:
+                break
+    if not lines:
+        raise DataError(f"{path}: no {direction} examples. Pass --direction "
+                        f"{'reverse' if direction == 'forward' else 'forward'} or another test file.")
+    return TestSet(path, lines, sources, references, "source", "target", direction)
 
 
 # ---- which model ------------------------------------------------------------------------------
