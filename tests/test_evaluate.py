@@ -277,3 +277,12 @@ def test_prep_split_as_test_set(sample_tsv, tmp_path):
         wanted = [r for r in dev if r["direction"] == direction]
         assert [(r["source"], r["reference"]) for r in rows] == [(r["source"], r["target"]) for r in wanted]
         assert fake.specs[0].source_name.startswith("Mandarin" if direction == "forward" else "Taiwanese")
+
+
+def test_failed_model_load_leaves_no_folder(tsv, tmp_path):
+    out = tmp_path / "eval"
+    with pytest.raises(ArtifactError, match="no such GGUF file"):
+        evaluate.run(cfg(backend="llama-cpp", model=str(tmp_path / "missing.gguf")), tsv, out)
+    assert not out.exists()
+    evaluate.run(cfg(limit=2), tsv, out, translator=Scripted())  # a corrected command is not refused
+    assert len(read_rows(out)) == 2

@@ -105,9 +105,6 @@ class TransformersTranslator:
 
     def __init__(self, target: str | Path, *, base_model: str | None = None, device: str | None = None,
                  dtype: str = "auto", batch_size: int = 8) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         path = Path(target)
         adapter = _adapter_dir(path) if path.is_dir() else None
         if adapter is not None:
@@ -119,6 +116,9 @@ class TransformersTranslator:
         if path.is_dir() and adapter is None and not (path / "config.json").is_file():
             raise ArtifactError(f"{target}: expected a model folder (config.json) or a train folder "
                                 "(adapter_config.json); found neither. Pass --model.")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.name = str(target)
         self.batch_size = batch_size

@@ -8,6 +8,7 @@ puts earlier runs side by side with paired significance tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import statistics
@@ -287,7 +288,14 @@ def run(cfg: EvalConfig, test_file: Path, out_dir: Path, *, force: bool = False,
         return done
 
     def load() -> Any:
-        return translator or backends.load_translator(cfg.backend, cfg.model, **_backend_options(cfg))
+        try:
+            return translator or backends.load_translator(cfg.backend, cfg.model, **_backend_options(cfg))
+        except BaseException:
+            if not (out_dir / PREDICTIONS).exists():  # nothing done yet: leave no folder that blocks a retry
+                (out_dir / STATE).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    out_dir.rmdir()
+            raise
 
     rows, loaded_name = translate_all(load, spec, test, out_dir / PREDICTIONS, cfg)
     name = f"{cfg.backend}:{Path(cfg.model).name if cfg.model else loaded_name or translator.name}"

@@ -49,13 +49,14 @@ def _seed_env() -> None:
     os.environ.setdefault("SACREBLEU_SEED", str(SEED))
 
 
-def score(hypotheses: Sequence[str], references: Sequence[str], *, n_bootstrap: int = N_BOOTSTRAP) -> dict[str, Any]:
-    """Every metric of one system: score, bootstrap mean and 95% half-interval, sacrebleu signature."""
+def score(hypotheses: Sequence[str], references: Sequence[str], *, n_bootstrap: int = N_BOOTSTRAP,
+          keys: Sequence[str] = METRIC_KEYS) -> dict[str, Any]:
+    """Each metric (`keys`) of one system: score, bootstrap mean and 95% half-interval, sacrebleu signature."""
     _seed_env()
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
     out: dict[str, Any] = {}
-    for m in METRICS:
+    for m in (m for m in METRICS if m.key in keys):
         metric = m.make()
         mean, ci, value = _corpus_score(metric, list(hypotheses), [list(references)], n_bootstrap)
         out[m.key] = {"score": value, "mean": mean, "ci": ci, "signature": str(metric.get_signature())}
