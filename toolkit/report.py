@@ -45,7 +45,7 @@ def _outputs_table(outputs: dict[str, Any]) -> list[str]:
         rows.append([name, str(c["sentences"]), str(c["empty_final"]), str(c["incomplete"]),
                      str(c["with_analysis"]), f"{share} ({rl.get('language', '-')})", f"{c['tokens_mean']:.1f}",
                      f"{c['latency_p50_s']:.3f} / {c['latency_p95_s']:.3f}"])
-    header = ["System", "Sentences", "Empty final", "Truncated", "With analysis", "Reasoning in language",
+    header = ["System", "Sentences", "Empty final", "Final not closed", "With analysis", "Reasoning in language",
               "Tokens (mean)", "Latency s (p50 / p95)"]
     return ["Outputs (empty or missing finals are scored as empty strings):", "", *_table(header, rows), ""]
 
@@ -55,8 +55,9 @@ def markdown(scores: dict[str, Any], *, title: str) -> str:
     systems = scores["systems"]
     header = ["System", *(metrics.LABELS[k] + (" ↓" if k == "ter" else "") for k in metrics.METRIC_KEYS)]
     rows = [[name, *(_cell(v[k]) for k in metrics.METRIC_KEYS)] for name, v in systems.items()]
+    with_ci = any(v[k].get("ci") is not None for v in systems.values() for k in metrics.METRIC_KEYS)
     lines = [f"# Evaluation: {title}", "", *_table(header, rows), "",
-             "Scores ± half-width of the 95% bootstrap confidence interval. " + NOTE, ""]
+             ("Scores ± half-width of the 95% bootstrap confidence interval. " if with_ci else "") + NOTE, ""]
     if scores.get("paired_vs_copy"):
         lines += _paired_table(scores["paired_vs_copy"], "the copy baseline")
     if scores.get("paired_vs_first"):
