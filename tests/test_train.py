@@ -1,0 +1,325 @@
+"""`toolkit train` on the tiny gpt-oss (CPU): adapter output, what LoRA changes, the label mask, loss,
+kill-and-resume, config errors, presets, QLoRA preconditions, and a 2-process `accelerate launch` run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import TrainerCallback
+
+from toolkit import config, harmony
+from toolkit.config import PrepConfig, TrainConfig
+from toolkit.corpus import prepare
+from toolkit.errors import ArtifactError, ConfigError, ExternalToolError
+
+ROOT = Path(__file__).resolve().parent.parent
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "loss.png",
+                 "manifest.json", "metrics.jsonl", "tokenizer.json", "tokenizer_config.json", "train_config.json"}
+
+
+def tiny_cfg(model: Path, **kw) -> TrainConfig:
+    """The tiny-cpu preset, made shorter: no eval/checkpoint unless asked, short sequences."""
+    sets = {"base_model": str(model), "max_steps": 3, "eval_steps": 0, "save_steps": 0, "logging_steps": 1,
+            "batch_size": 2, "report_to": "none", **kw}
+    return config.build("train", "tiny-cpu", [f"train.{k}={json.dumps(v)}" for k, v in sets.items()])
+
+
+@pytest.fixture(scope="module")
+def prep_dir(tmp_path_factory) -> Path:
+    """A prep folder of 20 short sample pairs (+ a few dev pairs)."""
+    folder = tmp_path_factory.mktemp("train-prep")
+    lines = (ROOT / "corpora" / "zh-nan-moe-sample" / "sample.tsv").read_text(encoding="utf-8").splitlines()
+    short = [line for line in lines[1:] if len(line.split("\t")[0]) <= 6][:24]
+    corpus = folder / "pairs.tsv"
+    corpus.write_text("\n".join([lines[0], *short]) + "\n", encoding="utf-8")
+    prepare(PrepConfig(length_unit="chars", dev_fraction=0.15), corpus, folder / "prep")
+    return folder / "prep"
+
+
+def adapter_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+class Snapshot(TrainerCallback):
+    """Copies every parameter at train begin and end."""
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        self.after = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_train_writes_adapter_and_changes_only_lora(tiny_model, prep_dir, tmp_path):
+    from toolkit import train
+
+    out = tmp_path / "train"
+    snap = Snapshot()
+    cfg = tiny_cfg(tiny_model, learning_rate=1e-2, report_to="tensorboard")
+    manifest = train.run(cfg, prep_dir, out, callbacks=[snap])
+
+    files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert {f for f in files if not f.startswith("tensorboard/")} == ADAPTER_FILES
+    assert any(f.startswith("tensorboard/events.out.tfevents") for f in files)
+    assert {o["path"] for o in manifest["outputs"]} == files - {"manifest.json"}
+    assert manifest["stage"] == "train" and manifest["upstream"]["stage"] == "prep"
+    assert manifest["base_model"] == str(tiny_model) and manifest["chat_format"] == "harmony"
+    targets = manifest["lora"]
+    assert "model.layers.0.self_attn.q_proj" in targets["target_modules"]
+    assert "model.layers.1.mlp.experts.gate_up_proj" in targets["target_parameters"]
+    metrics = manifest["metrics"]
+    assert metrics["steps"] == 3 and metrics["tokens_per_second"] > 0 and metrics["eval_loss"] > 0
+    assert len([json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]) >= 3
+
+    lora = {n for n in snap.before if "lora_" in n}
+    assert lora and all(".default." in n for n in lora)
+    for name, before in snap.before.items():
+        changed = not before.equal(snap.after[name])
+        assert changed == (name in lora), f"{name}: changed={changed}"
+    # both kinds of LoRA moved, and both are in the saved adapter
+    assert any("self_attn" in n for n in lora) and any("experts" in n for n in lora)
+    saved = adapter_tensors(out)
+    assert any("self_attn.q_proj.lora_B" in k for k in saved) and any("experts" in k for k in saved)
+    assert all(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # B starts at zero
+
+    # a re-run is a no-op; an unfinished folder is refused without --resume/--force
+    assert train.run(cfg, prep_dir, out) == manifest
+    (out / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="--resume"):
+        train.run(cfg, prep_dir, out)
+
+
+def test_only_the_assistant_completion_is_supervised(tiny_model, prep_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from toolkit import lora, train
+
+    cfg = tiny_cfg(tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    train_ds, _, prep = train.load_datasets(cfg, prep_dir, "harmony")
+    model = lora.attach_lora(lora.load_base(cfg), cfg)
+    trainer = train.build_trainer(cfg, model, tokenizer, "harmony", train_ds, None, tmp_path)
+    rows = train.read_examples(prep_dir / "train.jsonl")
+    for row, example in zip(rows, trainer.train_dataset, strict=True):
+        ids, labels = example["input_ids"], example["labels"]
+        full = harmony.render(row["messages"], reasoning_effort=row["reasoning_effort"], date=prep["config"]["date"])
+        assert tokenizer.decode(ids) == full
+        first = next(i for i, label in enumerate(labels) if label != -100)
+        assert all(label == -100 for label in labels[:first])
+        assert labels[first:] == ids[first:]  # everything after the prompt is supervised, nothing is skipped
+        prompt, supervised = tokenizer.decode(ids[:first]), tokenizer.decode(ids[first:])
+        assert prompt.endswith("<|start|>user<|message|>" + row["source"] + "<|end|><|start|>assistant")
+        assert "<|start|>developer" in prompt and "<|start|>system" in prompt
+        assert supervised == f"<|channel|>final<|message|>{row['target']}<|return|>"
+
+
+def test_chat_template_models_supervise_the_answer_and_end_of_turn(tiny_model, prep_dir, tmp_path):
+    """A non-Harmony model: the tokenizer's template renders, and the answer + its end-of-turn are supervised."""
+    from toolkit import lora, train
+
+    template = tmp_path / "chatml.jinja"
+    template.write_text("{% for m in messages %}<|start|>{{ m.role }}\n{{ m.content }}<|end|>\n{% endfor %}"
+                        "{% if add_generation_prompt %}<|start|>assistant\n{% endif %}", encoding="utf-8")
+    cfg = tiny_cfg(tiny_model, chat_format="template", chat_template=str(template))
+    tokenizer = lora.load_tokenizer(cfg)
+    train_ds, _, _ = train.load_datasets(cfg, prep_dir, "template")
+    model = lora.attach_lora(lora.load_base(cfg), cfg)
+    trainer = train.build_trainer(cfg, model, tokenizer, "template", train_ds, None, tmp_path)
+    row, example = train.read_examples(prep_dir / "train.jsonl")[0], trainer.train_dataset[0]
+    first = next(i for i, label in enumerate(example["labels"]) if label != -100)
+    assert tokenizer.decode(example["input_ids"][:first]).endswith(f"{row['source']}<|end|>\n<|start|>assistant\n")
+    assert tokenizer.decode(example["input_ids"][first:]) == f"{row['target']}<|end|>\n"
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).write_bytes((tiny_model / name).read_bytes())
+    cfg = tiny_cfg(bare, chat_format="template")
+    with pytest.raises(ConfigError, match="no chat template.*train.chat_template"):
+        lora.chat_format(cfg, None, lora.load_tokenizer(cfg))
+
+
+def test_config_errors_are_listed_together():
+    with pytest.raises(ConfigError) as err:
+        config.build("train", None, ["train.mode=full", "train.lora_r=0", "train.lora_dropout=1.5",
+                                     "train.expert_layers='some'", "train.device=tpu"])
+    message = str(err.value)
+    assert message.startswith("5 config problem(s)")
+    for key in ("train.mode", "train.lora_r", "train.lora_dropout", "train.expert_layers", "train.device"):
+        assert key in message
+    with pytest.raises(ConfigError) as err:
+        config.build("train", None, ["train.lora_rank=8", "train.batch=2", "train.lr=1"])
+    assert str(err.value).startswith("3 config problem(s)") and "train.lora_rank: unknown key" in str(err.value)
+
+
+def test_layer_selection_and_missing_layers(tiny_model):
+    from toolkit import lora
+
+    cfg = tiny_cfg(tiny_model, attention_layers=[1], expert_layers=[0])
+    targets = lora.lora_targets(lora.attach_lora(lora.load_base(cfg), cfg))
+    assert targets["modules"] == [f"model.layers.1.self_attn.{m}" for m in ("k_proj", "o_proj", "q_proj", "v_proj")]
+    assert targets["parameters"] == ["model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.experts.gate_up_proj"]
+    cfg = tiny_cfg(tiny_model, expert_layers=[7, 15])
+    with pytest.raises(ConfigError, match="layer 7 does not exist.*2 layers"):
+        lora.lora_config(cfg, lora.load_base(cfg))
+    cfg = tiny_cfg(tiny_model, lora_dropout=0.1)
+    with pytest.raises(ConfigError, match="lora_dropout.*lora_experts=\\[\\]"):
+        lora.lora_config(cfg, lora.load_base(cfg))
+    assert lora.lora_config(tiny_cfg(tiny_model, lora_dropout=0.1, lora_experts=[]), lora.load_base(cfg))
+
+
+def test_every_shipped_preset_loads():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    for name in config.list_presets():
+        text = config.preset_path(name).read_text(encoding="utf-8")
+        assert text.startswith("# toolkit "), f"{name}: must start with the command that uses it"
+        if "[train]" in text:
+            assert isinstance(config.build("train", name), TrainConfig)
+    folder = ROOT / "toolkit" / "configs" / "accelerate"
+    kinds = {}
+    for path in sorted(folder.glob("*.yaml")):
+        assert path.read_text().startswith("# accelerate launch --config_file toolkit/configs/accelerate/")
+        kinds[path.name] = load_config_from_file(str(path)).distributed_type.value
+    assert kinds == {"deepspeed-zero3.yaml": "DEEPSPEED", "fsdp.yaml": "FSDP"}
+    ds = json.loads((folder / "deepspeed-zero3.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 3
+
+
+def test_qlora_fails_fast_without_cuda(prep_dir, tmp_path, monkeypatch):
+    """On a machine without CUDA, qlora stops before any weights or output files."""
+    from toolkit import lora, train
+
+    cfg = config.build("train", "gpt-oss-20b-qlora", ['train.base_model="/nonexistent"', 'train.device="auto"'])
+    with pytest.raises(ConfigError, match="qlora.*no"):
+        train.run(cfg, prep_dir, tmp_path / "out")
+    assert not any((tmp_path / "out").iterdir())
+    # with a GPU but without bitsandbytes the message says what to install
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda: True)
+    with pytest.raises(ExternalToolError, match=r"bitsandbytes >= 0.48.*toolkit\[qlora\]"):
+        lora.check_preconditions(cfg)
+
+
+def test_cli_train(tiny_model, prep_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    out = tmp_path / "cli"
+    args = ["train", str(prep_dir), "--config", "tiny-cpu", "--out", str(out), "--max-steps", "1",
+            "--set", f"train.base_model={json.dumps(str(tiny_model))}", "--set", "train.eval_steps=0",
+            "--set", "train.save_steps=0", "--set", "train.report_to='none'", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["out"] == str(out)
+    assert (out / "adapter_model.safetensors").is_file()
+    result = CliRunner().invoke(main, ["train", str(prep_dir), "--config", "gpt-oss-20b-qlora", "--out",
+                                       str(tmp_path / "q")])
+    assert result.exit_code == 2 and result.output.startswith("error: ") and "CUDA" in result.output
+
+
+@pytest.fixture(scope="module")
+def expressive_tiny_model(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model with a 10x output layer. At std 0.05 and hidden 64 its logits span only about +-3, so
+    cross-entropy over 1,024 tokens cannot fall below ~3.8 nats whatever LoRA learns (frozen lm_head)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-expressive")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)
+    model.save_pretrained(out)
+    for path in tiny_model.iterdir():
+        if path.name.startswith(("tokenizer", "chat_template")):
+            shutil.copy(path, out / path.name)
+    return out
+
+
+@pytest.mark.slow
+def test_loss_halves_on_memorisable_pairs(expressive_tiny_model, prep_dir, tmp_path):
+    from toolkit import train
+
+    cfg = tiny_cfg(expressive_tiny_model, max_steps=20, batch_size=4, learning_rate=1e-2, logging_steps=2)
+    manifest = train.run(cfg, prep_dir, tmp_path / "train")
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "train" / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert len(losses) == 10 and losses[-1] <= losses[0] / 2, losses
+    assert manifest["metrics"]["train_loss"] == losses[-1] and (tmp_path / "train" / "loss.png").stat().st_size
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_the_same_adapter(tiny_model, prep_dir, tmp_path):
+    import torch
+
+    from toolkit import train
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    class StartStep(TrainerCallback):
+        step = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.step = state.global_step
+
+    cfg = tiny_cfg(tiny_model, max_steps=4, save_steps=2, learning_rate=5e-3)
+    straight = tmp_path / "straight"
+    train.run(cfg, prep_dir, straight)
+    broken = tmp_path / "broken"
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg, prep_dir, broken, callbacks=[Kill()])
+    assert (broken / "checkpoints" / "checkpoint-2" / "optimizer.pt").is_file()
+    assert not (broken / "manifest.json").exists()
+    start = StartStep()
+    manifest = train.run(cfg, prep_dir, broken, resume=True, callbacks=[start])
+    assert start.step == 2 and manifest["metrics"]["resumed_from_step"] == 2 and manifest["metrics"]["steps"] == 4
+    assert not (broken / "checkpoints").exists()
+    a, b = adapter_tensors(straight), adapter_tensors(broken)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+    steps = [r["step"] for r in map(json.loads, (broken / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == [1, 2, 3, 4]  # the interrupted run's step-3 line was dropped on resume
+    # a resume with another config is refused
+    (broken / "manifest.json").unlink()
+    with pytest.raises(ConfigError, match="--resume with another config.*learning_rate"):
+        train.run(tiny_cfg(tiny_model, max_steps=4, save_steps=2, learning_rate=1e-3),
+                  prep_dir, broken, resume=True)
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run_through_accelerate_launch(tiny_model, prep_dir, tmp_path):
+    """Issue 9, CPU part: DDP over gloo with 2 processes trains and saves one adapter.
+
+    `accelerate launch --cpu` runs a single process (multi-CPU goes through mpirun), so the processes are
+    started by accelerate's torchrun launcher (`--multi_gpu`), and the CPU-only host makes them gloo DDP.
+    """
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "toolkit", "train", str(prep_dir), "--config", "tiny-cpu", "--out", str(out),
+           "--max-steps", "2", "--set", f"train.base_model={json.dumps(str(tiny_model))}",
+           "--set", "train.eval_steps=0", "--set", "train.save_steps=0", "--set", "train.batch_size=2"]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines() == [str(out)]  # printed once, by the main process
+    manifest = json.loads((out / "manifest.json").read_text())
+    metrics = manifest["metrics"]
+    assert metrics["processes"] == 2 and metrics["parallelism"] == "ddp" and metrics["steps"] == 2
+    assert metrics["tokens_seen"] > 2 * 2 * 2 * 100  # 2 steps x 2 processes x 2 examples of 300+ tokens
+    assert {o["path"] for o in manifest["outputs"]} >= {"adapter_model.safetensors", "adapter_config.json"}
+    assert any("experts" in k for k in adapter_tensors(out))
