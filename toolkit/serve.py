@@ -50,7 +50,10 @@ MIN_KEY_CHARS = 16
 class TranslateRequest(BaseModel):
     """One `text` or a batch of `texts`; languages by name or code, in either direction of training."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
+        {"text": "今仔日天氣真好。"},
+        {"texts": ["你好。", "多謝。"], "source_lang": "nan", "target_lang": "zh", "include_reasoning": True},
+    ]})
 
     text: str | None = Field(None, description="One text to translate.")
     texts: list[str] | None = Field(None, description="Several texts, translated in order.")
@@ -154,12 +157,18 @@ class Gate:
         self.admitted += 1
         future = self.pool.submit(fn)
         # Released when the call really ends (or is dropped from the queue), not when the request gives up.
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
+        future.add_done_callback(lambda _: self._release_from(loop))
         # On timeout wait_for cancels the wrapper, which cancels the call only if it has not started.
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
 
     def _release(self) -> None:
         self.admitted -= 1
+
+    def _release_from(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            loop.call_soon_threadsafe(self._release)
+        except RuntimeError:  # the server stopped while this call ran: nothing left to count
+            pass
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -389,21 +398,23 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def run(cfg: ServeConfig, target: str | Path, *, on_ready: Callable[[str], None] | None = None,
-        translator: backends.Translator | None = None) -> None:
+def run(cfg: ServeConfig, target: str | Path, *, on_ready: Callable[[str], None] | None = None) -> None:
     """Load the model at `target` and serve it until interrupted; `on_ready(url)` once it listens."""
-    import uvicorn
-
     api_key = api_key_for(cfg)  # before loading any weights
     backend, model, manifest_dir = resolve(target, cfg.backend)
     sock = bind(cfg.host, cfg.port)
     spec = backends.spec_for(backend, model, manifest_dir=manifest_dir)
     codes = language_codes(backends.nearest_manifest(manifest_dir) if manifest_dir else None)
-    translator = translator or backends.load_translator(backend, model, **backend_options(cfg, backend))
-    cfg = dataclasses.replace(cfg, backend=backend)
-    app = create_app(translator, spec, cfg, api_key=api_key, codes=codes)
+    translator = backends.load_translator(backend, model, **backend_options(cfg, backend))
+    app = create_app(translator, spec, dataclasses.replace(cfg, backend=backend), api_key=api_key, codes=codes)
     log.info("serve: %s through %s, %s <-> %s, key %s", translator.name, backend, spec.source_name,
              spec.target_name, "required" if api_key else "off (localhost only)")
+    listen(app, sock, on_ready=on_ready)
+
+
+def listen(app: FastAPI, sock: socket.socket, *, on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve `app` with uvicorn on the bound `sock` until Ctrl-C."""
+    import uvicorn
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
