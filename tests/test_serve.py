@@ -115,6 +115,17 @@ def test_health_models_and_docs():
         assert "/translate" in c.get("/openapi.json").json()["paths"]
 
 
+def test_one_log_line_per_request(caplog):
+    caplog.set_level("INFO", logger="toolkit.serve")
+    with client() as c:
+        c.post("/translate", json={"text": "a"})
+        c.post("/translate", json={"text": ""})
+        c.get("/health")
+    lines = [r.getMessage() for r in caplog.records if r.name == "toolkit.serve" and " ms" in r.getMessage()]
+    assert [line.rsplit(" ", 2)[0] for line in lines] == ["POST /translate 200", "POST /translate 422", "GET /health 200"]
+    assert all(float(line.split()[-2]) >= 0 for line in lines)
+
+
 # ---- errors -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("payload", [
