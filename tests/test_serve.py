@@ -308,6 +308,11 @@ def test_resolve_targets(tmp_path):
         serve.resolve(tmp_path / "nope", None)
     with pytest.raises(ConfigError):
         serve.resolve(gguf, "transformers")
+    old_export = tmp_path / "old"
+    old_export.mkdir()
+    artifacts.write_manifest(old_export, stage="export", config={})
+    with pytest.raises(ArtifactError, match="names no GGUF"):
+        serve.resolve(old_export, None)
 
 
 def test_language_codes_come_from_the_prep_manifest():

@@ -336,6 +336,9 @@ def resolve(target: str | Path, backend: str | None) -> tuple[str, str, Path | N
         manifest = artifacts.read_manifest(path) if (path / artifacts.MANIFEST).is_file() else {}
         if manifest.get("stage") == "export":
             ollama = manifest.get("ollama") or {}
+            if not ollama.get("name") or not ollama.get("gguf"):
+                raise ArtifactError(f"{path}: the export manifest names no GGUF/Ollama model. Re-run `toolkit "
+                                    "export` with --force, or pass the .gguf file.")
             if backend == "ollama":
                 return "ollama", ollama["name"], path
             if backend in (None, "llama-cpp"):
