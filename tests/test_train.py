@@ -154,6 +154,9 @@ def test_config_errors_are_listed_together():
     assert message.startswith("5 config problem(s)")
     for key in ("train.mode", "train.lora_r", "train.lora_dropout", "train.expert_layers", "train.device"):
         assert key in message
+    with pytest.raises(ConfigError, match="padding_free need a FlashAttention kernel"):
+        config.build("train", None, ["train.padding_free=true"])
+    assert config.build("train", None, ["train.packing=true", "train.attn_implementation='flash_attention_2'"])
     with pytest.raises(ConfigError) as err:
         config.build("train", None, ["train.lora_rank=8", "train.batch=2", "train.lr=1"])
     assert str(err.value).startswith("3 config problem(s)") and "train.lora_rank: unknown key" in str(err.value)

@@ -127,9 +127,11 @@ class TrainConfig:
     max_steps: int = _help("Stop after this many optimizer steps (0: use epochs).", 0)
     gradient_checkpointing: bool = _help("Recompute activations in the backward pass (less memory, ~30% slower).",
                                          True)
-    packing: bool = _help("Pack examples into max_length blocks (TRL best-fit decreasing, padding-free).", False)
+    packing: bool = _help("Pack examples into max_length blocks (TRL best-fit decreasing, padding-free; needs a "
+                          "FlashAttention attn_implementation).", False)
     padding_free: bool = _help("Concatenate each batch into one row with per-example positions, no padding "
-                               "(max_length is then not enforced; prep already bounds lengths).", False)
+                               "(needs a FlashAttention attn_implementation; max_length is then not enforced, "
+                               "prep already bounds lengths).", False)
     eval_steps: int = _help("Dev-split eval loss every N steps (0: only at the end).", 50)
     max_eval_examples: int = _help("Dev examples used for eval loss (0: all).", 200)
     max_train_examples: int = _help("Use only the first N training examples (0: all).", 0)
@@ -172,6 +174,11 @@ class TrainConfig:
                        f"found {self.experts_implementation!r}")
         if self.liger_kernel and self.device == "cpu":
             out.append("train.liger_kernel: Liger's kernels are Triton (CUDA); set it to false on the CPU")
+        if (self.packing or self.padding_free) and "flash" not in self.attn_implementation:
+            # measured: with eager attention a packed example's logits change by O(1) (it sees its neighbours)
+            out.append(f"train.packing / train.padding_free need a FlashAttention kernel that reads the per-example "
+                       f"positions (e.g. attn_implementation = \"kernels-community/vllm-flash-attn3\"), found "
+                       f"{self.attn_implementation!r}")
         if self.mode == "qlora" and self.device == "cpu":
             out.append("train.mode qlora needs CUDA (bitsandbytes 4-bit); use mode lora on the CPU")
         if self.mode == "qlora" and self.dtype == "float32":
