@@ -78,6 +78,10 @@ def quantize(src: Path, dst: Path, kind: str, n_threads: int) -> None:
     if ftype is None:
         raise ExternalToolError(f"llama-cpp-python {llama_cpp.__version__} has no {QUANT_FTYPES[kind]}; "
                                 f"drop {kind} from --quant.")
+    # llama-cpp-python prints llama.cpp's log when its logger is below the message level: keep the
+    # per-tensor listing for -vv.
+    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG)
+                                                   else logging.WARNING)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = n_threads
@@ -89,23 +93,49 @@ def quantize(src: Path, dst: Path, kind: str, n_threads: int) -> None:
                                     "above for llama.cpp's reason.")
 
 
-def reference_logits(merged_dir: Path, prompts: list[str]) -> tuple[list[list[int]], list[Any]]:
-    """Token ids and all-position logits (float32 numpy) of the merged HF model for each prompt."""
+def match_llama_cpp_rope(config: Any) -> bool:
+    """Round the YaRN correction range as llama.cpp always does; True when that changed the config.
+
+    gpt-oss ships `truncate: false` (OpenAI's reference keeps the range fractional); llama.cpp's
+    `ggml_rope_yarn_corr_dims` floors/ceils it, so its logits drift from HF's with position (about 1e-2
+    relative at 300 tokens on the tiny model). Comparing against HF with the same rounding isolates the
+    conversion; the drift from HF as shipped is reported separately. Same gap in vLLM: vllm#27722.
+    """
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if isinstance(rope, dict) and rope.get("rope_type") == "yarn" and rope.get("truncate") is False:
+        rope["truncate"] = True
+        return True
+    return False
+
+
+def reference_logits(merged_dir: Path, prompts: list[str]) -> dict[str, Any]:
+    """The merged HF model's token ids and logits per prompt: all positions with llama.cpp's RoPE rounding
+    (`logits`), and the last position as shipped (`last_as_shipped`, only when the rounding differs)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    config = AutoConfig.from_pretrained(merged_dir)
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype, device_map=device).eval()
-    ids, logits = [], []
-    with torch.no_grad():
-        for text in prompts:
-            row = tokenizer(text, add_special_tokens=False).input_ids
-            ids.append(row)
-            logits.append(model(input_ids=torch.tensor([row], device=device)).logits[0].float().cpu().numpy())
+    ids = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts]
+
+    def forward(model: Any, last_only: bool) -> list[Any]:
+        with torch.no_grad():
+            out = [model(input_ids=torch.tensor([row], device=device)).logits[0] for row in ids]
+        return [(x[-1] if last_only else x).float().cpu().numpy() for x in out]
+
+    shipped = None
+    if match_llama_cpp_rope(config):
+        shipped = forward(model, last_only=True)
+        del model
+        model = AutoModelForCausalLM.from_pretrained(merged_dir, config=config, dtype=dtype,
+                                                     device_map=device).eval()
+    ref = {"ids": ids, "logits": forward(model, last_only=False), "last_as_shipped": shipped,
+           "dtype": str(dtype).removeprefix("torch."), "rope_rounded": shipped is not None}
     del model
-    return ids, logits
+    return ref
 
 
 def _new_positions(ids: list[list[int]]) -> list[range]:
@@ -120,32 +150,40 @@ def _new_positions(ids: list[list[int]]) -> list[range]:
     return out
 
 
-def verify(path: Path, kind: str, prompts: list[str], ids: list[list[int]], ref: list[Any], cfg: ExportConfig
-           ) -> dict[str, Any]:
+def verify(path: Path, kind: str, prompts: list[str], ref: dict[str, Any], cfg: ExportConfig) -> dict[str, Any]:
     """Logit figures of one GGUF against the merged model, and a short greedy sample."""
+    import llama_cpp
     import numpy as np
-    from llama_cpp import Llama
 
+    ids = ref["ids"]
     n_ctx = max(len(row) for row in ids) + 16
-    llm = Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_gpu_layers=-1, seed=0,
-                n_threads=cfg.n_threads or None)
-    same_tokens, last_diff, last_scale, agree, total = True, 0.0, 0.0, 0, 0
-    for text, row, want, fresh in zip(prompts, ids, ref, _new_positions(ids)):
+    # f32 KV cache: the default f16 cache alone moves logits by ~1e-4 and would hide what we measure.
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_gpu_layers=-1,
+                          seed=0, n_threads=cfg.n_threads or None, type_k=llama_cpp.GGML_TYPE_F32,
+                          type_v=llama_cpp.GGML_TYPE_F32)
+    same_tokens, agree, total = True, 0, 0
+    last_diff = last_scale = shipped_diff = 0.0
+    for k, (text, row, want, fresh) in enumerate(zip(prompts, ids, ref["logits"], _new_positions(ids))):
         same_tokens &= llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == row
         llm.reset()
         llm.eval(row)
         got = np.asarray(llm.scores[: len(row)], dtype=np.float32)[:, : want.shape[1]]
         last_diff = max(last_diff, float(np.abs(got[-1] - want[-1]).max()))
         last_scale = max(last_scale, float(np.abs(want[-1]).max()))
+        if ref["last_as_shipped"] is not None:
+            shipped_diff = max(shipped_diff, float(np.abs(got[-1] - ref["last_as_shipped"][k]).max()))
         agree += int((got[fresh.start:].argmax(-1) == want[fresh.start:].argmax(-1)).sum())
         total += len(fresh)
     llm.reset()
-    sample = llm.create_completion(prompts[0], max_tokens=8, temperature=0.0)["choices"][0]["text"]
-    del llm
+    completion = llm.create_completion(prompts[0], max_tokens=8, temperature=0.0)
+    llm.close()
+    scale = max(last_scale, 1e-9)
     figures = {
         "file": path.name, "type": kind, "bytes": path.stat().st_size, "tokenizer_match": same_tokens,
-        "max_abs_diff_last": last_diff, "rel_diff_last": last_diff / max(last_scale, 1e-9),
-        "top1_agreement": agree / max(total, 1), "positions": total, "sample": sample,
+        "max_abs_diff_last": last_diff, "rel_diff_last": last_diff / scale,
+        "rel_diff_last_hf_rope": (shipped_diff if ref["rope_rounded"] else last_diff) / scale,
+        "top1_agreement": agree / max(total, 1), "positions": total, "sample": completion["choices"][0]["text"],
+        "completion_tokens": completion["usage"]["completion_tokens"],
     }
     if kind in FLOAT_TYPES:
         figures["passed"] = figures["rel_diff_last"] <= cfg.float_rtol
@@ -203,13 +241,16 @@ def run(cfg: ExportConfig, merged_dir: Path, out_dir: Path, *, force: bool = Fal
 
     spec = prompt.from_manifest(merged)
     files: list[dict[str, Any]] = []
+    reference: dict[str, Any] = {}
     if cfg.verify:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(merged_dir)
         prompts = [spec.render_prompt(text, tokenizer) for text in cfg.verify_texts]
-        ids, ref = reference_logits(merged_dir, prompts)
-        files = [verify(path, kind, prompts, ids, ref, cfg) for kind, path in paths.items()]
+        ref = reference_logits(merged_dir, prompts)
+        reference = {"dtype": ref["dtype"], "rope_rounded_like_llama_cpp": ref["rope_rounded"],
+                     "prompts": len(prompts), "tokens": [len(row) for row in ref["ids"]]}
+        files = [verify(path, kind, prompts, ref, cfg) for kind, path in paths.items()]
         failed = [f for f in files if not f["passed"]]
         if failed:
             raise ArtifactError("export check failed: " + "; ".join(
@@ -222,7 +263,7 @@ def run(cfg: ExportConfig, merged_dir: Path, out_dir: Path, *, force: bool = Fal
                                      num_ctx=cfg.num_ctx, num_predict=cfg.num_predict)
     ollama.write_modelfile(out_dir, cfg.modelfile_template, values)
     elapsed = time.monotonic() - started
-    metrics = {"files": files, "seconds": round(elapsed, 1),
+    metrics = {"files": files, "reference": reference, "seconds": round(elapsed, 1),
                "pre_tokenizer": {"requested": cfg.pre_tokenizer, "substituted": substituted}}
     manifest = artifacts.write_manifest(
         out_dir, stage="export", config=config, metrics=metrics, upstream=merged,
