@@ -229,6 +229,20 @@ def test_cli_train(tiny_model, prep_dir, tmp_path):
     assert result.exit_code == 2 and result.output.startswith("error: ") and "CUDA" in result.output
 
 
+def test_cli_train_interrupted_says_how_to_resume(prep_dir, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from toolkit import train
+    from toolkit.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run", interrupted)
+    result = CliRunner().invoke(main, ["train", str(prep_dir), "--config", "tiny-cpu", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 130 and f"--out {tmp_path / 'x'} --resume" in result.stderr
+
+
 @pytest.fixture(scope="module")
 def expressive_tiny_model(tiny_model, tmp_path_factory) -> Path:
     """The tiny model with a 10x output layer. At std 0.05 and hidden 64 its logits span only about +-3, so

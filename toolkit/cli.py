@@ -168,7 +168,12 @@ def train(data_dir: Path | None, out_dir: Path | None, run: str | None, resume: 
         data_dir = stage_dir(run, "prep")
     if out_dir is None:
         out_dir = stage_dir(run, "train") if run else data_dir.parent / "train"
-    manifest = train_mod.run(cfg, data_dir, out_dir, force=force, resume=resume)
+    try:
+        manifest = train_mod.run(cfg, data_dir, out_dir, force=force, resume=resume)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: continue from the last checkpoint with `toolkit train {data_dir} --out {out_dir} "
+                   "--resume` and the same --config/--set", err=True)
+        sys.exit(130)
     if manifest:  # empty on the non-main processes of a distributed run
         echo_result(manifest, out_dir, as_json)
 

@@ -171,7 +171,7 @@ def quantize_4bit_(model: Any, device: str, compute_dtype: Any) -> dict[str, int
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
                 q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True)
+                                             compress_statistics=True, module=q)
                 if child.bias is not None:
                     q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
                 setattr(parent, name, q.to(device))  # Params4bit quantizes when it reaches the GPU
