@@ -140,7 +140,7 @@ def tiny(out_dir: Path, seed: int, real_tokenizer: bool) -> None:
 
 # --- train command (owned by the train stage) ---
 @main.command()
-@click.argument("data_dir", required=False, type=click.Path(path_type=Path))
+@click.argument("data_dir", metavar="[PREP_DIR]", required=False, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help="Output folder (default export/RUN/train, or beside PREP_DIR).")
 @click.option("--run", "run", help="Run name (default: the most recent run under export/).")
