@@ -190,3 +190,30 @@ def test_cli_export_register_without_server(exported, merged_dir):
     assert result.exit_code == 2
     assert result.stderr.strip().startswith("error: no Ollama server answers at http://127.0.0.1:9")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.llama
+def test_pipeline_prep_train_merge_export_register(tiny_model, sample_tsv, converter, tmp_path):
+    """The whole chain with the real stages: a few training steps (tiny-cpu preset), merge, export, Ollama."""
+    from toolkit import corpus, train
+
+    prep = tmp_path / "prep"
+    corpus.prepare(config.build("prep"), sample_tsv, prep)
+    overrides = [f"train.base_model={tiny_model}", "train.max_steps=4", "train.eval_steps=0", "train.save_steps=0"]
+    train.run(config.build("train", "tiny-cpu", overrides), prep, tmp_path / "train")
+    merged = merge.run(config.build("merge"), tmp_path / "train", tmp_path / "merge")
+    assert merged["metrics"]["parity"]["max_abs_diff_merged_vs_adapter"] < 1e-4
+    assert merged["metrics"]["parity"]["max_abs_diff_merged_vs_base"] > 1e-4  # training moved the weights
+
+    exported = gguf.run(export_cfg(name="zh-nan-tiny"), tmp_path / "merge", tmp_path / "export")
+    files = {f["type"]: f for f in exported["metrics"]["files"]}
+    assert files["f32"]["rel_diff_last"] < 1e-5 and all(f["passed"] for f in files.values())
+    modelfile = (tmp_path / "export" / "Modelfile").read_text()
+    assert "FROM ./zh-nan-tiny-Q4_K_M.gguf" in modelfile
+    assert 'SYSTEM """reasoning language: English\n\nTranslate the user' in modelfile
+    with StandinOllama() as server:
+        from toolkit import ollama
+
+        result = ollama.register(tmp_path / "export" / "Modelfile", "zh-nan-tiny", host=server.url)
+        assert result["status"] == "created" and "zh-nan-tiny:latest" in server.models

@@ -105,6 +105,9 @@ def test_check_parity_rejects_a_wrong_merge():
     with pytest.raises(ArtifactError, match="differ from base\\+adapter"):
         merge.check_parity(base, adapted, adapted + 0.01, atol=1e-3)
     assert merge.check_parity(base, adapted, adapted, atol=1e-3)["max_abs_diff_merged_vs_base"] == 1.0
+    small = torch.full((10,), 1e-4)  # an adapter effect below the tolerance: a merge that lost it must not pass
+    with pytest.raises(ArtifactError, match="no closer to base\\+adapter"):
+        merge.check_parity(base, small, base, atol=1e-3)
 
 
 def test_mxfp4_base_is_dequantized(monkeypatch):

@@ -101,26 +101,34 @@ def parity_prompt(train_manifest: dict[str, Any], tokenizer, text: str) -> tuple
 
 
 def check_parity(base_logits, adapted_logits, merged_logits, atol: float) -> dict[str, Any]:
-    """Figures of the merge check; raises ArtifactError when merged != base+adapter or merged == base."""
+    """Figures of the merge check; raises ArtifactError unless merged == base+adapter != bare base."""
+    effect = float((adapted_logits - base_logits).abs().max())
     to_adapted = float((merged_logits - adapted_logits).abs().max())
     to_base = float((merged_logits - base_logits).abs().max())
     figures = {
         "max_abs_diff_merged_vs_adapter": to_adapted,
         "max_abs_diff_merged_vs_base": to_base,
+        "max_abs_diff_adapter_vs_base": effect,
         "atol": atol,
         "top1_merged": int(merged_logits.argmax()),
         "top1_adapter": int(adapted_logits.argmax()),
         "top1_base": int(base_logits.argmax()),
     }
+    if effect == 0.0:
+        raise ArtifactError(
+            "merge check failed: the adapter had no effect (base+adapter logits equal the base's), e.g. an "
+            "untrained LoRA. Check that the train folder holds a trained adapter; nothing was written."
+        )
     if to_adapted > atol:
         raise ArtifactError(
             f"merge check failed: merged logits differ from base+adapter by {to_adapted:.3g} (> {atol:g}). "
             "The merge is wrong; nothing was written. Re-run with -vv and report it."
         )
-    if to_base <= atol:
+    if to_base <= to_adapted:
         raise ArtifactError(
-            f"merge check failed: merged logits equal the bare base (max diff {to_base:.3g} <= {atol:g}), so the "
-            "adapter had no effect. Check that the train folder holds a trained adapter."
+            f"merge check failed: the merged model is no closer to base+adapter ({to_adapted:.3g}) than to the bare "
+            f"base ({to_base:.3g}); the adapter moves logits by only {effect:.3g}, below this dtype's rounding. "
+            "Merge in float32 (--dtype float32) to check it; nothing was written."
         )
     return figures
 
