@@ -153,25 +153,29 @@ def overhead_run(client: Client, translator, spec, texts: list[str], max_new_tok
     return out
 
 
-def load_run(client: Client, texts: list[str], concurrency: int) -> tuple[list[float], Counter, float]:
-    """(latencies s, status counts, wall s) for `texts` sent by `concurrency` threads."""
+def load_run(client: Client, texts: list[str], concurrency: int) -> tuple[list[float], list[float], Counter, float]:
+    """(latencies s, the server's backend_ms of each 200, status counts, wall s) for `texts` sent by
+    `concurrency` threads."""
     statuses: Counter = Counter()
     latencies: list[float] = []
+    backend_ms: list[float] = []
 
     def one(text: str) -> None:
         try:
-            status, latency, _ = client.post(text)
+            status, latency, body = client.post(text)
         except OSError as exc:  # refused or reset: counted as a failure, like a 5xx
             statuses[type(exc).__name__] += 1
             return
         statuses[status] += 1
         latencies.append(latency)
+        if status == 200:
+            backend_ms.append(body["timings"]["backend_ms"])
 
     with ThreadPoolExecutor(concurrency) as pool:
         wall = time.perf_counter()
         list(pool.map(one, texts))
         wall = time.perf_counter() - wall
-    return latencies, statuses, wall
+    return latencies, backend_ms, statuses, wall
 
 
 def pct(values: list[float], q: float) -> float:
@@ -202,7 +206,7 @@ def main() -> None:
             warm = sentences(5)
             overhead_run(client, translator, spec, warm, args.max_new_tokens)  # warm up both sides
             seq = overhead_run(client, translator, spec, sentences(args.overhead_requests), args.max_new_tokens)
-            load, statuses, wall = load_run(client, sentences(args.requests), args.concurrency)
+            load, load_backend_ms, statuses, wall = load_run(client, sentences(args.requests), args.concurrency)
         finally:
             proc.send_signal(2)
             proc.wait(30)
@@ -214,10 +218,11 @@ def main() -> None:
     p50 = {k: pct(v, 50) for k, v in seq.items()}
     print(f"server: {url}, {os.cpu_count()} CPUs, load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}, "
           f"statuses {dict(statuses)}, {logged} request lines logged")
-    print("| backend | requests | concurrency | p50 ms | p95 ms | req/s | non-2xx | 5xx |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| backend | requests | concurrency | p50 ms | p95 ms | req/s | non-2xx | 5xx | backend call p50 / p95 / max ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {name} | {len(load)} | {args.concurrency} | {pct(load, 50) * 1e3:.1f} | {pct(load, 95) * 1e3:.1f} | "
-          f"{len(load) / wall:.1f} | {non_2xx} | {errors_5xx} |")
+          f"{len(load) / wall:.1f} | {non_2xx} | {errors_5xx} | {pct(load_backend_ms, 50):.1f} / "
+          f"{pct(load_backend_ms, 95):.1f} / {max(load_backend_ms):.1f} |")
     print()
     print("| sequential | direct p50 ms | HTTP p50 ms | overhead p50 ms (goal <= 5) | outside backend | thread hand-off "
           "| HTTP+uvicorn |")
