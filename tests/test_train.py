@@ -146,6 +146,34 @@ def test_chat_template_models_supervise_the_answer_and_end_of_turn(tiny_model, p
         lora.chat_format(cfg, None, lora.load_tokenizer(cfg))
 
 
+def test_a_chat_model_without_experts_trains_attention_only(tiny_model, prep_dir, tmp_path):
+    """Any causal chat LM works (here a tiny random Gemma 3 with a Gemma-style template): LoRA on attention only."""
+    import shutil
+
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from toolkit import train
+
+    model_dir = tmp_path / "gemma"
+    Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, sliding_window=16, max_position_embeddings=2048,
+    )).save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model / name, model_dir / name)
+    template = tmp_path / "gemma.jinja"
+    template.write_text("{% for m in messages %}<start_of_turn>{{ 'model' if m.role == 'assistant' else 'user' }}\n"
+                        "{{ m.content }}<end_of_turn>\n{% endfor %}"
+                        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}", encoding="utf-8")
+    cfg = tiny_cfg(model_dir, max_steps=2, chat_template=str(template))
+    manifest = train.run(cfg, prep_dir, tmp_path / "out")
+    assert manifest["chat_format"] == "template" and manifest["lora"]["target_parameters"] == []
+    assert "model.layers.1.self_attn.v_proj" in manifest["lora"]["target_modules"]
+    assert "<start_of_turn>model" in (tmp_path / "out" / "chat_template.jinja").read_text()
+    assert {k.split(".self_attn.")[0] for k in adapter_tensors(tmp_path / "out")} == {
+        "base_model.model.model.layers.0", "base_model.model.model.layers.1"}
+
+
 def test_config_errors_are_listed_together():
     with pytest.raises(ConfigError) as err:
         config.build("train", None, ["train.mode=full", "train.lora_r=0", "train.lora_dropout=1.5",
