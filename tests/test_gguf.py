@@ -105,7 +105,7 @@ def test_export_files_sizes_and_logit_parity(exported):
                                                "Modelfile", "manifest.json"}
     files = {f["type"]: f for f in manifest["metrics"]["files"]}
     assert set(files) == {"f32", *QUANTS}
-    assert all(f["passed"] and f["tokenizer_match"] for f in files.values())
+    assert all(f["passed"] and f["tokenizer_match"] and f["architecture"] == "gpt-oss" for f in files.values())
     # Same weights, same maths (HF with llama.cpp's YaRN rounding): only summation order differs.
     assert files["f32"]["rel_diff_last"] < 1e-5
     assert files["f32"]["top1_agreement"] == 1.0

@@ -176,10 +176,12 @@ def verify(path: Path, kind: str, prompts: list[str], ref: dict[str, Any], cfg: 
         total += len(fresh)
     llm.reset()
     completion = llm.create_completion(prompts[0], max_tokens=8, temperature=0.0)
+    architecture = llm.metadata.get("general.architecture")  # Ollama parses Harmony for "gpt-oss"
     llm.close()
     scale = max(last_scale, 1e-9)
     figures = {
         "file": path.name, "type": kind, "bytes": path.stat().st_size, "tokenizer_match": same_tokens,
+        "architecture": architecture,
         "max_abs_diff_last": last_diff, "rel_diff_last": last_diff / scale,
         "rel_diff_last_hf_rope": (shipped_diff if ref["rope_rounded"] else last_diff) / scale,
         "top1_agreement": agree / max(total, 1), "positions": total, "sample": completion["choices"][0]["text"],
