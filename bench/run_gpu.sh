@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One device call (issue 8 / issue 4's GPU check), from the repository root on the GPU machine:
+#   carry: [".whl", ".whl-gpu", ".whl-alt"]     command: bash bench/run_gpu.sh
+# .whl = trl, peft, datasets, bitsandbytes, liger-kernel, dill, multiprocess; .whl-gpu = transformers 5.24
+# (the version the toolkit is tested with); .whl-alt = datasets 4.8, used only if datasets 5.2 cannot
+# import the image's pyarrow. Then: versions, `toolkit train` on the tiny model on CUDA (lora, and qlora
+# with flex attention + grouped_mm), then bench/train_speed.py. Env: ROWS (comma list), BUDGET (seconds
+# after which rows are skipped), SMOKE=0 to skip the tiny runs. Everything is logged to $OUT/log.
+set -o pipefail
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log") 2>&1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .whl/*.whl .whl-gpu/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if ! python3 -c "import datasets" 2>/dev/null; then
+  echo "datasets 5.2 does not import here ($(python3 -c 'import pyarrow; print("pyarrow", pyarrow.__version__)')): datasets 4.8"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-alt/*.whl
+fi
+date -u
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv
+python3 - <<'EOF'
+import importlib.metadata as md
+names = ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "pyarrow", "bitsandbytes", "liger-kernel",
+         "triton", "tokenizers", "huggingface-hub"]
+print({n: md.version(n) for n in names})
+import bitsandbytes, datasets, liger_kernel, peft, trl  # noqa: F401  (fail here, not in the middle of a row)
+EOF
+if [ "${SMOKE:-1}" = 1 ]; then
+  T=/tmp/smoke
+  python3 -m toolkit tiny $T/tiny && python3 -m toolkit prep corpora/zh-nan-moe-sample/sample.tsv --out $T/prep \
+    && for mode in "lora" "qlora --set train.attn_implementation=flex_attention --set train.experts_implementation=grouped_mm"; do
+      # shellcheck disable=SC2086
+      python3 -m toolkit train $T/prep --config tiny-cpu --out $T/train-${mode%% *} --max-steps 6 --json \
+        --set train.base_model=$T/tiny --set train.device=cuda --set train.dtype=bfloat16 --set train.save_steps=3 \
+        --set train.eval_steps=3 --set train.gradient_checkpointing=true --mode $mode \
+        | python3 -c "import json,sys; d=json.load(sys.stdin); print('smoke', d.get('metrics', d))" \
+        || echo "SMOKE FAILED: $mode"
+    done
+fi
+python3 bench/train_speed.py --budget-s "${BUDGET:-400}" --out "$OUT" ${ROWS:+--rows "$ROWS"}

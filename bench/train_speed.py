@@ -1,0 +1,431 @@
+"""Benchmark: `toolkit train` speed and memory on one GPU, full-size gpt-oss-20b shapes, random weights.
+
+    python bench/train_speed.py [--rows recipe-2048,fast-2048,...] [--steps 3] [--warmup 2] [--out DIR]
+    python bench/train_speed.py --tiny --device cpu      # the same code on a 2-layer toy model (CPU test)
+
+Builds GptOssForCausalLM with gpt-oss-20b's shapes (24 layers, 32 experts top-4, hidden 2880, vocab
+201,088, 64 query / 8 KV heads of 64, sliding window 128 on every other layer) on the meta device, then
+`to_empty` on the GPU in bf16 and a seeded `normal_` init (no CPU copy of the 21B parameters); `qlora`
+rows quantize it with `toolkit.lora.quantize_4bit_`. LoRA goes on through `toolkit.lora.attach_lora`
+with the preset's targets (r 8, attention everywhere, experts of layers 7/15/23), and the steps run
+through `toolkit.train.build_trainer` (TRL SFTTrainer, completion-only loss, the same collator as
+`toolkit train`) on a fixed batch of random token ids: the first 75% of each row is prompt, the rest
+completion. One optimizer step per micro-batch.
+
+Each row prints: tokens/s over the timed steps (after `--warmup` steps; non-padding tokens), peak
+GiB allocated / reserved, MFU on active parameters (6 x 3.6e9 x tokens/s over the bf16 matmul peak
+measured at start), the loss of step 1 (same weights for every row: comparable across rows) and of
+the last step. The `zh-nan-*` rows use the token lengths of the zh-nan corpus (bench/zh_nan_lengths.json)
+instead of full rows. A row that fails prints an error row; the table goes to stdout, the full results
+to OUT/train_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import itertools
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LENGTHS_FILE = Path(__file__).resolve().parent / "zh_nan_lengths.json"
+ACTIVE_PARAMS = 3.6e9  # gpt-oss-20b parameters used per token (OpenAI's model card)
+PROMPT_SHARE = 0.75  # share of each fixed row that is prompt (label -100)
+RECIPE = {"attn_implementation": "eager", "experts_implementation": "eager", "liger_kernel": False,
+          "checkpoint_every_n_layers": 1, "packing": False, "padding_free": False}
+FAST = {**RECIPE, "attn_implementation": "flex_attention", "experts_implementation": "grouped_mm"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    preset: str  # toolkit/configs/<preset>.toml
+    seq: int
+    batch: int
+    train: dict[str, Any]  # TrainConfig overrides on top of the preset
+    data: str = "fixed"  # fixed (full random rows) or zh-nan (corpus lengths, padded / padding-free / packed)
+
+
+def _rows() -> list[Row]:
+    lora, qlora = "gpt-oss-20b-lora", "gpt-oss-20b-qlora"
+    rows = [Row(f"recipe-{s}", lora, s, 4, RECIPE) for s in (1024, 2048)]
+    rows += [
+        Row("flex-2048", lora, 2048, 4, {**RECIPE, "attn_implementation": "flex_attention"}),
+        Row("grouped_mm-2048", lora, 2048, 4, {**RECIPE, "experts_implementation": "grouped_mm"}),
+    ]
+    rows += [Row(f"fast-{s}", lora, s, 4, FAST) for s in (1024, 2048)]
+    rows += [
+        Row("fast+liger-2048", lora, 2048, 4, {**FAST, "liger_kernel": True}),
+        Row("fast+ckpt/2-2048", lora, 2048, 4, {**FAST, "checkpoint_every_n_layers": 2}),
+        Row("qlora-recipe-2048", qlora, 2048, 1, RECIPE),
+    ]
+    rows += [Row(f"qlora-fast-{s}", qlora, s, 1, FAST) for s in (1024, 2048)]
+    rows += [
+        Row("zh-nan-padded", lora, 2048, 4, FAST, data="zh-nan"),
+        Row("zh-nan-padding_free", lora, 2048, 4, {**FAST, "padding_free": True}, data="zh-nan"),
+        Row("zh-nan-packed-2048", lora, 2048, 4, {**FAST, "packing": True}, data="zh-nan"),
+    ]
+    return rows
+
+
+ROWS = {row.name: row for row in _rows()}
+# The order rows run in when time is short: the goals first.
+PRIORITY = ["recipe-2048", "fast-2048", "qlora-fast-2048", "qlora-recipe-2048", "flex-2048", "grouped_mm-2048",
+            "fast+liger-2048", "fast+ckpt/2-2048", "recipe-1024", "fast-1024", "qlora-fast-1024",
+            "zh-nan-padded", "zh-nan-padding_free", "zh-nan-packed-2048"]
+
+
+def model_config(tiny: bool = False, layers: int | None = None):
+    """gpt-oss-20b's GptOssConfig (GptOssConfig() defaults are the 120b's: 36 layers, 128 experts)."""
+    from transformers import GptOssConfig
+
+    n = layers or (2 if tiny else 24)
+    types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]  # alternating, sliding first
+    if tiny:
+        return GptOssConfig(num_hidden_layers=n, num_local_experts=4, num_experts_per_tok=2, hidden_size=64,
+                            intermediate_size=64, head_dim=16, num_attention_heads=4, num_key_value_heads=2,
+                            vocab_size=1024, sliding_window=8, layer_types=types)
+    return GptOssConfig(num_hidden_layers=n, num_local_experts=32, num_experts_per_tok=4, hidden_size=2880,
+                        intermediate_size=2880, head_dim=64, num_attention_heads=64, num_key_value_heads=8,
+                        vocab_size=201088, sliding_window=128, max_position_embeddings=131072, layer_types=types)
+
+
+def build_model(cfg, config, device: str, seed: int = 0, std: float = 0.02):
+    """Random GptOssForCausalLM in cfg.dtype straight on `device` (meta init, to_empty, seeded normal_)."""
+    import torch
+    from transformers import GptOssForCausalLM
+
+    from toolkit import lora
+
+    dtype = lora.torch_dtype(cfg)
+    with torch.device("meta"):
+        model = GptOssForCausalLM._from_config(config, dtype=dtype, **lora.kernel_kwargs(cfg))
+    model.to_empty(device=device)
+    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith("bias") and ".router." not in name:  # attention and expert biases
+                param.zero_()
+            else:  # matrices, expert tensors, attention sinks, router bias (as GptOssPreTrainedModel inits them)
+                param.normal_(0.0, std, generator=gen)
+        for name, module in model.named_modules():
+            if keep_fp32 and name.rsplit(".", 1)[-1] in keep_fp32:
+                module.float()  # as from_pretrained keeps the RMSNorm weights in float32
+    rotary = model.model.rotary_emb
+    with torch.device(device):
+        model.model.rotary_emb = type(rotary)(config)  # its non-persistent buffers were left empty by to_empty
+    if cfg.mode == "qlora":
+        lora.quantize_4bit_(model, device, compute_dtype=dtype)
+    return model
+
+
+def fixed_dataset(rows: int, seq: int, vocab: int, seed: int = 0):
+    """`rows` random rows of `seq` tokens; the last (1 - PROMPT_SHARE) of each is completion."""
+    import torch
+    from datasets import Dataset
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (rows, seq), generator=gen).tolist()
+    prompt = int(seq * PROMPT_SHARE)
+    mask = [[0] * prompt + [1] * (seq - prompt)] * rows
+    return Dataset.from_dict({"input_ids": ids, "completion_mask": mask})
+
+
+def corpus_lengths() -> list[tuple[int, int]]:
+    return [tuple(p) for p in json.loads(LENGTHS_FILE.read_text(encoding="utf-8"))["pairs"]]
+
+
+def corpus_dataset(examples: int, vocab: int, seed: int = 0):
+    """`examples` random-token rows with (prompt, completion) lengths drawn from the zh-nan corpus."""
+    import random
+
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    pairs = corpus_lengths()
+    ids, masks = [], []
+    for _ in range(examples):
+        prompt, completion = rng.choice(pairs)
+        ids.append([rng.randrange(vocab) for _ in range(prompt + completion)])
+        masks.append([0] * prompt + [1] * completion)
+    return Dataset.from_dict({"input_ids": ids, "completion_mask": masks})
+
+
+def write_lengths(prep_dir: Path, out: Path = LENGTHS_FILE, sample: int = 2048, seed: int = 0) -> Path:
+    """(prompt, completion) token counts of `sample` training examples of a prep folder (real tokenizer)."""
+    import random
+
+    from toolkit import artifacts, train
+    from toolkit.tokenizer import tiktoken_encoding
+
+    prep = artifacts.read_manifest(prep_dir, "prep")
+    rows = train.read_examples(Path(prep_dir) / "train.jsonl")
+    rows = random.Random(seed).sample(rows, min(sample, len(rows)))
+    enc = tiktoken_encoding()
+    pairs = [[len(enc.encode(p[k], allowed_special="all")) for k in ("prompt", "completion")]
+             for p in train.to_pairs(rows, "harmony", prep["config"])]
+    artifacts.atomic_write_json(out, {"source": str(prep_dir), "examples": len(pairs), "pairs": pairs})
+    return out
+
+
+def step_timer(sync):
+    """A TrainerCallback: synchronized wall clock and input tokens at each step end, losses as logged."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.marks: list[tuple[int, float, int]] = []
+            self.losses: dict[int, float] = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            sync()
+            self.marks.append((0, time.perf_counter(), state.num_input_tokens_seen))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            self.marks.append((state.global_step, time.perf_counter(), state.num_input_tokens_seen))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses[state.global_step] = float(logs["loss"])
+
+    return StepTimer()
+
+
+def matmul_peak(device: str, n: int = 8192, reps: int = 10) -> float | None:
+    """Measured bf16 matmul rate (FLOP/s) on random data: median of `reps` n^3 products after warm-up."""
+    import torch
+
+    if device != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n**3 / statistics.median(times)
+
+
+def row_config(row: Row, args: argparse.Namespace):
+    from toolkit import config
+
+    cfg = config.build("train", row.preset)
+    fields = {
+        **row.train, "max_length": row.seq, "batch_size": row.batch, "grad_accum": 1,
+        "max_steps": args.warmup + args.steps, "eval_steps": 0, "save_steps": 0, "logging_steps": 1,
+        "report_to": "none", "device": args.device, "seed": args.seed,
+    }
+    if args.tiny:
+        fields.update(dtype="float32" if args.device == "cpu" else "bfloat16", expert_layers=[1],
+                      optimizer="adamw_torch")
+    cfg = dataclasses.replace(cfg, **fields)
+    problems = cfg.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    return cfg
+
+
+class _LigerPatches:
+    """Liger patches gpt-oss module globals (RoPE, RMSNorm class): undo them so later rows run without."""
+
+    def __enter__(self):
+        from transformers.models.gpt_oss import modeling_gpt_oss as m
+
+        self.saved = {k: getattr(m, k) for k in ("apply_rotary_pos_emb", "GptOssRMSNorm")}
+        self.forward = m.GptOssForCausalLM.forward
+        return self
+
+    def __exit__(self, *exc):
+        from transformers.models.gpt_oss import modeling_gpt_oss as m
+
+        for k, v in self.saved.items():
+            setattr(m, k, v)
+        m.GptOssForCausalLM.forward = self.forward
+        return False
+
+
+def run_row(row: Row, args: argparse.Namespace, tokenizer: Any, peak: float | None) -> dict[str, Any]:
+    import torch
+
+    from toolkit import lora, train
+
+    cfg = row_config(row, args)
+    lora.check_preconditions(cfg)
+    config = model_config(args.tiny, args.layers)
+    steps = args.warmup + args.steps
+    if row.data == "fixed":
+        dataset = fixed_dataset(row.batch, row.seq, config.vocab_size, seed=args.seed)
+    else:
+        mean = statistics.fmean(p + c for p, c in corpus_lengths())
+        per_step = row.batch * (int(row.seq / mean) + 1 if cfg.packing else 1)
+        dataset = corpus_dataset(per_step * steps, config.vocab_size, seed=args.seed)
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    started = time.perf_counter()
+    model = build_model(cfg, config, args.device, seed=args.seed)
+    model = lora.attach_lora(model, cfg)
+    build_s = time.perf_counter() - started
+    timer = step_timer(sync)
+    with tempfile.TemporaryDirectory() as tmp, _LigerPatches():
+        trainer = train.build_trainer(cfg, model, tokenizer, "harmony", dataset, None, Path(tmp), [timer])
+        if cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+        sync()
+        mem = (None, None)
+        if cuda:
+            mem = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30)
+        del trainer
+    del model
+    marks = timer.marks
+    if len(marks) <= args.warmup + 1:
+        raise RuntimeError(f"only {len(marks) - 1} steps ran, expected {steps}")
+    (_, t0, n0), (_, t1, n1) = marks[args.warmup], marks[-1]
+    tps = (n1 - n0) / (t1 - t0)
+    losses = [timer.losses[k] for k in sorted(timer.losses)]
+    return {
+        "tokens_per_s": tps, "peak_alloc_gib": mem[0], "peak_reserved_gib": mem[1],
+        "mfu": 6 * ACTIVE_PARAMS * tps / peak if peak else None,
+        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+        "step_s": [round(b[1] - a[1], 4) for a, b in itertools.pairwise(marks)],
+        "tokens_per_step": [b[2] - a[2] for a, b in itertools.pairwise(marks)],
+        "build_s": round(build_s, 2),
+    }
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table_row(result: dict[str, Any]) -> str:
+    if result.get("error"):
+        return f"| {result['row']} | {result['seq']} | {result['batch']} | error: {result['error'][:160]} | | | | |"
+    mem = f"{_fmt(result['peak_alloc_gib'], '.1f')} / {_fmt(result['peak_reserved_gib'], '.1f')}"
+    mfu = _fmt(result["mfu"] and 100 * result["mfu"], ".1f")
+    return (f"| {result['row']} | {result['seq']} | {result['batch']} | {result['tokens_per_s']:,.0f} | {mem} | "
+            f"{mfu}% | {_fmt(result['loss_first'], '.4f')} | {_fmt(result['loss_last'], '.4f')} |")
+
+
+HEADER = ("| config | seq | micro-batch | tokens/s | peak GiB (alloc / reserved) | MFU | loss step 1 | loss last |\n"
+          "|---|---|---|---|---|---|---|---|")
+
+
+def free_memory(device: str) -> float | None:
+    import torch
+
+    gc.collect()
+    if device != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() / 2**30
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "liger-kernel",
+                 "triton"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "-"
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default=",".join(PRIORITY), help=f"comma-separated, from: {', '.join(ROWS)}")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per row")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="2-layer toy shapes (tests, CPU)")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 24; tiny 2)")
+    parser.add_argument("--seq-scale", type=float, default=1.0, help="multiply every row's seq (tiny runs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget-s", type=float, default=0.0, help="skip rows that would start after this")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench" / "out")))
+    parser.add_argument("--write-lengths", type=Path, metavar="PREP_DIR",
+                        help="write bench/zh_nan_lengths.json from a prep folder and exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if args.write_lengths:
+        print(write_lengths(args.write_lengths))
+        return []
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+
+    import torch
+
+    from toolkit.tiny import build_bpe_tokenizer
+
+    started = time.perf_counter()
+    env = versions()
+    if args.device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    peak = matmul_peak(args.device)
+    env["bf16_matmul_tflops"] = peak and round(peak / 1e12, 1)
+    print(f"# train_speed {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} {json.dumps(env)}", flush=True)
+    tokenizer = build_bpe_tokenizer()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in names:
+        row = ROWS[name]
+        if args.seq_scale != 1.0:
+            row = dataclasses.replace(row, seq=max(8, int(row.seq * args.seq_scale)))
+        result: dict[str, Any] = {"row": row.name, "seq": row.seq, "batch": row.batch, "preset": row.preset,
+                                  "train": row.train, "data": row.data}
+        if args.budget_s and time.perf_counter() - started > args.budget_s:
+            result["error"] = "skipped: out of time (--budget-s)"
+        else:
+            try:
+                result.update(run_row(row, args, tokenizer, peak))
+            except Exception as exc:  # noqa: BLE001  (one failing lever must not stop the table)
+                result["error"] = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+                traceback.print_exc()
+        result["leftover_gib"] = free_memory(args.device)
+        results.append(result)
+        print(table_row(result), flush=True)
+        (args.out / "train_speed.json").write_text(json.dumps({"env": env, "rows": results}, indent=1),
+                                                   encoding="utf-8")
+    order = {n: i for i, n in enumerate(ROWS)}
+    print(f"\nbf16 matmul peak measured: {_fmt(env['bf16_matmul_tflops'], '.0f')} TFLOP/s; "
+          f"{env.get('gpu', args.device)}; {json.dumps({k: v for k, v in env.items() if k != 'gpu'})}")
+    print(HEADER)
+    for result in sorted(results, key=lambda r: order[r["row"]]):
+        print(table_row(result))
+    return results
+
+
+if __name__ == "__main__":
+    main()

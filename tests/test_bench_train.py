@@ -1,0 +1,104 @@
+"""bench/train_speed.py on the CPU at toy size: the logic of the GPU benchmark (issue 8), and its switches."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import train_speed
+
+
+def test_full_size_config_is_gpt_oss_20b():
+    import torch
+    from transformers import GptOssForCausalLM
+
+    config = train_speed.model_config()
+    assert config.layer_types[:2] == ["sliding_attention", "full_attention"] and len(config.layer_types) == 24
+    with torch.device("meta"):
+        model = GptOssForCausalLM._from_config(config, dtype=torch.bfloat16)
+    # gpt-oss-20b: 20.9B parameters (model card), 32 experts of hidden 2880, vocabulary 201,088
+    assert sum(p.numel() for p in model.parameters()) == 20_914_757_184
+    assert tuple(model.model.layers[0].mlp.experts.gate_up_proj.shape) == (32, 2880, 5760)
+
+
+def test_random_model_is_seeded_and_initialised(tmp_path):
+    import torch
+
+    cfg = train_speed.row_config(train_speed.ROWS["recipe-1024"], _args(tmp_path))
+    config = train_speed.model_config(tiny=True)
+    a = train_speed.build_model(cfg, config, "cpu", seed=3)
+    b = train_speed.build_model(cfg, config, "cpu", seed=3)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.isfinite(pa).all(), name
+        assert torch.equal(pa, pb), name
+    layer = a.model.layers[0]
+    assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
+    assert not layer.mlp.experts.gate_up_proj_bias.any() and layer.mlp.experts.gate_up_proj.std() > 0.01
+    assert a.model.rotary_emb.inv_freq.isfinite().all() and a.model.rotary_emb.inv_freq.max() > 0.1
+
+
+def test_datasets_mask_prompts():
+    fixed = train_speed.fixed_dataset(rows=2, seq=40, vocab=100)
+    assert len(fixed) == 2 and all(len(r) == 40 for r in fixed["input_ids"])
+    assert fixed["completion_mask"][0] == [0] * 30 + [1] * 10
+    corpus = train_speed.corpus_dataset(8, vocab=100)
+    pairs = set(train_speed.corpus_lengths())
+    for ids, mask in zip(corpus["input_ids"], corpus["completion_mask"], strict=True):
+        assert (mask.count(0), mask.count(1)) in pairs and len(ids) == len(mask)
+
+
+def _args(tmp_path, *extra):
+    import argparse
+
+    ns = argparse.Namespace(tiny=True, device="cpu", layers=None, steps=1, warmup=1, seed=0, out=tmp_path)
+    for key, value in zip(extra[::2], extra[1::2], strict=True):
+        setattr(ns, key, value)
+    return ns
+
+
+def test_tiny_rows_on_cpu(tmp_path, capsys):
+    rows = "recipe-2048,grouped_mm-2048,flex-2048"
+    results = train_speed.main(["--tiny", "--device", "cpu", "--rows", rows, "--seq-scale", str(1 / 64),
+                                "--steps", "1", "--warmup", "1", "--out", str(tmp_path)])
+    by_name = {r["row"]: r for r in results}
+    recipe, grouped = by_name["recipe-2048"], by_name["grouped_mm-2048"]
+    for r in (recipe, grouped):
+        assert "error" not in r, r.get("error")
+        assert r["seq"] == 32 and r["tokens_per_step"] == [4 * 32, 4 * 32] and r["tokens_per_s"] > 0
+    # same weights, same batch: the experts loop and grouped GEMMs give the same loss (float32 on the CPU)
+    assert recipe["loss_first"] == pytest.approx(grouped["loss_first"], rel=1e-4)
+    assert 5.0 < recipe["loss_first"] < 9.0  # about ln(1024) for random weights
+    # transformers' flex attention refuses sinks on the CPU: an error row, and the table still printed
+    assert "CPU" in by_name["flex-2048"]["error"]
+    out = capsys.readouterr().out
+    assert out.count("| recipe-2048 | 32 | 4 |") == 2 and "| config | seq |" in out
+    saved = json.loads((tmp_path / "train_speed.json").read_text())
+    assert [r["row"] for r in saved["rows"]] == rows.split(",")
+
+
+def test_unknown_row_is_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        train_speed.main(["--tiny", "--device", "cpu", "--rows", "nope", "--out", str(tmp_path)])
+
+
+def test_switches_reach_transformers_and_trl():
+    from toolkit import config, lora, train
+    from toolkit.errors import ConfigError
+
+    cfg = config.build("train", "tiny-cpu", ["train.experts_implementation=eager",
+                                             "train.gradient_checkpointing=true",
+                                             "train.checkpoint_every_n_layers=2"])
+    assert lora.kernel_kwargs(cfg) == {"attn_implementation": "eager", "experts_implementation": "eager"}
+    assert train.checkpointing_kwargs(cfg) == {"use_reentrant": False, "every_n_layers": 2}
+    auto = config.build("train", "tiny-cpu")
+    assert "experts_implementation" not in lora.kernel_kwargs(auto)
+    assert train.checkpointing_kwargs(auto) is None  # tiny-cpu trains without checkpointing
+    with pytest.raises(ConfigError) as err:
+        config.build("train", "tiny-cpu", ["train.experts_implementation=fast", "train.liger_kernel=true"])
+    assert "train.experts_implementation" in str(err.value) and "train.liger_kernel" in str(err.value)
