@@ -316,9 +316,11 @@ def test_kill_and_resume_gives_the_same_adapter(tiny_model, prep_dir, tmp_path):
 
     class StartStep(TrainerCallback):
         step = None
+        adam_steps: set[int] | None = None
 
-        def on_train_begin(self, args, state, control, **kw):
-            self.step = state.global_step
+        def on_train_begin(self, args, state, control, optimizer=None, **kw):
+            self.step = state.global_step  # a fresh optimizer has no state before its first step
+            self.adam_steps = {int(v["step"]) for v in optimizer.state_dict()["state"].values()}
 
     cfg = tiny_cfg(tiny_model, max_steps=4, save_steps=2, learning_rate=5e-3)
     straight = tmp_path / "straight"
@@ -331,6 +333,7 @@ def test_kill_and_resume_gives_the_same_adapter(tiny_model, prep_dir, tmp_path):
     start = StartStep()
     manifest = train.run(cfg, prep_dir, broken, resume=True, callbacks=[start])
     assert start.step == 2 and manifest["metrics"]["resumed_from_step"] == 2 and manifest["metrics"]["steps"] == 4
+    assert start.adam_steps == {2}  # AdamW moments restored from checkpoint-2
     assert not (broken / "checkpoints").exists()
     a, b = adapter_tensors(straight), adapter_tensors(broken)
     assert a.keys() == b.keys()
