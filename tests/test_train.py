@@ -62,7 +62,7 @@ def test_train_writes_adapter_and_changes_only_lora(tiny_model, prep_dir, tmp_pa
 
     out = tmp_path / "train"
     snap = Snapshot()
-    cfg = tiny_cfg(tiny_model, learning_rate=1e-2, report_to="tensorboard")
+    cfg = tiny_cfg(tiny_model, learning_rate=1e-2, report_to="tensorboard", gradient_checkpointing=True)
     manifest = train.run(cfg, prep_dir, out, callbacks=[snap])
 
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
