@@ -142,6 +142,7 @@ def overhead_run(client: Client, translator, spec, texts: list[str], max_new_tok
         started = time.perf_counter()
         translator.translate([text], spec, max_new_tokens=max_new_tokens)
         out["direct"].append((time.perf_counter() - started) * 1e3)
+        time.sleep(0.05)  # llama.cpp's worker threads spin a while after a call: let them settle first
         status, latency, body = client.post(text)
         if status != 200:
             raise SystemExit(f"sequential request got HTTP {status}: the server is not healthy")
