@@ -331,6 +331,29 @@ def test_taken_port_is_one_clear_error():
         taken.close()
 
 
+def test_ollama_backend_up_then_down():
+    """The real Ollama translator against the stand-in server: it answers, then the server goes away: 503."""
+    from ollama_standin import StandinOllama, full_name
+
+    from toolkit import backends
+
+    with StandinOllama() as ollama:
+        ollama.models[full_name("taigi")] = {"files": {"model.gguf": "sha256:0"}, "size": 4, "digest": "0",
+                                             "family": "gpt-oss", "modified_at": "2026-01-01T00:00:00Z"}
+        translator = backends.load_translator("ollama", "taigi", host=ollama.url)
+        app = serve.create_app(translator, SPEC, ServeConfig(backend="ollama"))
+        with fastapi_testclient.TestClient(app) as c:
+            body = c.post("/translate", json={"text": "食飽未？", "source_lang": "nan", "include_reasoning": True}).json()
+            assert body["translations"][0]["text"] == "食飽未？"  # the stand-in echoes the sentence
+            assert body["translations"][0]["analysis"] == "The user wants this sentence translated."
+            assert ollama.generate_requests[0]["prompt"] == SPEC.reversed().harmony_prompt("食飽未？")
+            assert c.get("/health").status_code == 200
+    with fastapi_testclient.TestClient(app) as c:  # the stand-in has stopped
+        assert c.get("/health").status_code == 503
+        resp = c.post("/translate", json={"text": "你好"})
+        assert resp.status_code == 503 and "127.0.0.1" not in resp.text
+
+
 # ---- the real command ---------------------------------------------------------------------------
 
 def _serve_process(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
