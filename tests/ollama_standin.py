@@ -202,3 +202,20 @@ class StandinOllama:
                 self._send(200, steps[-1])
 
         return Handler
+
+
+def real_ollama_host() -> str | None:
+    """The URL of a real Ollama server at $OLLAMA_HOST if one answers /api/version, else None."""
+    import os
+
+    import httpx
+
+    host = os.environ.get("OLLAMA_HOST")
+    if not host:
+        return None
+    url = host if "://" in host else f"http://{host}"
+    try:
+        httpx.get(f"{url}/api/version", timeout=2).raise_for_status()
+    except httpx.HTTPError:
+        return None
+    return url

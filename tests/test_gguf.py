@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from lora_fixture import make_train_dir
-from ollama_standin import StandinOllama
+from ollama_standin import StandinOllama, real_ollama_host
 
 from toolkit import artifacts, config, gguf, llamacpp, merge
 from toolkit.cli import main
@@ -190,6 +190,30 @@ def test_cli_export_register_without_server(exported, merged_dir):
     assert result.exit_code == 2
     assert result.stderr.strip().startswith("error: no Ollama server answers at http://127.0.0.1:9")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.ollama
+@pytest.mark.llama
+def test_register_export_with_real_server(exported):
+    """The registration path of the stand-in tests against a real Ollama at $OLLAMA_HOST."""
+    import uuid
+
+    import ollama as client_lib
+
+    from toolkit import ollama
+
+    host = real_ollama_host()
+    if host is None:
+        pytest.skip("no Ollama server answers at $OLLAMA_HOST")
+    out, _ = exported
+    name = f"toolkit-test-{uuid.uuid4().hex[:8]}"
+    try:
+        assert ollama.register(out / "Modelfile", name, host=host)["status"] == "created"
+        assert ollama.register(out / "Modelfile", name, host=host)["status"] == "unchanged"
+        shown = client_lib.Client(host=host).show(name)
+        assert "<|start|>" in shown.template and shown.details.family in ("gptoss", "gpt-oss")
+    finally:
+        client_lib.Client(host=host).delete(name)
 
 
 @pytest.mark.slow

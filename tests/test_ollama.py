@@ -2,14 +2,12 @@
 
 Registration is tested against `ollama_standin.StandinOllama`, a STAND-IN server on 127.0.0.1 that
 implements only the endpoints the official client calls, following Ollama's published API: no Ollama
-can be installed here. `test_register_real_server` (marker `ollama`) runs the same path against a real
-server whenever OLLAMA_HOST answers.
+can be installed here. `test_gguf.py::test_register_export_with_real_server` (markers `ollama`, `llama`)
+runs the same path with a real exported GGUF against a real server whenever OLLAMA_HOST answers.
 """
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import pytest
@@ -119,41 +117,3 @@ def test_register_missing_gguf(tmp_path):
     (tmp_path / "m-Q4_K_M.gguf").unlink()
     with pytest.raises(ExternalToolError, match="is not a file"):
         ollama.register(modelfile, NAME, host="http://127.0.0.1:9")
-
-
-def _real_server() -> str | None:
-    import httpx
-
-    host = os.environ.get("OLLAMA_HOST")
-    if not host:
-        return None
-    url = host if "://" in host else f"http://{host}"
-    try:
-        httpx.get(f"{url}/api/version", timeout=2).raise_for_status()
-    except httpx.HTTPError:
-        return None
-    return url
-
-
-@pytest.mark.ollama
-def test_register_real_server(tmp_path):
-    """The same registration path against a real Ollama (needs OLLAMA_HOST pointing at a running server).
-
-    A real server parses the GGUF, so this uses a real exported file named by TOOLKIT_TEST_GGUF.
-    """
-    host = _real_server()
-    if host is None:
-        pytest.skip("no Ollama server answers at $OLLAMA_HOST")
-    gguf = os.environ.get("TOOLKIT_TEST_GGUF")
-    if not gguf or not Path(gguf).is_file():
-        pytest.skip("set TOOLKIT_TEST_GGUF to a GGUF made by `toolkit export` to register it for real")
-    import ollama as client_lib
-
-    modelfile = _modelfile(tmp_path, Path(gguf).read_bytes())
-    name = f"toolkit-test-{uuid.uuid4().hex[:8]}"
-    try:
-        assert ollama.register(modelfile, name, host=host)["status"] == "created"
-        assert ollama.register(modelfile, name, host=host)["status"] == "unchanged"
-        assert "<|start|>" in client_lib.Client(host=host).show(name).template
-    finally:
-        client_lib.Client(host=host).delete(name)
