@@ -219,7 +219,8 @@ def merge(train_dir: Path | None, out_dir: Path | None, run: str | None, config,
                                       "recognise (e.g. gpt-4o). Used only when its hash is unknown; logged.")
 @click.option("--llama-cpp", help="Folder with llama.cpp's converter (default: `python -m toolkit.llamacpp fetch`).")
 @click.option("--verify/--no-verify", default=None, help="Compare every GGUF's logits with the merged model.")
-@click.option("--ollama-gguf", help="Which file the Modelfile uses (outtype or a quant; default Q4_K_M).")
+@click.option("--ollama-gguf", help="Which file the Modelfile uses (outtype or a quant; default Q4_K_M when made, "
+                                    "else the first quant, else the outtype).")
 @click.option("--register", is_flag=True, help="Register the Modelfile with an Ollama server.")
 @click.option("--ollama-host", help="Ollama server (default: $OLLAMA_HOST or http://localhost:11434).")
 @click.option("--json", "as_json", is_flag=True, help="Print the output folder and the checks as JSON.")

@@ -244,12 +244,18 @@ class ExportConfig:
                             "merged model. A gross-error check (a broken file scores near 0); the tiny random "
                             "model's flat logits give 0.78-0.98, so keep it well below that.", 0.7)
     n_threads: int = _help("CPU threads for quantization and verification (0 = all).", 0)
-    ollama_gguf: str = _help("Which file the Modelfile uses: the outtype or one of the quants.", "Q4_K_M")
+    ollama_gguf: str | None = _help("Which file the Modelfile uses: the outtype or one of the quants (default: "
+                                    "Q4_K_M when made, else the first quant, else the outtype).", None)
     modelfile_template: str = _help("Template in modelfiles/ (name without .Modelfile) or a file path.",
                                     "gpt-oss-harmony")
     temperature: float = _help("Modelfile PARAMETER temperature (0 = greedy, best for translation).", 0.0)
     num_ctx: int = _help("Modelfile PARAMETER num_ctx (context window).", 4096)
     num_predict: int = _help("Modelfile PARAMETER num_predict (longest reply, reasoning included).", 1024)
+
+    def ollama_file_type(self) -> str:
+        if self.ollama_gguf:
+            return self.ollama_gguf
+        return "Q4_K_M" if "Q4_K_M" in self.quants else (self.quants[0] if self.quants else self.outtype)
 
     def problems(self) -> list[str]:
         out = []
@@ -258,11 +264,13 @@ class ExportConfig:
         bad = [q for q in self.quants if q not in GGUF_QUANTS]
         if bad:
             out.append(f"export.quants: unknown {bad} (known: {', '.join(GGUF_QUANTS)})")
-        if self.ollama_gguf not in (self.outtype, *self.quants):
+        if self.ollama_gguf is not None and self.ollama_gguf not in (self.outtype, *self.quants):
             out.append(f"export.ollama_gguf: {self.ollama_gguf!r} is not made by this export "
                        f"(outtype {self.outtype}, quants {list(self.quants)})")
         if not self.verify_texts:
             out.append("export.verify_texts: give at least one sentence")
+        if len(set(self.quants)) != len(self.quants) or self.outtype in self.quants:
+            out.append(f"export.quants: each type once, and not the outtype, found {list(self.quants)}")
         if not 0.0 <= self.min_top1 <= 1.0:
             out.append(f"export.min_top1: expected 0..1, found {self.min_top1}")
         return out

@@ -261,7 +261,7 @@ def run(cfg: ExportConfig, merged_dir: Path, out_dir: Path, *, force: bool = Fal
     else:
         files = [{"file": p.name, "type": k, "bytes": p.stat().st_size, "passed": None} for k, p in paths.items()]
 
-    values = ollama.modelfile_values(spec, paths[cfg.ollama_gguf].name, name, temperature=cfg.temperature,
+    values = ollama.modelfile_values(spec, paths[cfg.ollama_file_type()].name, name, temperature=cfg.temperature,
                                      num_ctx=cfg.num_ctx, num_predict=cfg.num_predict)
     ollama.write_modelfile(out_dir, cfg.modelfile_template, values)
     elapsed = time.monotonic() - started
@@ -271,7 +271,7 @@ def run(cfg: ExportConfig, merged_dir: Path, out_dir: Path, *, force: bool = Fal
         out_dir, stage="export", config=config, metrics=metrics, upstream=merged,
         extra={"llama_cpp": {"converter": str(folder), "llama_cpp_python": llamacpp.LLAMA_CPP_PYTHON_VERSION,
                              "sdist_sha256": llamacpp.SDIST_SHA256},
-               "ollama": {"modelfile": "Modelfile", "gguf": paths[cfg.ollama_gguf].name, "name": name}},
+               "ollama": {"modelfile": "Modelfile", "gguf": paths[cfg.ollama_file_type()].name, "name": name}},
     )
     sizes = ", ".join(f"{f['type']} {f['bytes'] / 1e6:.1f} MB" for f in files)
     log.info("export: %d GGUF files (%s) in %.0fs -> %s", len(files), sizes, elapsed, out_dir)
