@@ -83,6 +83,16 @@ def test_pre_tokenizer_must_be_a_llama_cpp_name(merged_dir, converter, tmp_path)
         gguf.run(export_cfg(pre_tokenizer="gpt-5", verify=False, quants=[], ollama_gguf="f32"), merged_dir, tmp_path)
 
 
+def test_modelfile_gguf_defaults_and_quant_checks():
+    assert export_cfg(ollama_gguf=None).ollama_file_type() == "Q4_K_M"
+    assert config.build("export", None, ["export.quants=[]"]).ollama_file_type() == "f16"
+    assert config.build("export", "gpt-oss-20b-lora").ollama_file_type() == "MXFP4_MOE"
+    with pytest.raises(ConfigError, match="each type once"):
+        config.build("export", None, ['export.quants=["Q8_0", "Q8_0"]'])
+    with pytest.raises(ConfigError, match="is not made by this export"):
+        config.build("export", None, ["export.quants=[]", "export.ollama_gguf=Q8_0"])
+
+
 @pytest.mark.slow
 def test_real_gpt_oss_tokenizer_is_recognised_without_help(tiny_model_real_tokenizer, converter, tmp_path):
     """o200k_harmony hashes to llama.cpp's gpt-4o entry: --pre-tokenizer is never needed (nor applied)."""
