@@ -16,7 +16,11 @@ if [ -z "${TORCH_SPEC:-}" ]; then
   if command -v nvidia-smi >/dev/null 2>&1; then TORCH_SPEC="torch"; else TORCH_SPEC="torch==2.13.0"; fi
 fi
 python -m pip install -q "$TORCH_SPEC"
-# llama-cpp-python builds from source (5-7 minutes on 2 cores the first time; pip caches the wheel).
+# llama-cpp-python builds from source (5-16 minutes on 2 cores the first time; pip caches the wheel).
 # GGML_NATIVE=OFF keeps the build portable across CPUs.
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
 python -m pip install -q -e ".[${extras}]"
+# llama.cpp's own GGUF converter, from the pinned llama-cpp-python sdist (sha256-checked), into the cache.
+case ",${extras}," in
+  *,all,*|*,export,*) python -m toolkit.llamacpp fetch >/dev/null ;;
+esac

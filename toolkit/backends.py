@@ -224,7 +224,7 @@ class LlamaCppTranslator:
             raise ExternalToolError("llama-cpp-python is not installed: `pip install 'toolkit[export]'`.") from exc
         self.name = path.name
         self.llm = Llama(model_path=str(path), logits_all=False, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
-                         n_threads=n_threads, seed=seed, verbose=False)
+                         n_threads=n_threads, n_threads_batch=n_threads, seed=seed, verbose=False)
         self.harmony = self._token_id("<|channel|>") is not None
         self.stop_ids = {self.llm.token_eos()}
         if self.harmony:
@@ -328,3 +328,13 @@ def load_translator(backend: str, target: str | Path, **options: Any) -> Transla
     if backend == "ollama":
         return OllamaTranslator(str(target), **options)
     raise ArtifactError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}.")
+
+
+def backend_options(backend: str, cfg: Any, ollama_host: str | None) -> dict[str, Any]:
+    """The `load_translator` options of a backend, from an eval or serve config."""
+    if backend == "transformers":
+        return {"device": cfg.device, "dtype": cfg.dtype, **({"batch_size": cfg.batch_size}
+                                                           if hasattr(cfg, "batch_size") else {})}
+    if backend == "llama-cpp":
+        return {"n_ctx": cfg.n_ctx, "n_gpu_layers": cfg.n_gpu_layers}
+    return {"host": ollama_host}

@@ -334,11 +334,9 @@ def _prep_config(manifest: dict[str, Any] | None) -> PrepConfig:
 
 
 def _backend_options(cfg: EvalConfig) -> dict[str, Any]:
-    if cfg.backend == "transformers":
-        return {"device": cfg.device, "dtype": cfg.dtype, "batch_size": cfg.batch_size}
-    if cfg.backend == "llama-cpp":
-        return {"n_ctx": cfg.n_ctx, "n_gpu_layers": cfg.n_gpu_layers}
-    return {"host": cfg.host}
+    from toolkit.backends import backend_options
+
+    return backend_options(cfg.backend, cfg, cfg.host)
 
 
 def compare(run_dirs: list[Path], out_dir: Path, *, n_bootstrap: int = metrics.N_BOOTSTRAP,

@@ -30,6 +30,8 @@ def run(corpus: Path, run_dir: Path, *, config: str | Path | None = None, overri
         raise ValueError(f"until must be one of {STAGES}")
     # Build every config first: a typo in any section fails before hours of training, not after.
     cfgs = {s: cfgmod.build(s, config, overrides) for s in STAGES}
+    if cfgs["export"].name in (None, "", "model"):  # GGUF files and the Ollama model are named after the run
+        cfgs["export"] = dataclasses.replace(cfgs["export"], name=Path(run_dir).name)
     dirs = {s: Path(run_dir) / s for s in STAGES}
     manifests: dict[str, Any] = {}
     steps = {

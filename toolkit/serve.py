@@ -354,11 +354,9 @@ def resolve(target: str | Path, backend: str | None) -> tuple[str, str, Path | N
 
 
 def backend_options(cfg: ServeConfig, backend: str) -> dict[str, Any]:
-    if backend == "transformers":
-        return {"device": cfg.device, "dtype": cfg.dtype}
-    if backend == "llama-cpp":
-        return {"n_ctx": cfg.n_ctx, "n_gpu_layers": cfg.n_gpu_layers}
-    return {"host": cfg.ollama_host}
+    from toolkit.backends import backend_options as options
+
+    return options(backend, cfg, cfg.ollama_host)
 
 
 def is_loopback(host: str) -> bool:

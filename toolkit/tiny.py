@@ -16,7 +16,7 @@ HARMONY_SPECIALS = [
     "<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>", "<|start|>", "<|end|>",
     "<|message|>", "<|call|>", "<|endofprompt|>",
 ]
-BPE_VOCAB = 1024
+BPE_VOCAB = 2048
 
 
 def _training_text(sample: Path) -> list[str]:
@@ -27,7 +27,9 @@ def _training_text(sample: Path) -> list[str]:
     spec = default_spec()
     extra = [system_text(e) for e in ("low", "medium", "high")] + [spec.messages("x")[0]["content"],
                                                                     spec.reversed().messages("x")[0]["content"]]
-    return [cell for line in lines for cell in line.split("\t")] + extra
+    # The fixed English of every prompt is repeated so BPE learns its merges: otherwise the system
+    # message alone is ~300 byte-level tokens and every tiny training step is needlessly slow.
+    return [cell for line in lines for cell in line.split("\t")] + extra * 200
 
 
 def build_bpe_tokenizer(sample: Path = SAMPLE):
@@ -93,7 +95,9 @@ def build_tiny(out_dir: Path, seed: int = 0, real_tokenizer: bool = False) -> Pa
     with torch.no_grad():  # router and experts start near zero otherwise; give every expert real weights
         for name, param in model.named_parameters():
             if param.dim() >= 2:
-                torch.nn.init.normal_(param, std=0.05, generator=torch.Generator().manual_seed(seed + len(name)))
+                # lm_head at std 0.5: at 0.05 the logits are too flat for a few LoRA steps to move the loss far
+                std = 0.5 if name.startswith("lm_head") else 0.05
+                torch.nn.init.normal_(param, std=std, generator=torch.Generator().manual_seed(seed + len(name)))
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
