@@ -154,9 +154,11 @@ def test_a_chat_model_without_experts_trains_attention_only(tiny_model, prep_dir
 
     from toolkit import train
 
+    from transformers import AutoTokenizer
+
     model_dir = tmp_path / "gemma"
     Gemma3ForCausalLM(Gemma3TextConfig(
-        vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=len(AutoTokenizer.from_pretrained(tiny_model)), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=1, head_dim=16, sliding_window=16, max_position_embeddings=2048,
     )).save_pretrained(model_dir)
     for name in ("tokenizer.json", "tokenizer_config.json"):
