@@ -38,4 +38,4 @@ if [ "${SMOKE:-1}" = 1 ]; then
         || echo "SMOKE FAILED: $mode"
     done
 fi
-python3 bench/train_speed.py --budget-s "${BUDGET:-400}" --out "$OUT" ${ROWS:+--rows "$ROWS"}
+python3 bench/train_speed.py --check-packing --budget-s "${BUDGET:-400}" --out "$OUT" ${ROWS:+--rows "$ROWS"}

@@ -13,7 +13,7 @@ through `toolkit.train.build_trainer` (TRL SFTTrainer, completion-only loss, the
 completion. One optimizer step per micro-batch.
 
 Each row prints: tokens/s over the timed steps (after `--warmup` steps; non-padding tokens), peak
-GiB allocated / reserved, MFU on active parameters (6 x 3.6e9 x tokens/s over the bf16 matmul peak
+GiB allocated / reserved (above what earlier rows left allocated: a qlora row leaves ~1.1 GiB), MFU on active parameters (6 x 3.6e9 x tokens/s over the bf16 matmul peak
 measured at start), the loss of step 1 (same weights for every row: comparable across rows) and of
 the last step. The `zh-nan-*` rows use the token lengths of the zh-nan corpus (bench/zh_nan_lengths.json)
 instead of full rows. A row that fails prints an error row; the table goes to stdout, the full results
@@ -45,8 +45,9 @@ LENGTHS_FILE = Path(__file__).resolve().parent / "zh_nan_lengths.json"
 ACTIVE_PARAMS = 3.6e9  # gpt-oss-20b parameters used per token (OpenAI's model card)
 PROMPT_SHARE = 0.75  # share of each fixed row that is prompt (label -100)
 RECIPE = {"attn_implementation": "eager", "experts_implementation": "eager", "liger_kernel": False,
-          "checkpoint_every_n_layers": 1, "packing": False, "padding_free": False}
+          "checkpoint_every_n_layers": 1, "packing": False, "padding_free": False, "offload_embeddings": False}
 FAST = {**RECIPE, "attn_implementation": "flex_attention", "experts_implementation": "grouped_mm"}
+PRESET = {**FAST, "liger_kernel": True, "checkpoint_every_n_layers": 2}  # candidate default of the lora preset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,19 +74,25 @@ def _rows() -> list[Row]:
         Row("qlora-recipe-2048", qlora, 2048, 1, RECIPE),
     ]
     rows += [Row(f"qlora-fast-{s}", qlora, s, 1, FAST) for s in (1024, 2048)]
+    rows += [Row(f"fast+liger+ckpt/2-{s}", lora, s, 4, PRESET) for s in (1024, 2048)]
+    rows += [Row(f"qlora-fast+liger-{s}", qlora, s, 1, {**FAST, "liger_kernel": True}) for s in (1024, 2048)]
+    rows += [Row(f"qlora-fast+offload-{s}", qlora, s, 1, {**FAST, "offload_embeddings": True}) for s in (1024, 2048)]
+    rows += [Row("fast+liger-mb8-2048", lora, 2048, 8, {**FAST, "liger_kernel": True})]
     rows += [
-        Row("zh-nan-padded", lora, 2048, 4, FAST, data="zh-nan"),
-        Row("zh-nan-padding_free", lora, 2048, 4, {**FAST, "padding_free": True}, data="zh-nan"),
-        Row("zh-nan-packed-2048", lora, 2048, 4, {**FAST, "packing": True}, data="zh-nan"),
+        Row("zh-nan-padded", lora, 2048, 4, PRESET, data="zh-nan"),
+        Row("zh-nan-padding_free", lora, 2048, 4, {**PRESET, "padding_free": True}, data="zh-nan"),
+        Row("zh-nan-packed-2048", lora, 2048, 4, {**PRESET, "packing": True}, data="zh-nan"),
     ]
     return rows
 
 
 ROWS = {row.name: row for row in _rows()}
 # The order rows run in when time is short: the goals first.
-PRIORITY = ["recipe-2048", "fast-2048", "qlora-fast-2048", "qlora-recipe-2048", "flex-2048", "grouped_mm-2048",
-            "fast+liger-2048", "fast+ckpt/2-2048", "recipe-1024", "fast-1024", "qlora-fast-1024",
-            "zh-nan-padded", "zh-nan-padding_free", "zh-nan-packed-2048"]
+PRIORITY = ["recipe-2048", "fast-2048", "fast+liger+ckpt/2-2048", "qlora-fast-2048", "qlora-fast+liger-2048",
+            "flex-2048", "grouped_mm-2048", "fast+liger-2048", "fast+ckpt/2-2048", "recipe-1024", "fast-1024",
+            "fast+liger+ckpt/2-1024", "qlora-fast-1024", "qlora-fast+liger-1024", "qlora-recipe-2048",
+            "zh-nan-padded", "zh-nan-padding_free", "zh-nan-packed-2048", "qlora-fast+offload-2048",
+            "qlora-fast+offload-1024", "fast+liger-mb8-2048"]
 
 
 def model_config(tiny: bool = False, layers: int | None = None):
@@ -109,6 +116,7 @@ def build_model(cfg, config, device: str, seed: int = 0, std: float = 0.02):
     from transformers import GptOssForCausalLM
 
     from toolkit import lora
+    from toolkit.memory import offload_input_embeddings
 
     dtype = lora.torch_dtype(cfg)
     with torch.device("meta"):
@@ -132,6 +140,8 @@ def build_model(cfg, config, device: str, seed: int = 0, std: float = 0.02):
         model.model.rotary_emb = type(rotary)(config)  # its non-persistent buffers were left empty by to_empty
     if cfg.mode == "qlora":
         lora.quantize_4bit_(model, device, compute_dtype=dtype)
+    if cfg.offload_embeddings:  # as toolkit.lora.load_base
+        offload_input_embeddings(model)
     return model
 
 
@@ -231,6 +241,30 @@ def matmul_peak(device: str, n: int = 8192, reps: int = 10) -> float | None:
     return 2 * n**3 / statistics.median(times)
 
 
+def check_packing(device: str) -> dict[str, float]:
+    """Max |logit| difference between packed (one row, per-example positions) and separate examples on a tiny
+    random gpt-oss with flex attention, without and with toolkit.packing's masks."""
+    import torch
+
+    from toolkit import config, packing
+
+    cfg = dataclasses.replace(config.build("train", "tiny-cpu"), attn_implementation="flex_attention",
+                              experts_implementation="eager", dtype="float32", device=device)
+    model_cfg = model_config(tiny=True)
+    model = build_model(cfg, model_cfg, device, seed=1).eval()
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, model_cfg.vocab_size, (n,), generator=gen).to(device) for n in (11, 17, 5)]
+    ids = torch.cat(seqs)[None]
+    pos = torch.cat([torch.arange(len(x), device=device) for x in seqs])[None]
+    out = {}
+    with torch.no_grad():
+        separate = torch.cat([model(input_ids=x[None]).logits[0] for x in seqs])
+        out["unmasked"] = (model(input_ids=ids, position_ids=pos).logits[0] - separate).abs().max().item()
+        packing.mask_packed_examples(model)
+        out["masked"] = (model(input_ids=ids, position_ids=pos).logits[0] - separate).abs().max().item()
+    return out
+
+
 def row_config(row: Row, args: argparse.Namespace):
     from toolkit import config
 
@@ -286,6 +320,7 @@ def run_row(row: Row, args: argparse.Namespace, tokenizer: Any, peak: float | No
         dataset = corpus_dataset(per_step * steps, config.vocab_size, seed=args.seed)
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    start_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0  # what earlier rows left behind
     started = time.perf_counter()
     model = build_model(cfg, config, args.device, seed=args.seed)
     model = lora.attach_lora(model, cfg)
@@ -301,7 +336,8 @@ def run_row(row: Row, args: argparse.Namespace, tokenizer: Any, peak: float | No
         sync()
         mem = (None, None)
         if cuda:
-            mem = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30)
+            mem = (torch.cuda.max_memory_allocated() / 2**30 - start_gib,
+                   torch.cuda.max_memory_reserved() / 2**30 - start_gib)
         del trainer
     del model
     marks = timer.marks
@@ -316,7 +352,7 @@ def run_row(row: Row, args: argparse.Namespace, tokenizer: Any, peak: float | No
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "step_s": [round(b[1] - a[1], 4) for a, b in itertools.pairwise(marks)],
         "tokens_per_step": [b[2] - a[2] for a, b in itertools.pairwise(marks)],
-        "build_s": round(build_s, 2),
+        "build_s": round(build_s, 2), "start_gib": round(start_gib, 3),
     }
 
 
@@ -373,6 +409,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-s", type=float, default=0.0, help="skip rows that would start after this")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench" / "out")))
+    parser.add_argument("--check-packing", action="store_true", help="packed vs separate logits, flex attention")
     parser.add_argument("--write-lengths", type=Path, metavar="PREP_DIR",
                         help="write bench/zh_nan_lengths.json from a prep folder and exit")
     args = parser.parse_args(argv)
@@ -393,9 +430,23 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     env = versions()
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
+    if args.device == "cuda":
+        import torch._dynamo
+
+        # many models, masks and shapes in one process: without this, flex attention falls back to its slow
+        # eager form once dynamo's default limit of 8 recompiles is reached (seen in the first device run)
+        torch._dynamo.config.recompile_limit = 256
+        torch._dynamo.config.accumulated_recompile_limit = 4096
     peak = matmul_peak(args.device)
     env["bf16_matmul_tflops"] = peak and round(peak / 1e12, 1)
     print(f"# train_speed {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} {json.dumps(env)}", flush=True)
+    if args.check_packing:
+        try:
+            env["packing_check_max_abs_logit_diff"] = check_packing(args.device)
+        except Exception as exc:  # noqa: BLE001
+            env["packing_check_max_abs_logit_diff"] = f"{type(exc).__name__}: {exc}"
+        print(f"# packing check (flex attention, {args.device}): {env['packing_check_max_abs_logit_diff']}",
+              flush=True)
     tokenizer = build_bpe_tokenizer()
     args.out.mkdir(parents=True, exist_ok=True)
     results = []

@@ -99,6 +99,19 @@ def test_switches_reach_transformers_and_trl():
     auto = config.build("train", "tiny-cpu")
     assert "experts_implementation" not in lora.kernel_kwargs(auto)
     assert train.checkpointing_kwargs(auto) is None  # tiny-cpu trains without checkpointing
+    import dataclasses
+    import importlib.util
+
+    from toolkit.errors import ExternalToolError
+
+    if importlib.util.find_spec("liger_kernel") is None:  # fails before any weights load, with the fix
+        with pytest.raises(ExternalToolError, match="liger_kernel=false"):
+            lora.check_preconditions(dataclasses.replace(auto, liger_kernel=True))
+    lora_preset, qlora_preset = config.build("train", "gpt-oss-20b-lora"), config.build("train", "gpt-oss-20b-qlora")
+    assert lora.kernel_kwargs(lora_preset) == {"attn_implementation": "flex_attention",
+                                               "experts_implementation": "grouped_mm"}
+    assert lora_preset.liger_kernel and train.checkpointing_kwargs(lora_preset)["every_n_layers"] == 2
+    assert qlora_preset.offload_embeddings and not qlora_preset.liger_kernel  # measured: liger costs qlora 1 GiB
     with pytest.raises(ConfigError) as err:
         config.build("train", "tiny-cpu", ["train.experts_implementation=fast", "train.liger_kernel=true"])
     assert "train.experts_implementation" in str(err.value) and "train.liger_kernel" in str(err.value)

@@ -98,6 +98,8 @@ class TrainConfig:
                                "vocabulary logits out of memory). Needs CUDA and liger-kernel.", False)
     checkpoint_every_n_layers: int = _help("With gradient_checkpointing: recompute only every n-th decoder layer "
                                            "(1 = all; larger gives memory back for speed).", 1)
+    offload_embeddings: bool = _help("Keep the frozen input embedding table in CPU memory (gpt-oss: 1.1 GiB); each "
+                                     "step copies its rows to the GPU. For qlora on small GPUs.", False)
     chat_format: str = _help("auto (Harmony for gpt-oss, else the tokenizer's chat template), harmony or template.",
                              "auto")
     chat_template: str | None = _help("A .jinja chat template for a tokenizer that has none.", None)
@@ -174,11 +176,13 @@ class TrainConfig:
                        f"found {self.experts_implementation!r}")
         if self.liger_kernel and self.device == "cpu":
             out.append("train.liger_kernel: Liger's kernels are Triton (CUDA); set it to false on the CPU")
-        if (self.packing or self.padding_free) and "flash" not in self.attn_implementation:
-            # measured: with eager attention a packed example's logits change by O(1) (it sees its neighbours)
+        packed_ok = "flash" in self.attn_implementation or self.attn_implementation == "flex_attention"
+        if (self.packing or self.padding_free) and not packed_ok:
+            # measured: with eager attention a packed example's logits change by O(1) (it sees its neighbours);
+            # flex attention gets per-example masks from toolkit.packing (checked on the GPU by the train bench)
             out.append(f"train.packing / train.padding_free need a FlashAttention kernel that reads the per-example "
-                       f"positions (e.g. attn_implementation = \"kernels-community/vllm-flash-attn3\"), found "
-                       f"{self.attn_implementation!r}")
+                       f"positions (e.g. attn_implementation = \"kernels-community/vllm-flash-attn3\") or "
+                       f"flex_attention, found {self.attn_implementation!r}")
         if self.mode == "qlora" and self.device == "cpu":
             out.append("train.mode qlora needs CUDA (bitsandbytes 4-bit); use mode lora on the CPU")
         if self.mode == "qlora" and self.dtype == "float32":

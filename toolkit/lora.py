@@ -18,6 +18,7 @@ are ~19B of its 21B parameters. Embeddings, `lm_head`, router, norms and attenti
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -54,6 +55,9 @@ def check_preconditions(cfg: TrainConfig) -> None:
                           f"(torch {torch.__version__}). Run on a GPU machine or use `--config tiny-cpu`.")
     if device == "cuda" and cfg.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
         raise ConfigError("train.dtype bfloat16 but this GPU has no bf16 support. Pass --set train.dtype=float16.")
+    if cfg.liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        raise ExternalToolError("train.liger_kernel is on but liger-kernel is not installed. Install it "
+                                "(pip install 'toolkit[gpu]') or pass --set train.liger_kernel=false.")
     if cfg.mode == "qlora":
         if not torch.cuda.is_available():
             raise ConfigError("train.mode qlora quantizes with bitsandbytes on a CUDA GPU, and torch sees none. "
@@ -155,6 +159,10 @@ def load_base(cfg: TrainConfig, config: Any | None = None):
         raise ArtifactError(f"train.base_model {cfg.base_model!r}: cannot load the weights ({exc}).") from exc
     if cfg.mode == "qlora":
         quantize_4bit_(model, "cuda", compute_dtype=torch_dtype(cfg))
+    if cfg.offload_embeddings:
+        from toolkit.memory import offload_input_embeddings
+
+        offload_input_embeddings(model)
     return model
 
 

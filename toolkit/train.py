@@ -158,6 +158,16 @@ def build_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, fmt: str, train_
 
     if cfg.padding_free and not cfg.packing:
         log.warning("padding_free without packing: max_length is not enforced (prep bounds the lengths)")
+    if cfg.packing or cfg.padding_free:
+        from toolkit.packing import mask_packed_examples
+
+        mask_packed_examples(model)  # gpt-oss builds its masks without position_ids: packed examples would mix
+    if cfg.attn_implementation == "flex_attention":
+        import torch._dynamo
+
+        # each new padded length, mask and train/eval switch can recompile flex attention; past dynamo's
+        # default limit (8) it silently falls back to a slow unfused form (seen in bench/train_speed.py)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     args = training_args(cfg, out_dir, fmt)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer)
