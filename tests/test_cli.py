@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from click.testing import CliRunner
 
 from toolkit.cli import main
@@ -65,3 +67,28 @@ def test_config_problems_are_reported_together(sample_tsv, tmp_path):
     line = result.stderr.strip()
     assert line.startswith("error: 3 config problem(s):")
     assert "prep.nope: unknown key" in line and "prep.seed: expected" in line and "--set 'bad'" in line
+
+
+@pytest.mark.slow
+@pytest.mark.llama
+def test_run_chains_every_stage_and_is_a_no_op_when_finished(tiny_model, sample_tsv, tmp_path, monkeypatch):
+    """`toolkit run` on the tiny gpt-oss: prep -> train -> merge -> export -> eval in export/RUN/."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is built by the [export] extra")
+    monkeypatch.chdir(tmp_path)
+    args = ["run", str(sample_tsv), "--run", "demo", "--config", "tiny-cpu",
+            "--set", f"train.base_model={json.dumps(str(tiny_model))}", "--set", "train.max_steps=2",
+            "--set", "eval.limit=4", "--set", "eval.max_new_tokens=8", "--set", "eval.n_bootstrap=1",
+            "--set", "export.quants=['Q8_0']", "--set", "export.ollama_gguf='Q8_0'"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[:5] == [f"{s}\texport/demo/{s}" for s in ("prep", "train", "merge", "export", "eval")]
+    assert any(line.startswith("eval: llama-cpp:demo-Q8_0.gguf: BLEU") and "(copy " in line for line in lines)
+    for stage in ("prep", "train", "merge", "export", "eval"):
+        assert (tmp_path / "export" / "demo" / stage / "manifest.json").is_file()
+    preds = (tmp_path / "export" / "demo" / "eval" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(preds) == 4
+    stamp = (tmp_path / "export" / "demo" / "train" / "manifest.json").stat().st_mtime_ns
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "export" / "demo" / "train" / "manifest.json").stat().st_mtime_ns == stamp

@@ -425,7 +425,7 @@ def run_pipeline(corpus: Path, run: str | None, test_file: Path | None, until: s
     if "eval" in manifests:
         from toolkit.evaluate import summary
 
-        click.echo(summary(manifests["eval"]["metrics"]))
+        click.echo(summary(json.loads((folder / "eval" / "scores.json").read_text(encoding="utf-8"))))
 
 
 if __name__ == "__main__":  # pragma: no cover
