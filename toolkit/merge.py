@@ -133,6 +133,17 @@ def check_parity(base_logits, adapted_logits, merged_logits, atol: float) -> dic
     return figures
 
 
+def saved_tensor_names(model: Any) -> set[str]:
+    """The tensor names `save_pretrained` writes: a tied weight (e.g. Gemma's lm_head = embeddings) is saved once."""
+    names, seen = set(), set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key not in seen or tensor.numel() == 0:
+            names.add(name)
+            seen.add(key)
+    return names
+
+
 def check_saved_keys(out_dir: Path, expected: set[str]) -> None:
     """The saved checkpoint holds exactly the base model's tensor names (no LoRA or base_layer leftovers)."""
     from safetensors import safe_open
@@ -172,7 +183,7 @@ def run(cfg: MergeConfig, train_dir: Path, out_dir: Path, *, force: bool = False
 
     log.info("merge: loading %s (%s on %s)", base, dtype_name, device)
     model = load_base(base, dtype, device)
-    expected_keys = set(model.state_dict().keys())
+    expected_keys = saved_tensor_names(model)
     base_logits = next_token_logits(model, input_ids)
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     adapted_logits = next_token_logits(model, input_ids)
