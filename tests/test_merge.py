@@ -144,3 +144,19 @@ def test_cli_merge(train_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out)
     assert (out / "manifest.json").is_file()
+
+
+def test_vocab_files_the_tokenizer_does_not_save_are_copied(tmp_path):
+    """A SentencePiece base's tokenizer.model reaches the merged folder (llama.cpp's converter needs it)."""
+    from toolkit.merge import copy_vocab_files
+
+    base, out = tmp_path / "base", tmp_path / "out"
+    base.mkdir()
+    out.mkdir()
+    (base / "tokenizer.model").write_bytes(b"\x0a\x03sp!")
+    copy_vocab_files(str(base), out)
+    assert (out / "tokenizer.model").read_bytes() == b"\x0a\x03sp!"
+    (base / "tokenizer.model").write_bytes(b"other")
+    copy_vocab_files(str(base), out)  # never overwrites what the merge wrote itself
+    assert (out / "tokenizer.model").read_bytes() == b"\x0a\x03sp!"
+    copy_vocab_files("org/hub-model", tmp_path / "none")  # a hub id: nothing to copy, no error

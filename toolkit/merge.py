@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,20 @@ def next_token_logits(model, input_ids) -> Any:
 
     with torch.no_grad():
         return model(input_ids=input_ids).logits[0, -1].float().cpu()
+
+
+# Files a fast tokenizer's save_pretrained does not write but llama.cpp's converter reads: without
+# tokenizer.model a SentencePiece model (Gemma) is converted through tokenizer.json, which loses the
+# byte-fallback token types, and the GGUF then prints "<0xE4>" instead of the byte.
+VOCAB_FILES = ("tokenizer.model",)
+
+
+def copy_vocab_files(base: str, out_dir: Path) -> None:
+    """Copy the base model's vocabulary files the merged folder lacks (local bases only)."""
+    for name in VOCAB_FILES:
+        source = Path(base) / name
+        if source.is_file() and not (out_dir / name).exists():
+            shutil.copyfile(source, out_dir / name)
 
 
 def parity_prompt(train_manifest: dict[str, Any], tokenizer, text: str) -> tuple[str, str]:
@@ -198,6 +213,7 @@ def run(cfg: MergeConfig, train_dir: Path, out_dir: Path, *, force: bool = False
         del model.config.quantization_config
     model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=cfg.max_shard_size)
     tokenizer.save_pretrained(out_dir)
+    copy_vocab_files(base, out_dir)
     check_saved_keys(out_dir, expected_keys)
     del model
     if device.startswith("cuda"):
