@@ -336,5 +336,5 @@ def backend_options(backend: str, cfg: Any, ollama_host: str | None) -> dict[str
         return {"device": cfg.device, "dtype": cfg.dtype, **({"batch_size": cfg.batch_size}
                                                            if hasattr(cfg, "batch_size") else {})}
     if backend == "llama-cpp":
-        return {"n_ctx": cfg.n_ctx, "n_gpu_layers": cfg.n_gpu_layers}
+        return {"n_ctx": cfg.n_ctx, "n_gpu_layers": cfg.n_gpu_layers, "n_threads": getattr(cfg, "n_threads", None)}
     return {"host": ollama_host}

@@ -307,6 +307,7 @@ class EvalConfig:
     host: str | None = _help("Ollama server URL (default $OLLAMA_HOST, else http://127.0.0.1:11434).", None)
     n_ctx: int = _help("llama-cpp context window.", 2048)
     n_gpu_layers: int = _help("llama-cpp layers offloaded to the GPU (-1 = all).", 0)
+    n_threads: int | None = _help("llama-cpp CPU threads (default: llama-cpp-python's, half the cores).", None)
     device: str | None = _help("transformers device: cpu, cuda (default: cuda when available).", None)
     dtype: str = _help("transformers weights dtype: auto, bfloat16, float16, float32.", "auto")
 
