@@ -242,6 +242,11 @@ def export(merged_dir: Path | None, out_dir: Path | None, run: str | None, quant
     out_dir = out_dir or stage_dir(run, "export")
     manifest = gguf.run(cfg, merged_dir, out_dir, force=force)
     echo_result(manifest, out_dir, as_json)
+    if manifest["ollama"]["modelfile"] is None:
+        if register:
+            raise click.UsageError("--register: this model uses its own chat template, and the shipped Modelfile "
+                                   "template is gpt-oss Harmony; create it with `FROM ./FILE.gguf` by hand.")
+        return
     name, modelfile = manifest["ollama"]["name"], out_dir / manifest["ollama"]["modelfile"]
     if register:
         ollama_mod.register(modelfile, name, host=ollama_host, force=force,

@@ -261,9 +261,14 @@ def run(cfg: ExportConfig, merged_dir: Path, out_dir: Path, *, force: bool = Fal
     else:
         files = [{"file": p.name, "type": k, "bytes": p.stat().st_size, "passed": None} for k, p in paths.items()]
 
-    values = ollama.modelfile_values(spec, paths[cfg.ollama_file_type()].name, name, temperature=cfg.temperature,
-                                     num_ctx=cfg.num_ctx, num_predict=cfg.num_predict)
-    ollama.write_modelfile(out_dir, cfg.modelfile_template, values)
+    harmony_model = prompt.find_chat_format(merged) in ("harmony", None)
+    if harmony_model:
+        values = ollama.modelfile_values(spec, paths[cfg.ollama_file_type()].name, name,
+                                         temperature=cfg.temperature, num_ctx=cfg.num_ctx, num_predict=cfg.num_predict)
+        ollama.write_modelfile(out_dir, cfg.modelfile_template, values)
+    else:  # the shipped Modelfile template is gpt-oss's Harmony one: wrong for any other chat format
+        log.warning("export: no Modelfile: the model uses its own chat template, not Harmony; `ollama create` it "
+                    "with just `FROM ./%s` (Ollama reads the GGUF's chat template)", paths[cfg.ollama_file_type()].name)
     elapsed = time.monotonic() - started
     metrics = {"files": files, "reference": reference, "seconds": round(elapsed, 1),
                "pre_tokenizer": {"requested": cfg.pre_tokenizer, "substituted": substituted}}
@@ -271,7 +276,8 @@ def run(cfg: ExportConfig, merged_dir: Path, out_dir: Path, *, force: bool = Fal
         out_dir, stage="export", config=config, metrics=metrics, upstream=merged,
         extra={"llama_cpp": {"converter": str(folder), "llama_cpp_python": llamacpp.LLAMA_CPP_PYTHON_VERSION,
                              "sdist_sha256": llamacpp.SDIST_SHA256},
-               "ollama": {"modelfile": "Modelfile", "gguf": paths[cfg.ollama_file_type()].name, "name": name}},
+               "ollama": {"modelfile": "Modelfile" if harmony_model else None,
+                          "gguf": paths[cfg.ollama_file_type()].name, "name": name}},
     )
     sizes = ", ".join(f"{f['type']} {f['bytes'] / 1e6:.1f} MB" for f in files)
     log.info("export: %d GGUF files (%s) in %.0fs -> %s", len(files), sizes, elapsed, out_dir)

@@ -92,3 +92,13 @@ def default_spec() -> PromptSpec:
     cfg = PrepConfig()
     return PromptSpec(cfg.source_name, cfg.target_name, cfg.instruction, cfg.reasoning_language,
                       cfg.reasoning_effort, cfg.date)
+
+
+def find_chat_format(manifest: dict[str, Any]) -> str | None:
+    """The chat format the train stage recorded in a manifest's upstream chain (None when none did)."""
+    node: dict[str, Any] | None = manifest
+    while node is not None:
+        if node.get("stage") == "train" and node.get("chat_format"):
+            return node["chat_format"]
+        node = node.get("upstream")
+    return None
