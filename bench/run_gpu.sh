@@ -5,7 +5,8 @@
 # (the version the toolkit is tested with); .whl-alt = datasets 4.8, used only if datasets 5.2 cannot
 # import the image's pyarrow. Then: versions, `toolkit train` on the tiny model on CUDA (lora, and qlora
 # with flex attention + grouped_mm), then bench/train_speed.py. Env: ROWS (comma list), BUDGET (seconds
-# after which rows are skipped), SMOKE=0 to skip the tiny runs. Everything is logged to $OUT/log.
+# after which rows are skipped), STEPS (timed steps per row), PACKING= (empty: skip the packing check),
+# SMOKE=0 to skip the tiny runs. Everything is logged to $OUT/log.
 set -o pipefail
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
@@ -38,4 +39,5 @@ if [ "${SMOKE:-1}" = 1 ]; then
         || echo "SMOKE FAILED: $mode"
     done
 fi
-python3 bench/train_speed.py --check-packing --budget-s "${BUDGET:-400}" --out "$OUT" ${ROWS:+--rows "$ROWS"}
+python3 bench/train_speed.py ${PACKING-"--check-packing"} --budget-s "${BUDGET:-400}" --steps "${STEPS:-3}" --out "$OUT" \
+  ${ROWS:+--rows "$ROWS"}

@@ -79,6 +79,14 @@ def _rows() -> list[Row]:
     rows += [Row(f"qlora-fast+offload-{s}", qlora, s, 1, {**FAST, "offload_embeddings": True}) for s in (1024, 2048)]
     rows += [Row("fast+liger-mb8-2048", lora, 2048, 8, {**FAST, "liger_kernel": True})]
     rows += [
+        Row("fast+liger+ckpt/3-2048", lora, 2048, 4, {**PRESET, "checkpoint_every_n_layers": 3}),
+        Row("fast+liger+ckpt/2+lowrank-2048", lora, 2048, 4, {**PRESET, "lowrank_experts": True}),
+        Row("fast+liger+ckpt/3+lowrank-2048", lora, 2048, 4,
+            {**PRESET, "checkpoint_every_n_layers": 3, "lowrank_experts": True}),
+        Row("qlora-fast+offload+lowrank-2048", qlora, 2048, 1,
+            {**FAST, "offload_embeddings": True, "lowrank_experts": True}),
+    ]
+    rows += [
         Row("zh-nan-padded", lora, 2048, 4, PRESET, data="zh-nan"),
         Row("zh-nan-padding_free", lora, 2048, 4, {**PRESET, "padding_free": True}, data="zh-nan"),
         Row("zh-nan-packed-2048", lora, 2048, 4, {**PRESET, "packing": True}, data="zh-nan"),
@@ -92,7 +100,8 @@ PRIORITY = ["recipe-2048", "fast-2048", "fast+liger+ckpt/2-2048", "qlora-fast-20
             "flex-2048", "grouped_mm-2048", "fast+liger-2048", "fast+ckpt/2-2048", "recipe-1024", "fast-1024",
             "fast+liger+ckpt/2-1024", "qlora-fast-1024", "qlora-fast+liger-1024", "qlora-recipe-2048",
             "zh-nan-padded", "zh-nan-padding_free", "zh-nan-packed-2048", "qlora-fast+offload-2048",
-            "qlora-fast+offload-1024", "fast+liger-mb8-2048"]
+            "qlora-fast+offload-1024", "fast+liger-mb8-2048", "fast+liger+ckpt/3-2048",
+            "fast+liger+ckpt/2+lowrank-2048", "fast+liger+ckpt/3+lowrank-2048", "qlora-fast+offload+lowrank-2048"]
 
 
 def model_config(tiny: bool = False, layers: int | None = None):

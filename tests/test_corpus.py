@@ -215,3 +215,56 @@ def test_existing_output_folder(tmp_path):
     with pytest.raises(ArtifactError, match="not empty and has no manifest.json"):
         prepare(cfg(), corpus, other)
     assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_join_pairs_adds_long_examples_of_consecutive_training_pairs(tmp_path):
+    corpus = write(tmp_path / "c.tsv", HEADER + "".join(ROWS))
+    plain = prepare(cfg(), corpus, tmp_path / "plain")
+    out = tmp_path / "joined"
+    manifest = prepare(cfg(join_pairs=3, direction="both"), corpus, out)
+    train, dev = read_jsonl(out / "train.jsonl"), read_jsonl(out / "dev.jsonl")
+    single_train = read_jsonl(tmp_path / "plain" / "train.jsonl")
+    singles = [r for r in train if r["direction"] == "forward" and r["source"].count("。") == 1]
+    joined = [r for r in train if r["direction"] == "forward" and r["source"].count("。") > 1]
+    # every single pair is still there, dev is never joined
+    assert [(r["source"], r["target"]) for r in singles] == [(r["source"], r["target"]) for r in single_train]
+    assert len(dev) == 2 * plain["metrics"]["examples"]["dev"] and all(r["source"].count("。") == 1 for r in dev)
+    # each joined example is 2..3 consecutive training pairs, verbatim, joined without a space after "。"
+    order = [r["source"] for r in singles]
+    covered = []
+    for row in joined:
+        sources = [s + "。" for s in row["source"].split("。")[:-1]]
+        assert 2 <= len(sources) <= 3
+        start = order.index(sources[0])
+        assert order[start:start + len(sources)] == sources
+        assert row["target"] == "".join(dict((r["source"], r["target"]) for r in singles)[s] for s in sources)
+        assert row["messages"][1]["content"] == row["source"] and row["messages"][2]["content"] == row["target"]
+        covered += sources
+    assert covered == order[:len(covered)] and len(order) - len(covered) <= 1  # a lone last pair is not joined
+    # both directions of each joined pair, and the statistics say how many
+    reverse = {(r["source"], r["target"]) for r in train if r["direction"] == "reverse"}
+    assert all((r["target"], r["source"]) in reverse for r in joined)
+    stats = manifest["metrics"]
+    assert stats["joined_pairs"]["pairs"] == len(joined) and stats["examples"]["train"] == len(train)
+    assert stats["joined_pairs"]["source_length"]["max"] <= 3 * max(len(s) for s in order)
+    # the same config gives the same groups
+    again = prepare(cfg(join_pairs=3, direction="both"), corpus, tmp_path / "again")
+    assert (tmp_path / "again" / "train.jsonl").read_bytes() == (out / "train.jsonl").read_bytes()
+    assert again["metrics"]["joined_pairs"] == stats["joined_pairs"]
+
+
+def test_join_pairs_respects_max_length_and_separator(tmp_path):
+    rows = [f"sentence {i}.\tphrase {i}.\tx\n" for i in range(30)]
+    corpus = write(tmp_path / "c.tsv", HEADER + "".join(rows))
+    prepare(cfg(join_pairs=6, max_length=30, dev_fraction=0.0), corpus, tmp_path / "p")
+    train = read_jsonl(tmp_path / "p" / "train.jsonl")
+    joined = [r for r in train if r["source"].count(".") > 1]
+    assert joined and all(len(r["source"]) <= 30 and len(r["target"]) <= 30 for r in joined)
+    assert all(" sentence" in r["source"] and "  " not in r["source"] for r in joined)  # a space after "."
+    prepare(cfg(join_pairs=2, join_separator=" | ", dev_fraction=0.0), corpus, tmp_path / "s")
+    joined = [r for r in read_jsonl(tmp_path / "s" / "train.jsonl") if " | " in r["source"]]
+    assert len(joined) == 15 and joined[0]["source"] == "sentence 0. | sentence 1."
+
+
+def test_join_pairs_must_be_positive():
+    assert any("prep.join_pairs" in p for p in cfg(join_pairs=0).problems())

@@ -51,6 +51,11 @@ class PrepConfig:
     length_unit: str = _help("tokens (the gpt-oss tokenizer, built offline), chars, or auto (tokens when the "
                              "tokenizer can be built, else chars).", "auto")
     dedupe: bool = _help("Drop repeated (source, target) pairs.", True)
+    join_pairs: int = _help("Also write training examples that join 2..N consecutive training pairs into one "
+                            "(each sentence unchanged), so a model trained on short pairs also sees long inputs. "
+                            "1 = off. Dev examples are never joined.", 1)
+    join_separator: str = _help('What goes between joined sentences: "auto" (nothing after CJK or full-width '
+                                'punctuation, else a space) or the literal text.', "auto")
     skip_bad_lines: bool = _help("Count and skip malformed lines instead of stopping at the first.", False)
     date: str = _help("Current date written in the Harmony system message (fixed for reproducibility).",
                       "2025-06-28")
@@ -69,6 +74,8 @@ class PrepConfig:
             out.append(f"prep.length_unit: expected tokens, chars or auto, found {self.length_unit!r}")
         if self.source_column == self.target_column:
             out.append("prep.source_column and prep.target_column must differ")
+        if self.join_pairs < 1:
+            out.append(f"prep.join_pairs: expected 1 (off) or more, found {self.join_pairs}")
         return out
 
 
@@ -96,6 +103,9 @@ class TrainConfig:
                                         "or auto (transformers' default).", "auto")
     liger_kernel: bool = _help("Liger's Triton RMSNorm and RoPE kernels (TRL's chunked LM head already keeps the "
                                "vocabulary logits out of memory). Needs CUDA and liger-kernel.", False)
+    lowrank_experts: bool = _help("Apply the expert LoRA as two thin grouped GEMMs on the routed tokens "
+                                  "(x A) B instead of peft's full-size W + BA and its dense gradient "
+                                  "(toolkit.expert_lora). Needs experts_implementation = grouped_mm.", False)
     checkpoint_every_n_layers: int = _help("With gradient_checkpointing: recompute only every n-th decoder layer "
                                            "(1 = all; larger gives memory back for speed).", 1)
     offload_embeddings: bool = _help("Keep the frozen input embedding table in CPU memory (gpt-oss: 1.1 GiB); each "
@@ -174,6 +184,9 @@ class TrainConfig:
         if self.experts_implementation not in EXPERTS_IMPLEMENTATIONS:
             out.append(f"train.experts_implementation: expected one of {', '.join(EXPERTS_IMPLEMENTATIONS)}, "
                        f"found {self.experts_implementation!r}")
+        if self.lowrank_experts and self.lora_experts and self.experts_implementation != "grouped_mm":
+            out.append(f"train.lowrank_experts: needs experts_implementation = grouped_mm, found "
+                       f"{self.experts_implementation!r}")
         if self.liger_kernel and self.device == "cpu":
             out.append("train.liger_kernel: Liger's kernels are Triton (CUDA); set it to false on the CPU")
         packed_ok = "flash" in self.attn_implementation or self.attn_implementation == "flex_attention"

@@ -5,7 +5,8 @@ every row, filters by length, dedupes, splits dev by a seeded hash of the source
 sources always land in the same split, and the split needs no second pass), and writes the JSONL
 examples through temporary files so nothing half-written is ever left behind. The sentences are never
 altered (the sample corpus is CC BY-ND): only a BOM, CR line ends and surrounding whitespace of a line
-are format, and they are dropped.
+are format, and they are dropped. With `join_pairs` > 1, consecutive training pairs are also written
+joined into longer examples (sentences verbatim, in order), next to the single pairs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
+import re
 from array import array
 from collections import Counter
 from collections.abc import Iterator
@@ -221,6 +224,57 @@ class ExampleWriter:
         )
 
 
+_NO_SPACE_AFTER = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef\U00020000-\U0003ffff]$")
+
+
+def join_texts(texts: list[str], separator: str = "auto") -> str:
+    """Sentences joined as one text: `separator` between them, or for "auto" nothing after a CJK character or
+    full-width punctuation (Chinese writes no space between sentences) and a space after anything else."""
+    if separator != "auto":
+        return separator.join(texts)
+    out = texts[0]
+    for text in texts[1:]:
+        out += ("" if _NO_SPACE_AFTER.search(out) else " ") + text
+    return out
+
+
+class PairJoiner:
+    """Groups consecutive training pairs, 2..max_pairs at a time (sizes drawn by a seeded RNG), into one pair
+    whose source and target are the sentences joined in order, unchanged. A group closes early when the next
+    pair would make it longer than `fits` allows. Pairs with their own reasoning or system message are not
+    joined (a joined reasoning trace would be nonsense)."""
+
+    def __init__(self, max_pairs: int, separator: str, seed: int, fits) -> None:
+        self.max_pairs, self.separator, self.fits = max_pairs, separator, fits
+        self.rng = random.Random(seed)
+        self.group: list[Pair] = []
+        self.size = self._draw()
+
+    def _draw(self) -> int:
+        return self.rng.randint(2, self.max_pairs)
+
+    def _join(self, group: list[Pair]) -> Pair:
+        return Pair(group[0].line, join_texts([p.source for p in group], self.separator),
+                    join_texts([p.target for p in group], self.separator))
+
+    def add(self, pair: Pair) -> Pair | None:
+        """Takes the next training pair; returns a joined pair when a group is complete."""
+        if pair.thinking is not None or pair.system is not None:
+            return None
+        joined = None
+        if self.group and not self.fits(self._join([*self.group, pair])):
+            joined = self.finish()
+        self.group.append(pair)
+        if len(self.group) >= self.size:
+            joined = self.finish()
+        return joined
+
+    def finish(self) -> Pair | None:
+        """Closes the open group (the end of the corpus); a group of one is not a joined pair."""
+        group, self.group, self.size = self.group, [], self._draw()
+        return self._join(group) if len(group) >= 2 else None
+
+
 def _percentiles(values: array) -> dict[str, int]:
     if not values:
         return {}
@@ -283,6 +337,11 @@ def prepare(cfg: PrepConfig, corpus: Path, out_dir: Path, *, force: bool = False
     dev_targets: list[str] = []
     directions = ["forward", "reverse"] if cfg.direction == "both" else [cfg.direction]
     n = {"train": 0, "dev": 0}
+    joiner = None
+    if cfg.join_pairs > 1:
+        joiner = PairJoiner(cfg.join_pairs, cfg.join_separator, cfg.seed,
+                            lambda p: measure(p.source) <= cfg.max_length and measure(p.target) <= cfg.max_length)
+    joined_lengths = array("I")
 
     def keep(pair: Pair) -> bool:
         src_len, tgt_len = measure(pair.source), measure(pair.target)
@@ -307,6 +366,18 @@ def prepare(cfg: PrepConfig, corpus: Path, out_dir: Path, *, force: bool = False
             if split == "dev":
                 dev_sources.append(src)
                 dev_targets.append(tgt)
+        if split == "train" and joiner is not None:
+            emit_joined(fh, joiner.add(pair))
+
+    def emit_joined(fh, joined: Pair | None) -> None:
+        if joined is None:
+            return
+        counts["joined_examples"] += 1
+        joined_lengths.append(measure(joined.source))
+        for direction in directions:
+            src, tgt = (joined.source, joined.target) if direction == "forward" else (joined.target, joined.source)
+            n["train"] += 1
+            fh.write(writer.line("train", n["train"], direction, joined, src, tgt))
 
     with artifacts.atomic_path(out_dir / "train.jsonl") as train_tmp, \
             artifacts.atomic_path(out_dir / "dev.jsonl") as dev_tmp:
@@ -331,6 +402,8 @@ def prepare(cfg: PrepConfig, corpus: Path, out_dir: Path, *, force: bool = False
                 elif keep(pair):
                     is_dev = _in_dev(pair.source, cfg.seed, cfg.dev_fraction)
                     emit(dev_fh if is_dev else train_fh, "dev" if is_dev else "train", pair)
+            if joiner is not None:
+                emit_joined(train_fh, joiner.finish())
             bar.close()
         if n["train"] == 0:
             raise DataError(
@@ -343,6 +416,8 @@ def prepare(cfg: PrepConfig, corpus: Path, out_dir: Path, *, force: bool = False
         "rows_read": counts["rows_read"],
         "pairs_kept": len(lengths["source"]),
         "examples": dict(n),
+        "joined_pairs": ({"pairs": counts["joined_examples"], "max_per_example": cfg.join_pairs,
+                          "source_length": _percentiles(joined_lengths)} if joiner is not None else None),
         "dropped": {k: v for k, v in sorted(counts.items()) if k.startswith(("dropped_", "bad_"))},
         "normalized": {k: v for k, v in sorted(counts.items()) if k in ("bom_removed", "crlf_normalized")},
         "blank_lines": counts["blank_line"],

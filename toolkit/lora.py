@@ -254,6 +254,10 @@ def attach_lora(model: Any, cfg: TrainConfig):
         for param in peft_model.parameters():
             if param.requires_grad:
                 param.data = param.data.to(torch.bfloat16)
+    if cfg.lowrank_experts:
+        from toolkit import expert_lora
+
+        expert_lora.enable(peft_model)
     return peft_model
 
 
