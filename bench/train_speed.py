@@ -47,7 +47,7 @@ PROMPT_SHARE = 0.75  # share of each fixed row that is prompt (label -100)
 RECIPE = {"attn_implementation": "eager", "experts_implementation": "eager", "liger_kernel": False,
           "checkpoint_every_n_layers": 1, "packing": False, "padding_free": False, "offload_embeddings": False}
 FAST = {**RECIPE, "attn_implementation": "flex_attention", "experts_implementation": "grouped_mm"}
-PRESET = {**FAST, "liger_kernel": True, "checkpoint_every_n_layers": 2}  # candidate default of the lora preset
+PRESET = {**FAST, "liger_kernel": True, "checkpoint_every_n_layers": 2}  # the lora preset until run 4 (see README)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +83,10 @@ def _rows() -> list[Row]:
         Row("fast+liger+ckpt/2+lowrank-2048", lora, 2048, 4, {**PRESET, "lowrank_experts": True}),
         Row("fast+liger+ckpt/3+lowrank-2048", lora, 2048, 4,
             {**PRESET, "checkpoint_every_n_layers": 3, "lowrank_experts": True}),
+        Row("fast+liger+ckpt/4+lowrank-2048", lora, 2048, 4,
+            {**PRESET, "checkpoint_every_n_layers": 4, "lowrank_experts": True}),
+        Row("fast+liger+ckpt/3+lowrank-1024", lora, 1024, 4,
+            {**PRESET, "checkpoint_every_n_layers": 3, "lowrank_experts": True}),
         Row("qlora-fast+offload+lowrank-2048", qlora, 2048, 1,
             {**FAST, "offload_embeddings": True, "lowrank_experts": True}),
     ]
@@ -101,7 +105,8 @@ PRIORITY = ["recipe-2048", "fast-2048", "fast+liger+ckpt/2-2048", "qlora-fast-20
             "fast+liger+ckpt/2-1024", "qlora-fast-1024", "qlora-fast+liger-1024", "qlora-recipe-2048",
             "zh-nan-padded", "zh-nan-padding_free", "zh-nan-packed-2048", "qlora-fast+offload-2048",
             "qlora-fast+offload-1024", "fast+liger-mb8-2048", "fast+liger+ckpt/3-2048",
-            "fast+liger+ckpt/2+lowrank-2048", "fast+liger+ckpt/3+lowrank-2048", "qlora-fast+offload+lowrank-2048"]
+            "fast+liger+ckpt/2+lowrank-2048", "fast+liger+ckpt/3+lowrank-2048", "qlora-fast+offload+lowrank-2048",
+            "fast+liger+ckpt/4+lowrank-2048", "fast+liger+ckpt/3+lowrank-1024"]
 
 
 def model_config(tiny: bool = False, layers: int | None = None):
