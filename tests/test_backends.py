@@ -8,7 +8,7 @@ from ollama_standin import StandinOllama, full_name
 
 from toolkit import artifacts, backends, harmony
 from toolkit.config import PrepConfig, as_dict
-from toolkit.errors import ArtifactError, ExternalToolError
+from toolkit.errors import ArtifactError, ConfigError, ExternalToolError
 from toolkit.prompt import default_spec
 
 FINAL = "<|start|>assistant<|channel|>final<|message|>"
@@ -215,3 +215,63 @@ def test_llama_cpp_prompt_too_long_is_a_clear_error(tiny_gguf):
     translator = backends.load_translator("llama-cpp", tiny_gguf, n_ctx=64)
     with pytest.raises(ExternalToolError, match=r"prompt of \d+ tokens does not fit n_ctx=\d+"):
         translator.translate(["很長的句子" * 40], default_spec())
+
+
+# ---- copy_bias ----------------------------------------------------------------------------------
+
+def test_transformers_copy_bias_steers_decoding_to_source_tokens(tiny_model):
+    spec = default_spec()
+    plain = backends.load_translator("transformers", tiny_model, batch_size=4)
+    biased = backends.load_translator("transformers", tiny_model, batch_size=4, copy_bias=50.0)
+    generate, seen = biased.model.generate, []
+
+    def spy(**kwargs):  # records the generated ids (text cannot be re-tokenized reliably: byte-level BPE)
+        out = generate(**kwargs)
+        seen.extend(out[:, kwargs["input_ids"].shape[1]:].tolist())
+        return out
+
+    biased.model.generate = spy
+    out_plain = plain.translate(TEXTS, spec, max_new_tokens=6)
+    out_biased = biased.translate(TEXTS, spec, max_new_tokens=6)
+    tok = biased.tokenizer
+    for text, ids in zip(TEXTS, seen, strict=True):
+        # a bias far above the random model's logit spread: every step picks a token of its own sentence
+        assert len(ids) == 6 and set(ids) <= set(tok(text, add_special_tokens=False)["input_ids"]), text
+    assert [t.raw for t in out_plain] != [t.raw for t in out_biased]
+    # batched rows each get their own sentence's tokens
+    single = [biased.translate([t], spec, max_new_tokens=6)[0].raw for t in TEXTS]
+    assert single == [t.raw for t in out_biased]
+
+
+@pytest.mark.llama
+def test_llama_cpp_copy_bias_steers_decoding_to_source_tokens(tiny_gguf):
+    spec = default_spec()
+    plain = backends.load_translator("llama-cpp", tiny_gguf, n_ctx=512)
+    biased = backends.load_translator("llama-cpp", tiny_gguf, n_ctx=512, copy_bias=50.0)
+    generate, seen = biased.llm.generate, []
+
+    def spy(*args, **kwargs):
+        seen.append([])
+        for tok in generate(*args, **kwargs):
+            seen[-1].append(tok)
+            yield tok
+
+    biased.llm.generate = spy
+    out_plain = plain.translate(TEXTS, spec, max_new_tokens=6)
+    out_biased = biased.translate(TEXTS, spec, max_new_tokens=6)
+    for text, ids in zip(TEXTS, seen, strict=True):
+        source = set(biased.llm.tokenize(text.encode(), add_bos=False, special=False))
+        assert len(ids) == 6 and set(ids) <= source, text
+    assert [t.raw for t in out_plain] != [t.raw for t in out_biased]
+
+
+def test_copy_bias_config_checks():
+    from toolkit.config import EvalConfig, ServeConfig
+
+    assert not EvalConfig(copy_bias=2.0, backend="llama-cpp").problems()
+    assert any("copy_bias" in p for p in EvalConfig(copy_bias=-1.0).problems())
+    assert any("Ollama" in p for p in EvalConfig(copy_bias=2.0, backend="ollama").problems())
+    assert any("Ollama" in p for p in ServeConfig(copy_bias=2.0, backend="ollama").problems())
+    with pytest.raises(ConfigError, match="Ollama"):  # serve's backend can be found only at run time
+        backends.backend_options("ollama", ServeConfig(copy_bias=2.0), None)
+    assert backends.backend_options("llama-cpp", EvalConfig(copy_bias=2.0), None)["copy_bias"] == 2.0

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from toolkit import harmony
 from toolkit.artifacts import MANIFEST, read_manifest
-from toolkit.errors import ArtifactError, ExternalToolError
+from toolkit.errors import ArtifactError, ConfigError, ExternalToolError
 from toolkit.prompt import PromptSpec, default_spec, from_manifest, is_harmony_tokenizer
 
 log = logging.getLogger(__name__)
@@ -100,11 +100,30 @@ def _adapter_dir(path: Path) -> Path | None:
         return None
 
 
+def source_token_ids(ids: list[int]) -> list[int]:
+    """The distinct token ids of a source sentence: what `copy_bias` favours at every decoding step."""
+    return sorted(set(ids))
+
+
+class _CopyBias:
+    """A transformers logits processor adding `bias` to the scores of each row's source tokens."""
+
+    def __init__(self, ids: list[list[int]], bias: float) -> None:
+        self.ids, self.bias = ids, bias
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        for row, ids in enumerate(self.ids):
+            scores[row, torch.tensor(ids, dtype=torch.long, device=scores.device)] += self.bias
+        return scores
+
+
 class TransformersTranslator:
     """A base model, a merged folder, or base + LoRA adapter (a `toolkit train` folder); batched greedy decoding."""
 
     def __init__(self, target: str | Path, *, base_model: str | None = None, device: str | None = None,
-                 dtype: str = "auto", batch_size: int = 8) -> None:
+                 dtype: str = "auto", batch_size: int = 8, copy_bias: float = 0.0) -> None:
         path = Path(target)
         adapter = _adapter_dir(path) if path.is_dir() else None
         if adapter is not None:
@@ -122,6 +141,7 @@ class TransformersTranslator:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.name = str(target)
         self.batch_size = batch_size
+        self.copy_bias = copy_bias
         tok_source = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else base
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
@@ -162,11 +182,17 @@ class TransformersTranslator:
         prompts = [spec.render_prompt(t, self.tokenizer) for t in texts]
         # The prompt text already holds the template's special tokens: add none.
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+        extra: dict[str, Any] = {}
+        if self.copy_bias:
+            from transformers import LogitsProcessorList
+
+            ids = [source_token_ids(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+            extra["logits_processor"] = LogitsProcessorList([_CopyBias(ids, self.copy_bias)])
         started = time.perf_counter()
         with torch.inference_mode():
             generated = self.model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id, **extra,
             )
         # Batched: each sentence is charged an equal share of its batch's wall time.
         latency = (time.perf_counter() - started) / len(texts)
@@ -214,7 +240,7 @@ class LlamaCppTranslator:
     """A GGUF file through llama-cpp-python; one sentence at a time, greedy."""
 
     def __init__(self, target: str | Path, *, n_ctx: int = 2048, n_gpu_layers: int = 0, n_threads: int | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, copy_bias: float = 0.0) -> None:
         path = Path(target)
         if not path.is_file():
             raise ArtifactError(f"{path}: no such GGUF file. Run `toolkit export` or pass --model FILE.gguf.")
@@ -223,6 +249,7 @@ class LlamaCppTranslator:
         except ImportError as exc:
             raise ExternalToolError("llama-cpp-python is not installed: `pip install 'toolkit[export]'`.") from exc
         self.name = path.name
+        self.copy_bias = copy_bias
         self.llm = Llama(model_path=str(path), logits_all=False, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                          n_threads=n_threads, n_threads_batch=n_threads, seed=seed, verbose=False)
         self.harmony = self._token_id("<|channel|>") is not None
@@ -249,11 +276,20 @@ class LlamaCppTranslator:
         if budget <= 0:
             raise ExternalToolError(f"prompt of {len(tokens)} tokens does not fit n_ctx={self.llm.n_ctx()}; "
                                     "raise n_ctx or shorten the text.")
+        processors = None
+        if self.copy_bias:
+            ids = source_token_ids(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+            def favour_source(_input_ids: Any, scores: Any) -> Any:
+                scores[ids] += self.copy_bias
+                return scores
+
+            processors = [favour_source]
         started = time.perf_counter()
         out: list[int] = []
         stopped = False
         for tok in self.llm.generate(tokens, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
-                                     reset=True):
+                                     reset=True, logits_processor=processors):
             out.append(tok)
             if tok in self.stop_ids:
                 stopped = True
@@ -333,8 +369,12 @@ def load_translator(backend: str, target: str | Path, **options: Any) -> Transla
 def backend_options(backend: str, cfg: Any, ollama_host: str | None) -> dict[str, Any]:
     """The `load_translator` options of a backend, from an eval or serve config."""
     if backend == "transformers":
-        return {"device": cfg.device, "dtype": cfg.dtype, **({"batch_size": cfg.batch_size}
-                                                           if hasattr(cfg, "batch_size") else {})}
+        return {"device": cfg.device, "dtype": cfg.dtype, "copy_bias": cfg.copy_bias,
+                **({"batch_size": cfg.batch_size} if hasattr(cfg, "batch_size") else {})}
     if backend == "llama-cpp":
-        return {"n_ctx": cfg.n_ctx, "n_gpu_layers": cfg.n_gpu_layers, "n_threads": getattr(cfg, "n_threads", None)}
+        return {"n_ctx": cfg.n_ctx, "n_gpu_layers": cfg.n_gpu_layers, "n_threads": getattr(cfg, "n_threads", None),
+                "copy_bias": cfg.copy_bias}
+    if cfg.copy_bias:
+        raise ConfigError(f"copy_bias {cfg.copy_bias}: Ollama's API takes no logit hook; use the llama-cpp backend "
+                          "on the GGUF or set copy_bias=0.")
     return {"host": ollama_host}

@@ -321,6 +321,9 @@ class EvalConfig:
     n_ctx: int = _help("llama-cpp context window.", 2048)
     n_gpu_layers: int = _help("llama-cpp layers offloaded to the GPU (-1 = all).", 0)
     n_threads: int | None = _help("llama-cpp CPU threads (default: llama-cpp-python's, half the cores).", None)
+    copy_bias: float = _help("Greedy decoding with this bonus added to the logit of every token of the source sentence "
+                               "(0 = off; transformers and llama-cpp). Between close languages it keeps names, numbers "
+                               "and shared words that a small model would drop or paraphrase.", 0.0)
     device: str | None = _help("transformers device: cpu, cuda (default: cuda when available).", None)
     dtype: str = _help("transformers weights dtype: auto, bfloat16, float16, float32.", "auto")
 
@@ -339,8 +342,18 @@ class EvalConfig:
             out.append(f"eval.n_bootstrap: expected 1 (no intervals) or more, found {self.n_bootstrap}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             out.append(f"eval.dtype: expected auto, bfloat16, float16 or float32, found {self.dtype!r}")
+        out += _copy_bias_problems("eval", self.copy_bias, self.backend)
         return out
 
+
+
+def _copy_bias_problems(section: str, bias: float, backend: str | None) -> list[str]:
+    if not 0.0 <= bias < 100.0:
+        return [f"{section}.copy_bias: expected 0 (off) <= x < 100, found {bias}"]
+    if bias and backend == "ollama":
+        return [f"{section}.copy_bias: Ollama's API takes no logit hook; use the llama-cpp backend on the GGUF "
+                "or set copy_bias=0"]
+    return []
 
 
 # --- serve config (owned by the serve stage; give it `section: ClassVar[str] = "NAME"`) ---
@@ -368,6 +381,9 @@ class ServeConfig:
     n_gpu_layers: int = _help("llama-cpp layers offloaded to the GPU (-1 = all).", 0)
     device: str | None = _help("transformers device: cpu, cuda (default: cuda when available).", None)
     dtype: str = _help("transformers weights dtype: auto, bfloat16, float16, float32.", "auto")
+    copy_bias: float = _help("Greedy decoding with this bonus added to the logit of every token of the source sentence "
+                               "(0 = off; transformers and llama-cpp). Between close languages it keeps names, numbers "
+                               "and shared words that a small model would drop or paraphrase.", 0.0)
 
     def problems(self) -> list[str]:
         out = []
@@ -382,6 +398,7 @@ class ServeConfig:
             out.append(f"serve.queue_size: expected 0 or more, found {self.queue_size}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             out.append(f"serve.dtype: expected auto, bfloat16, float16 or float32, found {self.dtype!r}")
+        out += _copy_bias_problems("serve", self.copy_bias, self.backend)
         return out
 
 
