@@ -54,10 +54,21 @@ train)
     toolkit prep "$data" --config gemma3-270m-gpu --out $SWEEP/prep-joined
     common=(--config gemma3-270m-gpu --set "train.base_model=\"$base\"" --set train.batch_size=32
             --set train.save_steps=0 --set train.eval_steps=400)
-    run() {  # name prep extra --set ...
-        local name=$1 prep=$2; shift 2
+    OUT=${OUT:-/tmp/out}
+    mkdir -p "$OUT"
+    run() {  # name prep extra --set ...: trains, then packs the adapter into $OUT at once (a call cut
+        local name=$1 prep=$2; shift 2  # short by its time limit still returns what $OUT holds)
         toolkit train $SWEEP/prep-$prep "${common[@]}" "$@" --out $SWEEP/$name/train > $SWEEP/$name.log 2>&1 \
-            && echo "trained $name" || { echo "FAILED $name"; tail -5 $SWEEP/$name.log; }
+            || { echo "FAILED $name"; tail -5 $SWEEP/$name.log; return; }
+        echo "trained $name"
+        pack "$name"
+    }
+    pack() {  # the adapter in bfloat16 (15 MB: one file back) with its configs and metrics; no tokenizer
+        python3 -c 'import sys; from safetensors.torch import load_file, save_file; p = sys.argv[1]; save_file({k: v.bfloat16() for k, v in load_file(p).items()}, p, metadata={"format": "pt"})' \
+            "$SWEEP/$1/train/adapter_model.safetensors"
+        tar czf "$OUT/$1.tgz" -C $SWEEP "$1/train/adapter_model.safetensors" "$1/train/adapter_config.json" \
+            "$1/train/manifest.json" "$1/train/metrics.jsonl" "$1/train/train_config.json" \
+            "$1/train/chat_template.jinja"
     }
     for name in ${TRAIN:-$VARIANTS}; do
         case $name in
@@ -123,8 +134,16 @@ local)
     dest=${DEST:-export/gemma3-sweep}
     mkdir -p "$dest"
     tar xzf "$from/sweep-evals.tgz" -C "$dest"
-    cat "$from"/adapters.tgz.part-* | tar xz -C "$dest"
-    cat "$from/sweep.md"
+    for f in "$from"/*.tgz; do [ "$(basename "$f")" = sweep-evals.tgz ] || tar xzf "$f" -C "$dest"; done
+    [ -e "$from/sweep-evals.tgz" ] && tar xzf "$from/sweep-evals.tgz" -C "$dest"
+    [ -e "$from/adapters.tgz.part-aa" ] && cat "$from"/adapters.tgz.part-* | tar xz -C "$dest"
+    [ -f "$from/sweep.md" ] && cat "$from/sweep.md"
+    # adapters packed by `train` come without the tokenizer (the base model's, 33 MB): take the base's
+    mapfile -t fetched < <(toolkit fetch gemma3-270m)
+    for t in "$dest"/*/train; do
+        for f in tokenizer.json tokenizer_config.json; do [ -f "$t/$f" ] || cp "${fetched[0]}/$f" "$t/"; done
+    done
+    true
     ;;
 *) echo "usage: real_model_sweep.sh tune-slice | train | eval | local DIR" >&2; exit 2 ;;
 esac
