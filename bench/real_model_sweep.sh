@@ -133,7 +133,6 @@ local)
     from=${2:?the folder where the device call files came back}
     dest=${DEST:-export/gemma3-sweep}
     mkdir -p "$dest"
-    tar xzf "$from/sweep-evals.tgz" -C "$dest"
     for f in "$from"/*.tgz; do [ "$(basename "$f")" = sweep-evals.tgz ] || tar xzf "$f" -C "$dest"; done
     [ -e "$from/sweep-evals.tgz" ] && tar xzf "$from/sweep-evals.tgz" -C "$dest"
     [ -e "$from/adapters.tgz.part-aa" ] && cat "$from"/adapters.tgz.part-* | tar xz -C "$dest"
