@@ -264,6 +264,21 @@ def test_cli_end_to_end_tiny_gguf_llama_cpp(tiny_gguf, tsv, tmp_path):
     assert counts["empty_final"] == sum(1 for r in rows if r["hypothesis"] == "")
 
 
+def test_cli_copy_bias_reaches_the_backend_and_the_report(tiny_gguf, tsv, tmp_path):
+    args = ["eval", str(tsv), "--model", str(tiny_gguf), "--limit", "2", "--max-new-tokens", "6",
+            "--n-bootstrap", "20"]
+    plain = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "plain")])
+    biased = CliRunner().invoke(main, [*args, "--set", "eval.copy_bias=50", "--out", str(tmp_path / "biased")])
+    assert plain.exit_code == 0 and biased.exit_code == 0, plain.output + biased.output
+    manifest = json.loads((tmp_path / "biased" / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["config"]["copy_bias"] == 50.0
+    name = f"llama-cpp:{tiny_gguf.name} (copy_bias 50)"
+    assert name in json.loads((tmp_path / "biased" / "scores.json").read_text(encoding="utf-8"))["systems"]
+    assert name in (tmp_path / "biased" / "report.md").read_text(encoding="utf-8")
+    assert [r["hypothesis"] for r in read_rows(tmp_path / "plain")] != [
+        r["hypothesis"] for r in read_rows(tmp_path / "biased")]
+
+
 def test_prep_split_as_test_set(sample_tsv, tmp_path):
     from toolkit import config, corpus
 

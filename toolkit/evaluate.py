@@ -299,6 +299,8 @@ def run(cfg: EvalConfig, test_file: Path, out_dir: Path, *, force: bool = False,
 
     rows, loaded_name = translate_all(load, spec, test, out_dir / PREDICTIONS, cfg)
     name = f"{cfg.backend}:{Path(cfg.model).name if cfg.model else loaded_name or translator.name}"
+    if cfg.copy_bias:
+        name += f" (copy_bias {cfg.copy_bias:g})"  # a decoding setting: visible wherever the scores go
     scores = score_systems({name: [r["hypothesis"] for r in rows]}, test, cfg.n_bootstrap)
     scores["outputs"] = {name: output_counts(rows, spec.reasoning_language)}
     scores["prompt"] = asdict(spec)
