@@ -45,7 +45,8 @@ LENGTHS_FILE = Path(__file__).resolve().parent / "zh_nan_lengths.json"
 ACTIVE_PARAMS = 3.6e9  # gpt-oss-20b parameters used per token (OpenAI's model card)
 PROMPT_SHARE = 0.75  # share of each fixed row that is prompt (label -100)
 RECIPE = {"attn_implementation": "eager", "experts_implementation": "eager", "liger_kernel": False,
-          "checkpoint_every_n_layers": 1, "packing": False, "padding_free": False, "offload_embeddings": False}
+          "checkpoint_every_n_layers": 1, "packing": False, "padding_free": False, "offload_embeddings": False,
+          "lowrank_experts": False}
 FAST = {**RECIPE, "attn_implementation": "flex_attention", "experts_implementation": "grouped_mm"}
 PRESET = {**FAST, "liger_kernel": True, "checkpoint_every_n_layers": 2}  # the lora preset until run 4 (see README)
 
