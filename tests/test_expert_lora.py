@@ -67,3 +67,6 @@ def test_lowrank_experts_refuse_a_kernel_that_skips_them(tiny_model):
 def test_lowrank_experts_config_check(tiny_model):
     with pytest.raises(ConfigError, match="lowrank_experts"):
         cfg_for(tiny_model, lowrank_experts=True, experts_implementation="eager")
+    with pytest.raises(ConfigError, match="lora_r a multiple of 8"):  # bf16 rows of r values must span 16 bytes
+        cfg_for(tiny_model, lowrank_experts=True, dtype="bfloat16", lora_r=4)
+    assert cfg_for(tiny_model, lowrank_experts=True, dtype="bfloat16", lora_r=16).lowrank_experts

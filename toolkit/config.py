@@ -187,6 +187,10 @@ class TrainConfig:
         if self.lowrank_experts and self.lora_experts and self.experts_implementation != "grouped_mm":
             out.append(f"train.lowrank_experts: needs experts_implementation = grouped_mm, found "
                        f"{self.experts_implementation!r}")
+        per_row = 4 if self.dtype == "float32" else 8  # grouped GEMM rows (r values) must span 16 bytes
+        if self.lowrank_experts and self.lora_experts and self.lora_r % per_row:
+            out.append(f"train.lowrank_experts: grouped GEMMs need lora_r a multiple of {per_row} in {self.dtype}, "
+                       f"found {self.lora_r}; change lora_r or set lowrank_experts=false")
         if self.liger_kernel and self.device == "cpu":
             out.append("train.liger_kernel: Liger's kernels are Triton (CUDA); set it to false on the CPU")
         packed_ok = "flash" in self.attn_implementation or self.attn_implementation == "flex_attention"
