@@ -20,7 +20,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:?usage: real_model_gpu.sh device | local DIR}
 RUN_DIR=${RUN_DIR:-export/gemma3-270m-gpu}
-N=${N:-200}
+N=${N:-500}
+COPY_BIAS=${COPY_BIAS:-3}  # chosen on the tuning slice of bench/real_model_sweep.sh
 TEST=${TEST:-../shared/eval/zh-nan.heldout.tsv}
 
 if [ "$mode" = device ]; then
@@ -55,9 +56,12 @@ for d in forward reverse; do
     toolkit eval "$TEST" --baseline copy --direction "$d" --limit "$N" --out "$out/copy"
     toolkit eval "$TEST" --model "$tuned" --backend llama-cpp --config gemma3-270m-cpu --set eval.n_threads=2 \
         --direction "$d" --limit "$N" --out "$out/tuned-gguf-q4km"
+    toolkit eval "$TEST" --model "$tuned" --backend llama-cpp --config gemma3-270m-cpu --set eval.n_threads=2 \
+        --set eval.copy_bias="$COPY_BIAS" --direction "$d" --limit "$N" --out "$out/tuned-gguf-q4km-bias"
     # the base through transformers (float32 dequantized from the package's Q4_K_M GGUF, whose own file has
     # no chat template for llama.cpp); a pretrained model never ends its turn, so its output is capped
     toolkit eval "$TEST" --model "$base_hf" --backend transformers --config gemma3-270m-cpu \
-        --max-new-tokens 48 --direction "$d" --limit "$N" --out "$out/base-hf"
-    toolkit eval --compare "$out/base-hf" "$out/tuned-gguf-q4km" "$out/copy" --out "$out/report" --force
+        --set eval.batch_size=50 --max-new-tokens 48 --direction "$d" --limit "$N" --out "$out/base-hf"
+    toolkit eval --compare "$out/base-hf" "$out/tuned-gguf-q4km" "$out/tuned-gguf-q4km-bias" "$out/copy" \
+        --out "$out/report" --force
 done
