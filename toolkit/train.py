@@ -226,6 +226,33 @@ def _parallelism(trainer: Any, processes: int) -> str:
     return "ddp" if processes > 1 else "single"
 
 
+def steady_tokens_per_second(history: list[dict[str, Any]]) -> float | None:
+    """Input tokens/s from the first logged step to the last, leaving out the first logging interval
+    (kernel compilation, allocator warm-up); None with fewer than three logged steps."""
+    points = [(e["num_input_tokens_seen"], e["train_runtime"]) for e in history
+              if "loss" in e and "num_input_tokens_seen" in e and "train_runtime" in e]
+    if len(points) < 3:
+        return None
+    (tokens0, time0), (tokens1, time1) = points[0], points[-1]
+    return round((tokens1 - tokens0) / (time1 - time0), 1) if time1 > time0 else None
+
+
+def peak_gpu_memory_gib() -> dict[str, list[float]] | None:
+    """Peak GPU memory (allocated, reserved) of every process in rank order, in GiB; None without CUDA.
+
+    Collective under several processes: every rank must call it.
+    """
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    from accelerate.utils import gather_object
+
+    mine = [(torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30)]
+    peaks = gather_object(mine)
+    return {"allocated": [round(a, 2) for a, _ in peaks], "reserved": [round(r, 2) for _, r in peaks]}
+
+
 def _human(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -284,6 +311,7 @@ def run(cfg: TrainConfig, data_dir: Path, out_dir: Path, *, force: bool = False,
     runtime = time.monotonic() - started
     final_eval = _final_eval(trainer, cfg) if eval_ds is not None else {}
     trainer.save_model(str(out_dir))  # adapter + tokenizer; collective under FSDP / DeepSpeed
+    peaks = peak_gpu_memory_gib()  # collective too
     state.wait_for_everyone()
     if not state.is_main_process:
         return {}
@@ -303,6 +331,8 @@ def run(cfg: TrainConfig, data_dir: Path, out_dir: Path, *, force: bool = False,
         "eval_loss": final_eval.get("eval_loss"),
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "tokens_per_second": round((trainer.state.num_input_tokens_seen - tokens_before) / runtime, 1),
+        "steady_tokens_per_second": steady_tokens_per_second(trainer.state.log_history),
+        "peak_gpu_memory_gib": peaks,
         "runtime_seconds": round(runtime, 2),
         "processes": state.num_processes,
         "parallelism": _parallelism(trainer, state.num_processes),

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Issue 9 on a lent 2-GPU machine (device kind nvidia-h100-x2 / nvidia-h200-x2), from the repository root:
+#
+#   carry: [".gpu9"]     command: RUNS="single fsdp" bash bench/multi_gpu.sh
+#                        command: RUNS="zero3 merge-fsdp merge-zero3" bash bench/multi_gpu.sh
+#
+# `toolkit train --config gpt-oss-20b-lora` on a random full-size gpt-oss-20b checkpoint (built on the GPU
+# by bench/multi_gpu.py, ~42 GB, skipped when the machine still has it): on one GPU ("single"), then on
+# two through `accelerate launch` with the shipped configs toolkit/configs/accelerate/fsdp.yaml ("fsdp")
+# and deepspeed-zero3.yaml ("zero3"); "merge-RUN" runs `toolkit merge` on RUN's adapter (on the GPU; the
+# merged 42 GB are deleted once its parity check has passed and its manifest is written).
+#
+# Every run: the MOE corpus prepared here (.gpu9/prep, `toolkit prep ../shared/corpora/zh-nan-moe/train.tsv
+# --config gpt-oss-20b-lora`), packed into 2048-token rows, micro-batch 4 per GPU, no accumulation, STEPS
+# optimizer steps, a loss log every step (the table's tokens/s leaves out the first step). .gpu9 also holds
+# the wheels the image lacks (.gpu9/wheels: trl, datasets, peft, liger-kernel, dill, multiprocess,
+# transformers 5.24, deepspeed 0.19.8 built here with DS_BUILD_OPS=0, hjson, pydantic and its needs) and the
+# o200k_harmony tokenizer (.gpu9/tokenizer, toolkit.tokenizer.build_hf_tokenizer).
+# What comes back ($OUT): log (everything printed) and results.tgz (re-packed after every run, so a call cut
+# short keeps what finished): per run its manifest.json, metrics.jsonl, adapter_config.json; per merge its
+# manifest; table.md and table.json (bench/multi_gpu.py table).
+set -o pipefail
+OUT=${OUT:-bench/out}
+STEPS=${STEPS:-10}
+RUN_TIMEOUT=${RUN_TIMEOUT:-420}
+MODEL=${MODEL:-/tmp/gpt-oss-20b-random}
+RUNS_DIR=${RUNS_DIR:-/tmp/multi_gpu}
+KEEP=$RUNS_DIR/results
+mkdir -p "$OUT" "$RUNS_DIR" "$KEEP"
+exec > >(tee -a "$OUT/log") 2>&1
+# Multicast off, as the device README asks (the image sets these; a launcher must not lose them).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if [ ! -d /tmp/site/trl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .gpu9/wheels/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+date -u
+nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+python3 -c "import importlib.metadata as md; print({n: md.version(n) for n in ['torch', 'transformers', 'peft', \
+'trl', 'accelerate', 'deepspeed', 'liger-kernel']})"
+if [ ! -f "$MODEL/model.safetensors.index.json" ]; then
+  [ -f .gpu9/tokenizer/tokenizer.json ] || gunzip -k .gpu9/tokenizer/tokenizer.json.gz
+  python3 bench/multi_gpu.py make-model "$MODEL" --tokenizer .gpu9/tokenizer || exit 1
+fi
+
+train_args=(.gpu9/prep --config gpt-oss-20b-lora --max-steps "$STEPS" --force
+  --set "train.base_model=\"$MODEL\"" --set train.packing=true --set train.grad_accum=1
+  --set train.logging_steps=1 --set train.eval_steps=0 --set train.save_steps=0 --set train.max_eval_examples=64)
+launch=(python3 -m accelerate.commands.launch --num_processes 2 --num_machines 1)
+
+for run in ${RUNS:-single fsdp zero3}; do
+  echo "=== $run $(date -u +%T)"
+  case $run in
+    single) CUDA_VISIBLE_DEVICES=0 timeout "$RUN_TIMEOUT" python3 -m toolkit train "${train_args[@]}" \
+              --out "$RUNS_DIR/single" ;;
+    fsdp)   timeout "$RUN_TIMEOUT" "${launch[@]}" --config_file toolkit/configs/accelerate/fsdp.yaml \
+              -m toolkit train "${train_args[@]}" --out "$RUNS_DIR/fsdp" ;;
+    zero3)  timeout "$RUN_TIMEOUT" "${launch[@]}" --config_file toolkit/configs/accelerate/deepspeed-zero3.yaml \
+              -m toolkit train "${train_args[@]}" --out "$RUNS_DIR/zero3" ;;
+    merge-*) name=${run#merge-}
+            timeout "$RUN_TIMEOUT" python3 -m toolkit merge "$RUNS_DIR/$name" --device cuda --force \
+              --out "$RUNS_DIR/merged-$name" \
+              && cp "$RUNS_DIR/merged-$name/manifest.json" "$KEEP/merge-$name.manifest.json" \
+              && rm -f "$RUNS_DIR/merged-$name"/*.safetensors ;;
+    *) echo "unknown run $run"; continue ;;
+  esac
+  echo "=== $run exit $? $(date -u +%T)"
+  if [ -f "$RUNS_DIR/$run/manifest.json" ]; then
+    mkdir -p "$KEEP/$run"
+    cp "$RUNS_DIR/$run"/{manifest.json,metrics.jsonl,adapter_config.json} "$KEEP/$run/"
+  fi
+  python3 bench/multi_gpu.py table "$RUNS_DIR"/single "$RUNS_DIR"/fsdp "$RUNS_DIR"/zero3 --json "$KEEP/table.json" \
+    > "$KEEP/table.md"
+  tar czf "$OUT/results.tgz" -C "$KEEP" .
+done
+cat "$KEEP/table.md"
