@@ -22,7 +22,9 @@
 set -o pipefail
 OUT=${OUT:-bench/out}
 STEPS=${STEPS:-10}
-RUN_TIMEOUT=${RUN_TIMEOUT:-420}
+RUN_TIMEOUT=${RUN_TIMEOUT:-420}  # seconds per training run; a run still going 5 s before prints its
+                                 # Python stacks (faulthandler on SIGABRT) into the log, then ends
+MERGE_TIMEOUT=${MERGE_TIMEOUT:-240}
 MODEL=${MODEL:-/tmp/gpt-oss-20b-random}
 RUNS_DIR=${RUNS_DIR:-/tmp/multi_gpu}
 KEEP=$RUNS_DIR/results
@@ -34,7 +36,7 @@ if [ ! -d /tmp/site/trl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .gpu9/wheels/*.whl || exit 1
 fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONFAULTHANDLER=1
 date -u
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
 python3 -c "import importlib.metadata as md; print({n: md.version(n) for n in ['torch', 'transformers', 'peft', \
@@ -51,6 +53,7 @@ launch=(python3 -m accelerate.commands.launch --num_processes 2 --num_machines 1
 
 for run in ${RUNS:-single fsdp zero3}; do
   echo "=== $run $(date -u +%T)"
+  (sleep $((RUN_TIMEOUT - 5)); pkill -ABRT -f "toolkit (train|merge)") & watchdog=$!
   case $run in
     single) CUDA_VISIBLE_DEVICES=0 timeout "$RUN_TIMEOUT" python3 -m toolkit train "${train_args[@]}" \
               --out "$RUNS_DIR/single" ;;
@@ -59,13 +62,14 @@ for run in ${RUNS:-single fsdp zero3}; do
     zero3)  timeout "$RUN_TIMEOUT" "${launch[@]}" --config_file toolkit/configs/accelerate/deepspeed-zero3.yaml \
               -m toolkit train "${train_args[@]}" --out "$RUNS_DIR/zero3" ;;
     merge-*) name=${run#merge-}
-            timeout "$RUN_TIMEOUT" python3 -m toolkit merge "$RUNS_DIR/$name" --device cuda --force \
+            timeout "$MERGE_TIMEOUT" python3 -m toolkit merge "$RUNS_DIR/$name" --device cuda --force \
               --out "$RUNS_DIR/merged-$name" \
               && cp "$RUNS_DIR/merged-$name/manifest.json" "$KEEP/merge-$name.manifest.json" \
               && rm -f "$RUNS_DIR/merged-$name"/*.safetensors ;;
     *) echo "unknown run $run"; continue ;;
   esac
   echo "=== $run exit $? $(date -u +%T)"
+  kill $watchdog 2>/dev/null
   if [ -f "$RUNS_DIR/$run/manifest.json" ]; then
     mkdir -p "$KEEP/$run"
     cp "$RUNS_DIR/$run"/{manifest.json,metrics.jsonl,adapter_config.json} "$KEEP/$run/"

@@ -227,13 +227,13 @@ def _parallelism(trainer: Any, processes: int) -> str:
 
 
 def steady_tokens_per_second(history: list[dict[str, Any]]) -> float | None:
-    """Input tokens/s from the first logged step to the last, leaving out the first logging interval
-    (kernel compilation, allocator warm-up); None with fewer than three logged steps."""
+    """Input tokens/s over the last three quarters of the logged steps: the first quarter (at least one
+    logging interval) holds kernel compilation and allocator warm-up. None with fewer than three logs."""
     points = [(e["num_input_tokens_seen"], e["train_runtime"]) for e in history
               if "loss" in e and "num_input_tokens_seen" in e and "train_runtime" in e]
     if len(points) < 3:
         return None
-    (tokens0, time0), (tokens1, time1) = points[0], points[-1]
+    (tokens0, time0), (tokens1, time1) = points[max(1, len(points) // 4) - 1], points[-1]
     return round((tokens1 - tokens0) / (time1 - time0), 1) if time1 > time0 else None
 
 
