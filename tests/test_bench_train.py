@@ -117,3 +117,24 @@ def test_switches_reach_transformers_and_trl():
     with pytest.raises(ConfigError) as err:
         config.build("train", "tiny-cpu", ["train.experts_implementation=fast", "train.liger_kernel=true"])
     assert "train.experts_implementation" in str(err.value) and "train.liger_kernel" in str(err.value)
+
+
+def test_multi_gpu_table_scales_per_gpu_throughput_against_the_single_run(tmp_path):
+    """bench/multi_gpu.py: per-GPU tokens/s and the scaling efficiency against the 1-GPU run of the same code."""
+    import multi_gpu
+
+    def run(name, processes, steady, peaks):
+        folder = tmp_path / name
+        folder.mkdir()
+        metrics = {"parallelism": name, "processes": processes, "steps": 12, "tokens_seen": 1, "tokens_per_second": 1,
+                   "steady_tokens_per_second": steady, "train_loss": 9.9,
+                   "peak_gpu_memory_gib": {"allocated": peaks, "reserved": peaks}}
+        (folder / "manifest.json").write_text(json.dumps({"metrics": metrics, "outputs": []}))
+        return folder
+
+    rows = multi_gpu.with_scaling([multi_gpu.run_summary(run("single", 1, 12963.2, [70.7])),
+                                   multi_gpu.run_summary(run("fsdp2", 2, 19321.5, [52.9, 52.7]))])
+    assert rows[1]["per_gpu"] == pytest.approx(9660.8, abs=0.1)
+    assert rows[1]["scaling"] == pytest.approx(9660.8 / 12963.2, abs=1e-3)
+    text = multi_gpu.table(rows)
+    assert "| fsdp2 | fsdp2 | 2 | 12 | 19,322 | 9,661 | 74% | 52.9 / 52.7 |" in text

@@ -110,6 +110,23 @@ def test_check_parity_rejects_a_wrong_merge():
         merge.check_parity(base, small, base, atol=1e-3)
 
 
+def test_check_parity_judges_16_bit_merges_against_the_adapters_effect():
+    """bf16 rounding through gpt-oss-20b moved logits by 1.76 where the adapter moved them by 10.5 (measured on
+    the GPU machine): that passes with the 16-bit defaults; a merge that lost most of the adapter does not."""
+    import torch
+
+    base = torch.zeros(8)
+    adapted = torch.tensor([10.5, -3.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    rounded = adapted + torch.tensor([1.76, -0.5, 0.3, 0, 0, 0, 0, 0])
+    atol, rtol = merge.DEFAULT_ATOL["bfloat16"], merge.DEFAULT_RTOL["bfloat16"]
+    figures = merge.check_parity(base, adapted, rounded, atol, rtol)
+    assert figures["allowed"] == pytest.approx(0.25 * 10.5) and figures["max_abs_diff_merged_vs_adapter"] > atol
+    with pytest.raises(ArtifactError, match="differ from base\\+adapter by 5.*moves them by 10.5"):
+        merge.check_parity(base, adapted, adapted * 0.5, atol, rtol)  # half the adapter lost
+    with pytest.raises(ArtifactError, match="differ from base\\+adapter"):  # float32 stays absolute
+        merge.check_parity(base, adapted, rounded, merge.DEFAULT_ATOL["float32"], merge.DEFAULT_RTOL["float32"])
+
+
 def test_mxfp4_base_is_dequantized(monkeypatch):
     """A gpt-oss MXFP4 checkpoint is loaded with Mxfp4Config(dequantize=True) (no weights needed to check)."""
     import torch

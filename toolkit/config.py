@@ -223,6 +223,8 @@ class MergeConfig:
                              "今天天氣真好，我們去公園散步。")
     parity_atol: float | None = _help("Largest allowed |merged - (base+adapter)| next-token logit "
                                       "(default: 1e-3 float32, 0.1 float16, 0.25 bfloat16).", None)
+    parity_rtol: float | None = _help("...or up to this share of the adapter's own effect on that logit, whichever is "
+                                      "larger (default: 0 float32, 0.25 in 16 bits).", None)
     max_shard_size: str = _help("Largest safetensors shard.", "5GB")
 
     def problems(self) -> list[str]:
@@ -231,6 +233,8 @@ class MergeConfig:
             out.append(f"merge.dtype: expected auto, bfloat16, float16 or float32, found {self.dtype!r}")
         if self.parity_atol is not None and self.parity_atol <= 0:
             out.append(f"merge.parity_atol: expected a positive number, found {self.parity_atol}")
+        if self.parity_rtol is not None and not 0 <= self.parity_rtol < 1:
+            out.append(f"merge.parity_rtol: expected a share in [0, 1), found {self.parity_rtol}")
         return out
 
 
