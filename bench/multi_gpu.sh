@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Issue 9 on a lent 2-GPU machine (device kind nvidia-h100-x2 / nvidia-h200-x2), from the repository root:
 #
-#   carry: [".gpu9"]     command: RUNS="single fsdp" bash bench/multi_gpu.sh
-#                        command: RUNS="zero3 merge-fsdp merge-zero3" bash bench/multi_gpu.sh
+#   carry: [".gpu9"]   command: RUNS="fsdp zero3" STEPS=12 RUN_TIMEOUT=300 bash bench/multi_gpu.sh
+#   then, while the machine is still warm (it keeps the checkpoint and the adapters):
+#                      command: RUNS="merge-fsdp single merge-zero3" STEPS=12 bash bench/multi_gpu.sh
+# (a device call lasts 10 minutes at most: a cold machine spends ~2 min building the checkpoint, FSDP2 ~5 min
+# including its one-time start, ZeRO-3 ~2 min, one GPU ~1.5 min, a merge ~1.5 min).
 #
 # `toolkit train --config gpt-oss-20b-lora` on a random full-size gpt-oss-20b checkpoint (built on the GPU
 # by bench/multi_gpu.py, ~42 GB, skipped when the machine still has it): on one GPU ("single"), then on
@@ -10,12 +13,18 @@
 # and deepspeed-zero3.yaml ("zero3"); "merge-RUN" runs `toolkit merge` on RUN's adapter (on the GPU; the
 # merged 42 GB are deleted once its parity check has passed and its manifest is written).
 #
-# Every run: the MOE corpus prepared here (.gpu9/prep, `toolkit prep ../shared/corpora/zh-nan-moe/train.tsv
-# --config gpt-oss-20b-lora`), packed into 2048-token rows, micro-batch 4 per GPU, no accumulation, STEPS
-# optimizer steps, a loss log every step (the table's tokens/s leaves out the first step). .gpu9 also holds
-# the wheels the image lacks (.gpu9/wheels: trl, datasets, peft, liger-kernel, dill, multiprocess,
-# transformers 5.24, deepspeed 0.19.8 built here with DS_BUILD_OPS=0, hjson, pydantic and its needs) and the
-# o200k_harmony tokenizer (.gpu9/tokenizer, toolkit.tokenizer.build_hf_tokenizer).
+# Every run: the MOE corpus prepared here, packed into 2048-token rows, micro-batch 4 per GPU, no
+# accumulation, STEPS optimizer steps, a loss log every step (the table's tokens/s leaves out the first
+# quarter of the steps: kernel compilation). What the machine lacks travels in the git-ignored .gpu9/,
+# built here (~32 MB):
+#   mkdir -p .gpu9/wheels && echo /.gpu9/ >> .git/info/exclude
+#   pip download (as the device README says: --no-deps, cp312 manylinux) trl==1.16.0 datasets==5.2.0 peft==0.21.2
+#     liger-kernel==0.8.5 dill multiprocess transformers==5.24.0 hjson pydantic==2.12.5 pydantic-core==2.41.5
+#     annotated-types typing-inspection -d .gpu9/wheels
+#   DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation deepspeed==0.19.8 -w .gpu9/wheels   (PyPI has no wheel)
+#   python -c "from toolkit.tokenizer import build_hf_tokenizer; build_hf_tokenizer('.gpu9/tokenizer')" \
+#     && gzip .gpu9/tokenizer/tokenizer.json
+#   toolkit prep ../shared/corpora/zh-nan-moe/train.tsv --config gpt-oss-20b-lora --out .gpu9/prep
 # What comes back ($OUT): log (everything printed) and results.tgz (re-packed after every run, so a call cut
 # short keeps what finished): per run its manifest.json, metrics.jsonl, adapter_config.json; per merge its
 # manifest; table.md and table.json (bench/multi_gpu.py table).
