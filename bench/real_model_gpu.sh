@@ -21,7 +21,9 @@ cd "$(dirname "$0")/.."
 mode=${1:?usage: real_model_gpu.sh device | local DIR}
 RUN_DIR=${RUN_DIR:-export/gemma3-270m-gpu}
 N=${N:-500}
-COPY_BIAS=${COPY_BIAS:-3}  # chosen on the tuning slice of bench/real_model_sweep.sh
+# copy_bias per direction, chosen on the tuning slice of bench/real_model_sweep.sh (lines 1001-1200)
+COPY_BIAS_FORWARD=${COPY_BIAS_FORWARD:-2}
+COPY_BIAS_REVERSE=${COPY_BIAS_REVERSE:-1}
 TEST=${TEST:-../shared/eval/zh-nan.heldout.tsv}
 
 if [ "$mode" = device ]; then
@@ -53,11 +55,12 @@ toolkit export "$RUN_DIR/merge" --config gemma3-270m-cpu --name gemma3-270m-zh-n
 tuned="$RUN_DIR/export/gemma3-270m-zh-nan-Q4_K_M.gguf"
 for d in forward reverse; do
     out="$RUN_DIR/eval-$d-$N"
+    bias=$COPY_BIAS_FORWARD; [ "$d" = reverse ] && bias=$COPY_BIAS_REVERSE
     toolkit eval "$TEST" --baseline copy --direction "$d" --limit "$N" --out "$out/copy"
     toolkit eval "$TEST" --model "$tuned" --backend llama-cpp --config gemma3-270m-cpu --set eval.n_threads=2 \
         --direction "$d" --limit "$N" --out "$out/tuned-gguf-q4km"
     toolkit eval "$TEST" --model "$tuned" --backend llama-cpp --config gemma3-270m-cpu --set eval.n_threads=2 \
-        --set eval.copy_bias="$COPY_BIAS" --direction "$d" --limit "$N" --out "$out/tuned-gguf-q4km-bias"
+        --set eval.copy_bias="$bias" --direction "$d" --limit "$N" --out "$out/tuned-gguf-q4km-bias"
     # the base through transformers (float32 dequantized from the package's Q4_K_M GGUF, whose own file has
     # no chat template for llama.cpp); a pretrained model never ends its turn, so its output is capped
     toolkit eval "$TEST" --model "$base_hf" --backend transformers --config gemma3-270m-cpu \
