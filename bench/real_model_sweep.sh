@@ -19,6 +19,10 @@
 #   short-1200-lr1e4 learning rate 1e-4
 #   short-1200-r8    rank 8 (alpha 16)
 #   joined-1200      also 2-6 consecutive pairs joined into one example (prep.join_pairs = 6, <= 160 chars)
+# Second round (issue 10's remaining tries, Mandarin -> Taigi):
+#   fwd-600          forward only (prep.direction = forward): 600 steps, as many forward examples as short-1200
+#   prompt-1200      short-1200 with an instruction asking for a faithful, complete translation (PROMPT below)
+#   fwd-prompt-600   both changes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:?usage: real_model_sweep.sh tune-slice | train | eval | local DIR}
@@ -26,7 +30,9 @@ TEST=${TEST:-../shared/eval/zh-nan.heldout.tsv}
 TUNE_FROM=${TUNE_FROM:-1001}  # data lines 1001-1200 (1-based, after the header): disjoint from the first 500
 TUNE_N=${TUNE_N:-200}
 SWEEP=/tmp/sweep
-VARIANTS="short-1200 short-600 short-1200-lr1e4 short-1200-r8 joined-1200"
+VARIANTS="short-1200 short-600 short-1200-lr1e4 short-1200-r8 joined-1200 fwd-600 prompt-1200 fwd-prompt-600"
+PROMPT="Translate the user's text from {src} into {tgt}, sentence for sentence: keep every name, number and \
+clause, and change only the words that {tgt} says differently. Reply with the translation only."
 BIASES=${BIASES:-0 3}
 
 setup_device() {
@@ -51,7 +57,15 @@ train)
     echo "$base" > /tmp/base_model
     data=.gpu10/w/data/train.tsv
     toolkit prep "$data" --config gemma3-270m-gpu --set prep.join_pairs=1 --set prep.max_length=64 --out $SWEEP/prep-short
-    toolkit prep "$data" --config gemma3-270m-gpu --out $SWEEP/prep-joined
+    short=(--set prep.join_pairs=1 --set prep.max_length=64)
+    need() { [[ " ${TRAIN:-$VARIANTS} " == *" $1"* ]]; }  # is a variant of this prep asked for
+    need joined && toolkit prep "$data" --config gemma3-270m-gpu --out $SWEEP/prep-joined
+    need fwd- && toolkit prep "$data" --config gemma3-270m-gpu "${short[@]}" --set prep.direction=forward \
+        --out $SWEEP/prep-fwd
+    need prompt- && toolkit prep "$data" --config gemma3-270m-gpu "${short[@]}" --set "prep.instruction=\"$PROMPT\"" \
+        --out $SWEEP/prep-prompt
+    need fwd-prompt- && toolkit prep "$data" --config gemma3-270m-gpu "${short[@]}" --set prep.direction=forward \
+        --set "prep.instruction=\"$PROMPT\"" --out $SWEEP/prep-fwd-prompt
     common=(--config gemma3-270m-gpu --set "train.base_model=\"$base\"" --set train.batch_size=32
             --set train.save_steps=0 --set train.eval_steps=400)
     OUT=${OUT:-/tmp/out}
@@ -77,6 +91,9 @@ train)
         short-1200-lr1e4) run $name short --set train.max_steps=1200 --set train.learning_rate=1e-4 & ;;
         short-1200-r8) run $name short --set train.max_steps=1200 --set train.lora_r=8 --set train.lora_alpha=16 & ;;
         joined-1200) run $name joined --set train.max_steps=1200 & ;;
+        fwd-600) run $name fwd --set train.max_steps=600 & ;;
+        prompt-1200) run $name prompt --set train.max_steps=1200 & ;;
+        fwd-prompt-600) run $name fwd-prompt --set train.max_steps=600 & ;;
         *) echo "unknown variant $name" ;;
         esac
     done
@@ -87,9 +104,10 @@ eval)
     setup_device
     OUT=${OUT:-/tmp/out}
     mkdir -p "$OUT"
-    for name in $VARIANTS; do
+    for name in ${TRAIN:-$VARIANTS}; do
         [ -f $SWEEP/$name/train/manifest.json ] || { echo "no finished train folder for $name"; continue; }
-        for d in forward reverse; do
+        directions="forward reverse"; [[ $name == fwd-* ]] && directions=forward  # trained one way only
+        for d in $directions; do
             for b in $BIASES; do
                 toolkit eval .gpu10/w/data/tune.tsv --model $SWEEP/$name/train --backend transformers \
                     --config gemma3-270m-gpu --set eval.copy_bias=$b --direction $d \
@@ -112,13 +130,13 @@ lines = ["| run | BLEU | chrF |", "|---|---|---|"] + [f"| {n} | {b:.1f} | {c:.1f
 (out / "sweep.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 best = {}
-for n, _, c in rows:
-    if n.startswith("copy-"):
+for n, _, c in rows:  # Mandarin -> Taigi decides (some variants are trained only that way)
+    if n.startswith("copy-") or "-forward-" not in n:
         continue
     name = n.rsplit("-", 2)[0]
-    best[name] = best.get(name, 0) + c
-ranked = sorted(best, key=best.get, reverse=True)
-print("ranked by summed chrF (both directions, both biases):", ranked)
+    best.setdefault(name, []).append(c)
+ranked = sorted(best, key=lambda k: sum(best[k]) / len(best[k]), reverse=True)
+print("ranked by mean Mandarin -> Taigi chrF over the biases:", ranked)
 (out / "ranked.txt").write_text("\n".join(ranked) + "\n")
 EOF
     tar czf /tmp/sweep-evals.tgz -C $SWEEP eval $(cd $SWEEP && ls -d */train | sed 's|$|/metrics.jsonl|') \

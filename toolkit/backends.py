@@ -268,6 +268,19 @@ class LlamaCppTranslator:
     def translate(self, texts: list[str], spec: PromptSpec, *, max_new_tokens: int = 256) -> list[Translation]:
         return [self._one(text, spec, max_new_tokens) for text in texts]
 
+    def logits_processors(self, text: str, n_prompt: int) -> list[Any] | None:
+        """llama-cpp logits processors for one source sentence (`copy_bias`). Each is called with the token ids
+        so far (the prompt's `n_prompt` first) and the next token's scores, and returns the scores."""
+        if not self.copy_bias:
+            return None
+        ids = source_token_ids(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+        def favour_source(_input_ids: Any, scores: Any) -> Any:
+            scores[ids] += self.copy_bias
+            return scores
+
+        return [favour_source]
+
     def _one(self, text: str, spec: PromptSpec, max_new_tokens: int) -> Translation:
         prompt = spec.harmony_prompt(text) if self.harmony else spec.render_prompt(text, self.template)
         # The prompt holds the template's special tokens already (BOS included where the template has one).
@@ -276,15 +289,7 @@ class LlamaCppTranslator:
         if budget <= 0:
             raise ExternalToolError(f"prompt of {len(tokens)} tokens does not fit n_ctx={self.llm.n_ctx()}; "
                                     "raise n_ctx or shorten the text.")
-        processors = None
-        if self.copy_bias:
-            ids = source_token_ids(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
-
-            def favour_source(_input_ids: Any, scores: Any) -> Any:
-                scores[ids] += self.copy_bias
-                return scores
-
-            processors = [favour_source]
+        processors = self.logits_processors(text, len(tokens))
         started = time.perf_counter()
         out: list[int] = []
         stopped = False
