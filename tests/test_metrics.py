@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sacrebleu
 
 from toolkit import metrics
 
@@ -84,6 +85,36 @@ def test_paired_bootstrap_matches_sacrebleu_cli(tmp_path):
     assert ours["ci"] == pytest.approx(cli_sys["BLEU"]["ci"])
     assert ours["delta"] == pytest.approx(ours["system"] - ours["baseline"])
     assert "bs:1000" in ours["signature"] and "tok:zh" in ours["signature"]
+
+
+def test_paired_many_gives_each_system_its_pairwise_result():
+    refs, base = REFS * 6, HYPS * 6
+    systems = {"other": OTHER * 6, "same": HYPS * 6, "refs": REFS * 6}
+    many = metrics.paired_many(base, systems, refs, n_samples=300)
+    assert list(many) == ["other", "same", "refs"]
+    for name, hyps in systems.items():
+        assert many[name] == metrics.paired(base, hyps, refs, n_samples=300), name
+    assert many["refs"]["chrf"]["delta"] > 0 and many["same"]["chrf"]["p_value"] == 1.0
+    assert metrics.paired_many(base, {}, refs) == {}
+
+
+def test_sentence_statistics_are_computed_once_per_system(monkeypatch):
+    refs, base, system = REFS * 5, HYPS * 5, OTHER * 5
+    calls = []
+    extract = sacrebleu.TER._extract_corpus_statistics
+
+    def counting(self, hypotheses, references):
+        calls.append(tuple(hypotheses))
+        return extract(self, hypotheses, references)
+
+    monkeypatch.setattr(sacrebleu.TER, "_extract_corpus_statistics", counting)
+    metrics._STATS_CACHE.clear()
+    first = metrics.score(system, refs, n_bootstrap=100)["ter"]
+    paired = metrics.paired(base, system, refs, n_samples=100)["ter"]
+    again = metrics.paired_many(system, {"base": base}, refs, n_samples=100)["base"]["ter"]
+    assert sorted(calls) == sorted([tuple(system), tuple(base)])  # each once, though used three times
+    assert paired["system"] == first["score"] and again["baseline"] == first["score"]
+    assert "nrefs:1" in paired["signature"] and "nrefs:1" in again["signature"]  # set on a cache hit too
 
 
 def test_paired_identical_systems_are_not_significant():

@@ -211,8 +211,8 @@ def score_systems(systems: dict[str, list[str]], test: TestSet, n_bootstrap: int
                            "paired_vs_copy": {}}
     for name, hyps in systems.items():
         out["systems"][name] = metrics.score(hyps, test.references, n_bootstrap=n_bootstrap)
-        if n_bootstrap > 1:
-            out["paired_vs_copy"][name] = metrics.paired(copy, hyps, test.references, n_samples=n_bootstrap)
+    if n_bootstrap > 1:
+        out["paired_vs_copy"] = metrics.paired_many(copy, systems, test.references, n_samples=n_bootstrap)
     return out
 
 
@@ -387,8 +387,8 @@ def compare(run_dirs: list[Path], out_dir: Path, *, n_bootstrap: int = metrics.N
     names = list(systems)
     if len(names) > 1 and n_bootstrap > 1:
         scores["first"] = names[0]
-        scores["paired_vs_first"] = {n: metrics.paired(systems[names[0]], systems[n], test.references,
-                                                       n_samples=n_bootstrap) for n in names[1:]}
+        scores["paired_vs_first"] = metrics.paired_many(systems[names[0]], {n: systems[n] for n in names[1:]},
+                                                        test.references, n_samples=n_bootstrap)
     title = f"comparison of {len(runs)} runs, {len(test.sources):,} sentences of {test.path.name}"
     inputs = [f / name for f, *_ in runs for name in (PREDICTIONS, SCORES)]
     return _finish(out_dir, test, scores, config, title, None, inputs)

@@ -13,8 +13,8 @@ import logging
 import os
 import statistics
 import unicodedata
-from collections import Counter
-from collections.abc import Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,37 @@ METRIC_KEYS = tuple(m.key for m in METRICS)
 LABELS = {m.key: m.label for m in METRICS}
 
 
+# Sentence statistics of recent (metric, hypotheses, references): a comparison scores each system, then tests
+# it against the copy baseline and against the first system, and sacrebleu recomputes the statistics every
+# time. TER's are slow on long, wrong outputs (a base model's 500 continuations: over 2 minutes), so each
+# system's are computed once. sacrebleu does not modify the statistics it is given.
+_STATS_CACHE: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_STATS_CACHE_SIZE = 64
+
+
+def _metric(m: MetricDef) -> Metric:
+    """A fresh sacrebleu metric of `m` whose sentence statistics come from `_STATS_CACHE` when known."""
+    metric = m.make()
+    extract = metric._extract_corpus_statistics
+
+    def cached(hypotheses: Sequence[str], references: Sequence[Sequence[str]] | None) -> Any:
+        if references is None:  # references cached in the metric object: not ours to key on
+            return extract(hypotheses, references)
+        key = (m.key, tuple(hypotheses), tuple(tuple(r) for r in references))
+        if key in _STATS_CACHE:
+            _STATS_CACHE.move_to_end(key)
+            stats, metric.num_refs = _STATS_CACHE[key]  # what extracting sets on the metric (its signature)
+            return stats
+        stats = extract(hypotheses, references)
+        _STATS_CACHE[key] = (stats, metric.num_refs)
+        if len(_STATS_CACHE) > _STATS_CACHE_SIZE:
+            _STATS_CACHE.popitem(last=False)
+        return stats
+
+    metric._extract_corpus_statistics = cached
+    return metric
+
+
 def _seed_env() -> None:
     # sacrebleu reads its bootstrap seed from the environment; pin it unless the user chose one.
     os.environ.setdefault("SACREBLEU_SEED", str(SEED))
@@ -57,7 +88,7 @@ def score(hypotheses: Sequence[str], references: Sequence[str], *, n_bootstrap: 
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
     out: dict[str, Any] = {}
     for m in (m for m in METRICS if m.key in keys):
-        metric = m.make()
+        metric = _metric(m)
         mean, ci, value = _corpus_score(metric, list(hypotheses), [list(references)], n_bootstrap)
         out[m.key] = {"score": value, "mean": mean, "ci": ci, "signature": str(metric.get_signature())}
     return out
@@ -104,35 +135,49 @@ def paired(
     Per metric: both scores, the difference, the p-value (chance of a difference this large under the
     null hypothesis), and the system's bootstrap mean and 95% half-interval.
     """
+    return paired_many(baseline, {"system": system}, references, n_samples=n_samples)["system"]
+
+
+def paired_many(
+    baseline: Sequence[str],
+    systems: Mapping[str, Sequence[str]],
+    references: Sequence[str],
+    *,
+    n_samples: int = N_BOOTSTRAP,
+) -> dict[str, dict[str, Any]]:
+    """`paired` for several systems against one baseline, with the same numbers: one sacrebleu test per metric,
+    so the baseline's sentence statistics (TER's are slow) are computed once, not once per system."""
     from sacrebleu.significance import PairedTest
 
     _seed_env()
     # PairedTest logs every step at INFO; the CLI shows INFO by default.
     logging.getLogger("sacrebleu").setLevel(logging.WARNING)
-    out: dict[str, Any] = {}
+    names = list(systems)
+    out: dict[str, dict[str, Any]] = {name: {} for name in names}
+    if not names:
+        return out
+    named = [("baseline", list(baseline))] + [(f"system-{i}", list(systems[n])) for i, n in enumerate(names)]
     for m in METRICS:
         # One metric per test: PairedTest keys results by score name, and both BLEUs are "BLEU".
-        metrics: dict[str, Metric] = {m.key: m.make()}
-        test = PairedTest(
-            [("baseline", list(baseline)), ("system", list(system))], metrics, [list(references)],
-            test_type="bs", n_samples=n_samples,
-        )
+        metrics: dict[str, Metric] = {m.key: _metric(m)}
+        test = PairedTest(named, metrics, [list(references)], test_type="bs", n_samples=n_samples)
         signatures, results = test()
-        (name,) = [k for k in results if k != "System"]
-        base, sys_result = results[name]
-        delta = float(sys_result.score - base.score)
-        # sacrebleu counts resampled differences strictly greater than the observed one, so two
-        # systems with identical scores get p = 1/(n+1), "significant"; no observed difference is p = 1.
-        p_value = 1.0 if delta == 0 else float(sys_result.p_value)
-        out[m.key] = {
-            "baseline": float(base.score),
-            "system": float(sys_result.score),
-            "delta": delta,
-            "p_value": p_value,
-            "mean": float(sys_result.mean),
-            "ci": float(sys_result.ci),
-            "signature": str(signatures[name]),
-        }
+        (score_name,) = [k for k in results if k != "System"]
+        base, *per_system = results[score_name]
+        for name, sys_result in zip(names, per_system, strict=True):
+            delta = float(sys_result.score - base.score)
+            # sacrebleu counts resampled differences strictly greater than the observed one, so two
+            # systems with identical scores get p = 1/(n+1), "significant"; no observed difference is p = 1.
+            p_value = 1.0 if delta == 0 else float(sys_result.p_value)
+            out[name][m.key] = {
+                "baseline": float(base.score),
+                "system": float(sys_result.score),
+                "delta": delta,
+                "p_value": p_value,
+                "mean": float(sys_result.mean),
+                "ci": float(sys_result.ci),
+                "signature": str(signatures[score_name]),
+            }
     return out
 
 
