@@ -152,11 +152,9 @@ def test_a_chat_model_without_experts_trains_attention_only(tiny_model, prep_dir
     """Any causal chat LM works (here a tiny random Gemma 3 with a Gemma-style template): LoRA on attention only."""
     import shutil
 
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
     from toolkit import train
-
-    from transformers import AutoTokenizer
 
     model_dir = tmp_path / "gemma"
     Gemma3ForCausalLM(Gemma3TextConfig(

@@ -147,7 +147,7 @@ def write_manifest(
     manifest = {
         "stage": stage,
         "toolkit_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "config": redact(config),
         "inputs": [file_record(Path(p)) for p in inputs or [] if Path(p).is_file()],
         "outputs": outputs,

@@ -102,12 +102,11 @@ def build_hf_tokenizer(out_dir: Path, chat_template: str | None = None):
     Built with transformers' own tiktoken converter; the Harmony chat template (ours, see
     `toolkit.harmony.CHAT_TEMPLATE`) is attached unless another is given.
     """
+    from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     from toolkit.harmony import CHAT_TEMPLATE
-
-    from tokenizers import AddedToken
 
     enc = tiktoken_encoding()
     converter = TikTokenConverter(vocab_file=str(install_ranks() / "o200k_base.tiktoken"), pattern=enc._pat_str)
