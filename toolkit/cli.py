@@ -130,12 +130,19 @@ def prep(corpus: Path, out_dir: Path | None, run: str | None, config, overrides,
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--real-tokenizer", is_flag=True, help="Use the real o200k_harmony tokenizer (201k vocab).")
+@click.option("--mxfp4", is_flag=True, help="Write it as openai/gpt-oss-20b ships: MXFP4 experts, bf16 rest, "
+              "safetensors shards with an index, quantization_config in config.json.")
+@click.option("--size", type=click.Choice(["tiny", "20b"]), default="tiny", show_default=True,
+              help="20b: a full-size random gpt-oss-20b (~13 GB, MXFP4 layout, real tokenizer; benchmarks).")
 @handle_errors
-def tiny(out_dir: Path, seed: int, real_tokenizer: bool) -> None:
+def tiny(out_dir: Path, seed: int, real_tokenizer: bool, mxfp4: bool, size: str) -> None:
     """Write a tiny random gpt-oss (real architecture) for tests and the CPU demo."""
-    from toolkit.tiny import build_tiny
+    from toolkit.tiny import build_gpt_oss_20b, build_tiny
 
-    click.echo(str(build_tiny(out_dir, seed=seed, real_tokenizer=real_tokenizer)))
+    if size == "20b":
+        click.echo(str(build_gpt_oss_20b(out_dir, seed=seed)))
+        return
+    click.echo(str(build_tiny(out_dir, seed=seed, real_tokenizer=real_tokenizer, mxfp4=mxfp4)))
 
 
 # --- train command (owned by the train stage) ---

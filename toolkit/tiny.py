@@ -5,6 +5,11 @@ one sliding and one full attention layer). The tokenizer is a small byte-level B
 sample corpus with gpt-oss's own pre-tokenizer pattern, carrying the Harmony special tokens and the Harmony
 chat template; `real_tokenizer=True` uses the real `o200k_harmony` tokenizer instead (201,088 rows of
 embeddings: about 13M parameters at hidden 32).
+
+`mxfp4=True` writes the checkpoint the way openai/gpt-oss-20b ships: `quantization_config` (mxfp4) in
+config.json, expert projections as MXFP4 `*_blocks`/`*_scales` (uint8), everything else bf16, in several
+safetensors shards with an index. `build_gpt_oss_20b` writes a full-size random gpt-oss-20b (~13 GB) in
+that layout, one tensor at a time (host memory: one tensor, not the model).
 """
 
 from __future__ import annotations
@@ -58,8 +63,12 @@ def build_bpe_tokenizer(sample: Path = SAMPLE):
     return tok
 
 
-def build_tiny(out_dir: Path, seed: int = 0, real_tokenizer: bool = False) -> Path:
-    """Write a tiny random GptOssForCausalLM + tokenizer to `out_dir` (same seed -> same weights)."""
+def build_tiny(out_dir: Path, seed: int = 0, real_tokenizer: bool = False, mxfp4: bool = False,
+               max_shard_size: int = 200_000) -> Path:
+    """Write a tiny random GptOssForCausalLM + tokenizer to `out_dir` (same seed -> same weights).
+
+    mxfp4: the released layout (MXFP4 experts, bf16 rest, shards of `max_shard_size` bytes + index).
+    """
     import torch
     from transformers import GptOssConfig, GptOssForCausalLM
 
@@ -99,6 +108,130 @@ def build_tiny(out_dir: Path, seed: int = 0, real_tokenizer: bool = False) -> Pa
                 std = 0.5 if name.startswith("lm_head") else 0.05
                 torch.nn.init.normal_(param, std=std, generator=torch.Generator().manual_seed(seed + len(name)))
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out_dir, safe_serialization=True)
+    if mxfp4:
+        state = model.state_dict()
+        write_released_layout(out_dir, config, lambda name: state[name], max_shard_size)
+        model.generation_config.save_pretrained(out_dir)
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def expert_param(name: str) -> bool:
+    """The 3-D expert projections MXFP4 stores packed (their biases stay bf16)."""
+    return name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
+
+
+def write_released_layout(out_dir: Path, config, produce, max_shard_size: int, packed=None, progress=None) -> list:
+    """Write config.json (with mxfp4 quantization_config) and the weights in gpt-oss' released layout.
+
+    `produce(name)` gives each parameter in transformers' layout (any float dtype); `packed(name, shape)`, when
+    given, gives an expert parameter's (blocks, scales) directly instead of quantizing `produce(name)`.
+    Parameter names and shapes come from the architecture built on the meta device.
+    """
+    import json
+
+    import torch
+    from transformers import GptOssForCausalLM
+
+    from toolkit import checkpoint, mxfp4 as fp4
+
+    with torch.device("meta"):
+        skeleton = GptOssForCausalLM(config)
+    shapes = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    entries: list = []
+    for name, shape in shapes.items():
+        if expert_param(name):
+            experts, cols, rows = shape  # [E, in, out] -> stored over [E, out, in/32, 16]
+            blocks, scales = fp4.packed_names(name)
+            entries += [checkpoint.Entry(blocks, "U8", (experts, rows, cols // fp4.BLOCK, fp4.BLOCK // 2)),
+                        checkpoint.Entry(scales, "U8", (experts, rows, cols // fp4.BLOCK))]
+        else:
+            entries.append(checkpoint.Entry(name, "BF16", shape))
+    cache: dict = {}
+
+    def tensor(entry):
+        base = fp4.param_name_of(entry.name)
+        if base is None:
+            return produce(entry.name).to(torch.bfloat16)
+        if base not in cache:
+            cache.clear()
+            cache[base] = packed(base, shapes[base]) if packed else fp4.quantize_param(produce(base))
+        return cache[base][0 if entry.name.endswith(fp4.SUFFIXES[0]) else 1]
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = checkpoint.write_shards(out_dir, entries, tensor, max_shard_bytes=max_shard_size, progress=progress)
+    data = config.to_dict()
+    data["quantization_config"] = fp4.quantization_config()
+    data["dtype"] = "bfloat16"
+    (out_dir / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return files
+
+
+def gpt_oss_20b_config(tokenizer=None):
+    """openai/gpt-oss-20b's architecture (GptOssConfig() defaults are the 120b's: 36 layers, 128 experts)."""
+    from transformers import GptOssConfig
+
+    layers = 24
+    ids = {}
+    if tokenizer is not None:
+        ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=[tokenizer.convert_tokens_to_ids("<|return|>"),
+                                 tokenizer.convert_tokens_to_ids("<|call|>")])
+    return GptOssConfig(
+        num_hidden_layers=layers, num_local_experts=32, num_experts_per_tok=4, hidden_size=2880,
+        intermediate_size=2880, head_dim=64, num_attention_heads=64, num_key_value_heads=8, vocab_size=201088,
+        sliding_window=128, max_position_embeddings=131072, tie_word_embeddings=False,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)], **ids,
+    )
+
+
+def build_gpt_oss_20b(out_dir: Path, seed: int = 0, max_shard_size: int = 4_000_000_000) -> Path:
+    """A random gpt-oss-20b in the released MXFP4 layout (~13 GB) with the real tokenizer, tensor by tensor.
+
+    Cost (speed, memory) depends on shapes, not values: this stands in for the released weights where they
+    cannot be downloaded. Dense weights ~N(0, 0.02); expert blocks are random FP4 codes with scales 2**-8..2**-6.
+    """
+    import hashlib
+
+    import torch
+    from tqdm import tqdm
+
+    from toolkit.tokenizer import build_hf_tokenizer
+
+    out_dir = Path(out_dir)
+    tok = build_hf_tokenizer(out_dir)
+    config = gpt_oss_20b_config(tok)
+
+    def generator(name: str):
+        digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+    def produce(name: str):
+        shape = shapes[name]
+        if name.endswith(("norm.weight", "layernorm.weight")):
+            return torch.ones(shape, dtype=torch.bfloat16)
+        return (torch.randn(shape, generator=generator(name)) * 0.02).to(torch.bfloat16)
+
+    def packed(name: str, shape):
+        experts, cols, rows = shape
+        gen = generator(name)
+        blocks = torch.randint(0, 256, (experts, rows, cols // 32, 16), generator=gen, dtype=torch.uint8)
+        scales = torch.randint(119, 122, (experts, rows, cols // 32), generator=gen, dtype=torch.uint8)
+        return blocks, scales
+
+    from transformers import GptOssForCausalLM
+
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in GptOssForCausalLM(config).state_dict().items()}
+    bar = tqdm(total=len(shapes), desc="gpt-oss-20b (random)", unit="tensor")
+    write_released_layout(out_dir, config, produce, max_shard_size, packed=packed,
+                          progress=lambda entry: bar.update(0 if entry.name.endswith("_scales") else 1))
+    bar.close()
+    from transformers import GenerationConfig
+
+    GenerationConfig(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                     eos_token_id=config.eos_token_id).save_pretrained(out_dir)
     return out_dir
