@@ -84,7 +84,7 @@ def quantize_rows(x):
     scales = torch.empty(flat.shape[0], rows, groups, dtype=torch.uint8)
     midpoints = torch.tensor(_MIDPOINTS, dtype=torch.float32)
     for part in _slices(flat.shape[0], rows * cols):
-        g = flat[part].float().reshape(-1, rows, groups, BLOCK)
+        g = flat[part].float().contiguous().reshape(-1, rows, groups, BLOCK)
         amax = g.abs().amax(-1)
         _, exp2 = torch.frexp(amax)  # amax = m * 2**exp2, m in [0.5, 1): floor(log2(amax)) = exp2 - 1
         shared = torch.where(amax > 0, exp2 - 1 - 2, torch.full_like(exp2, -127)).clamp(-127, 127)
