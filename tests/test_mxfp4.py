@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from toolkit import checkpoint, layerwise, mxfp4  # noqa: E402
+from toolkit import checkpoint, layerwise, mxfp4
 
 
 def reference_dequantize(blocks, scales):

@@ -66,7 +66,7 @@ class Checkpoint:
             from safetensors import safe_open
 
             with safe_open(str(self.folder / SINGLE), "pt") as fh:
-                self.weight_map = {name: SINGLE for name in fh.keys()}
+                self.weight_map = {name: SINGLE for name in fh.keys()}  # noqa: SIM118 (a safe_open handle)
         else:
             raise ArtifactError(f"{self.folder}: no {INDEX} or {SINGLE}. Pass a folder holding a safetensors model.")
         config = self.folder / "config.json"

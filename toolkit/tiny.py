@@ -135,7 +135,8 @@ def write_released_layout(out_dir: Path, config, produce, max_shard_size: int, p
     import torch
     from transformers import GptOssForCausalLM
 
-    from toolkit import checkpoint, mxfp4 as fp4
+    from toolkit import checkpoint
+    from toolkit import mxfp4 as fp4
 
     with torch.device("meta"):
         skeleton = GptOssForCausalLM(config)
@@ -177,9 +178,9 @@ def gpt_oss_20b_config(tokenizer=None):
     layers = 24
     ids = {}
     if tokenizer is not None:
-        ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                   eos_token_id=[tokenizer.convert_tokens_to_ids("<|return|>"),
-                                 tokenizer.convert_tokens_to_ids("<|call|>")])
+        ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+               "eos_token_id": [tokenizer.convert_tokens_to_ids("<|return|>"),
+                                tokenizer.convert_tokens_to_ids("<|call|>")]}
     return GptOssConfig(
         num_hidden_layers=layers, num_local_experts=32, num_experts_per_tok=4, hidden_size=2880,
         intermediate_size=2880, head_dim=64, num_attention_heads=64, num_key_value_heads=8, vocab_size=201088,
