@@ -154,3 +154,29 @@ def test_layerwise_transform_sees_every_tensor_and_changes_the_logits(tiny_mxfp4
     doubled = layerwise.logits(tiny_mxfp4, rows, transform=double_lm_head)[0]
     assert torch.allclose(doubled, 2 * plain, rtol=1e-5, atol=1e-5)
     assert set(seen) == set(checkpoint.Checkpoint(tiny_mxfp4).param_names())
+
+
+def test_full_size_writer_on_a_small_config(tiny_model_real_tokenizer, tmp_path):
+    """`toolkit tiny --size 20b`'s writer, given a small GptOssConfig: released layout, loads, runs."""
+    from transformers import AutoModelForCausalLM, GptOssConfig, Mxfp4Config
+
+    from toolkit.tiny import build_gpt_oss_20b, gpt_oss_20b_config
+
+    full = gpt_oss_20b_config()
+    assert (full.num_hidden_layers, full.num_local_experts, full.hidden_size, full.vocab_size) == (24, 32, 2880, 201088)
+    small = GptOssConfig(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, hidden_size=64,
+                         intermediate_size=64, head_dim=16, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=201088, layer_types=["sliding_attention", "full_attention"])
+    out = build_gpt_oss_20b(tmp_path / "m", seed=1, tokenizer=tiny_model_real_tokenizer, config=small,
+                            max_shard_size=20_000_000)
+    assert len(checkpoint.Checkpoint(out).shards()) > 1
+    model = AutoModelForCausalLM.from_pretrained(out, quantization_config=Mxfp4Config(dequantize=True),
+                                                 dtype=torch.bfloat16)
+    experts = model.state_dict()["model.layers.0.mlp.experts.gate_up_proj"].float()
+    assert 0 < float(experts.abs().max()) <= 6 * 2.0**-6  # random FP4 codes at scales 2**-8..2**-6
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+    again = build_gpt_oss_20b(tmp_path / "again", seed=1, tokenizer=tiny_model_real_tokenizer, config=small,
+                              max_shard_size=20_000_000)
+    for shard in checkpoint.Checkpoint(out).shards():  # deterministic: the same bytes on any machine
+        assert (out / shard).read_bytes() == (again / shard).read_bytes()

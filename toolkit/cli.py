@@ -134,13 +134,15 @@ def prep(corpus: Path, out_dir: Path | None, run: str | None, config, overrides,
               "safetensors shards with an index, quantization_config in config.json.")
 @click.option("--size", type=click.Choice(["tiny", "20b"]), default="tiny", show_default=True,
               help="20b: a full-size random gpt-oss-20b (~13 GB, MXFP4 layout, real tokenizer; benchmarks).")
+@click.option("--tokenizer", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="With --size 20b: copy this saved o200k_harmony tokenizer instead of building it.")
 @handle_errors
-def tiny(out_dir: Path, seed: int, real_tokenizer: bool, mxfp4: bool, size: str) -> None:
+def tiny(out_dir: Path, seed: int, real_tokenizer: bool, mxfp4: bool, size: str, tokenizer: Path | None) -> None:
     """Write a tiny random gpt-oss (real architecture) for tests and the CPU demo."""
     from toolkit.tiny import build_gpt_oss_20b, build_tiny
 
     if size == "20b":
-        click.echo(str(build_gpt_oss_20b(out_dir, seed=seed)))
+        click.echo(str(build_gpt_oss_20b(out_dir, seed=seed, tokenizer=tokenizer)))
         return
     click.echo(str(build_tiny(out_dir, seed=seed, real_tokenizer=real_tokenizer, mxfp4=mxfp4)))
 

@@ -189,11 +189,14 @@ def gpt_oss_20b_config(tokenizer=None):
     )
 
 
-def build_gpt_oss_20b(out_dir: Path, seed: int = 0, max_shard_size: int = 4_000_000_000) -> Path:
+def build_gpt_oss_20b(out_dir: Path, seed: int = 0, max_shard_size: int = 4_000_000_000,
+                      tokenizer: Path | None = None, config=None) -> Path:
     """A random gpt-oss-20b in the released MXFP4 layout (~13 GB) with the real tokenizer, tensor by tensor.
 
     Cost (speed, memory) depends on shapes, not values: this stands in for the released weights where they
     cannot be downloaded. Dense weights ~N(0, 0.02); expert blocks are random FP4 codes with scales 2**-8..2**-6.
+    `tokenizer`: a saved o200k_harmony tokenizer folder to copy (default: build it, which needs the `tokens` extra).
+    `config`: another GptOssConfig (tests write a small one the same way).
     """
     import hashlib
 
@@ -203,8 +206,14 @@ def build_gpt_oss_20b(out_dir: Path, seed: int = 0, max_shard_size: int = 4_000_
     from toolkit.tokenizer import build_hf_tokenizer
 
     out_dir = Path(out_dir)
-    tok = build_hf_tokenizer(out_dir)
-    config = gpt_oss_20b_config(tok)
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+        tok.save_pretrained(out_dir)
+    else:
+        tok = build_hf_tokenizer(out_dir)
+    config = config or gpt_oss_20b_config(tok)
 
     def generator(name: str):
         digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
