@@ -106,12 +106,21 @@ class Checkpoint:
                 names.append(base)
         return names
 
-    def param(self, name: str, dtype=None):
-        """A parameter in transformers' layout; an MXFP4 expert parameter is dequantized to `dtype`."""
+    def param(self, name: str, dtype=None, device=None):
+        """A parameter in transformers' layout; an MXFP4 expert parameter is dequantized to `dtype`.
+
+        `device`: where to put it; packed MXFP4 tensors travel packed (a quarter of the bytes) and are
+        dequantized there.
+        """
         blocks, scales = mxfp4.packed_names(name)
         if blocks in self.weight_map:
-            return mxfp4.dequantize_param(self.tensor(blocks), self.tensor(scales), dtype)
+            packed = self.tensor(blocks), self.tensor(scales)
+            if device is not None:
+                packed = tuple(t.to(device) for t in packed)
+            return mxfp4.dequantize_param(*packed, dtype)
         tensor = self.tensor(name)
+        if device is not None:
+            tensor = tensor.to(device)
         return tensor if dtype is None else tensor.to(dtype)
 
     def packed(self, name: str) -> tuple[Any, Any] | None:
