@@ -153,6 +153,8 @@ class TrainConfig:
     logging_steps: int = _help("Log train loss every N steps (metrics.jsonl, TensorBoard).", 10)
     report_to: str = _help("tensorboard (local, in OUT/tensorboard) or none.", "tensorboard")
     seed: int = _help("Seed of LoRA init, data order and dropout.", 42)
+    gpu_memory_gib: float = _help("Cap this process's GPU memory at N GiB (0: no cap), e.g. 24 to prove on a large "
+                                  "card that a run fits a 24 GB one: past the cap it fails with out-of-memory.", 0.0)
 
     def problems(self) -> list[str]:
         choices = {
@@ -167,7 +169,7 @@ class TrainConfig:
         out += [f"train.{k}: expected a positive number, found {getattr(self, k)}"
                 for k in positive if getattr(self, k) <= 0]
         non_negative = ("max_steps", "eval_steps", "save_steps", "save_total_limit", "max_eval_examples",
-                        "max_train_examples", "weight_decay", "warmup_ratio")
+                        "max_train_examples", "weight_decay", "warmup_ratio", "gpu_memory_gib")
         out += [f"train.{k}: expected 0 or more, found {getattr(self, k)}" for k in non_negative if getattr(self, k) < 0]
         if not 0.0 <= self.lora_dropout < 1.0:
             out.append(f"train.lora_dropout: expected 0 <= x < 1, found {self.lora_dropout}")
@@ -200,6 +202,8 @@ class TrainConfig:
             out.append(f"train.packing / train.padding_free need a FlashAttention kernel that reads the per-example "
                        f"positions (e.g. attn_implementation = \"kernels-community/vllm-flash-attn3\") or "
                        f"flex_attention, found {self.attn_implementation!r}")
+        if self.gpu_memory_gib and self.device == "cpu":
+            out.append("train.gpu_memory_gib: a GPU memory cap on the CPU; set it to 0")
         if self.mode == "qlora" and self.device == "cpu":
             out.append("train.mode qlora needs CUDA (bitsandbytes 4-bit); use mode lora on the CPU")
         if self.mode == "qlora" and self.dtype == "float32":
