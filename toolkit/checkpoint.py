@@ -71,7 +71,6 @@ class Checkpoint:
             raise ArtifactError(f"{self.folder}: no {INDEX} or {SINGLE}. Pass a folder holding a safetensors model.")
         config = self.folder / "config.json"
         self.config: dict[str, Any] = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
-        self._handles: dict[str, Any] = {}
 
     @property
     def is_mxfp4(self) -> bool:
@@ -80,20 +79,21 @@ class Checkpoint:
     def shards(self) -> list[str]:
         return sorted(set(self.weight_map.values()))
 
-    def _handle(self, shard: str):
+    def tensor(self, name: str):
+        """One stored tensor, copied out of its shard.
+
+        The shard is opened for this one read and closed again: safetensors memory-maps the file, and pages
+        touched through an open map count in the process's resident memory until it is closed, so a cached
+        handle would grow to the whole shard.
+        """
         from safetensors import safe_open
 
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.folder / shard), "pt")
-        return self._handles[shard]
-
-    def tensor(self, name: str):
-        """One stored tensor, read from its shard (memory-mapped file; only this tensor is copied)."""
         try:
             shard = self.weight_map[name]
         except KeyError:
             raise ArtifactError(f"{self.folder}: no tensor {name!r} in the checkpoint") from None
-        return self._handle(shard).get_tensor(name)
+        with safe_open(str(self.folder / shard), "pt") as fh:
+            return fh.get_tensor(name).clone()
 
     def param_names(self) -> list[str]:
         """Parameter names in transformers' naming: each blocks/scales pair counts once, under its parameter."""
@@ -140,7 +140,7 @@ class Checkpoint:
         return self.weight_map.get(param) or self.weight_map[mxfp4.packed_names(param)[0]]
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between reads; kept so callers can treat this like a file."""
 
 
 @dataclass(frozen=True)

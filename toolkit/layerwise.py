@@ -40,7 +40,7 @@ def _load(module: Any, prefix: str, ckpt: Checkpoint, dtype: Any, transform: Tra
 
     for name, param in list(module.named_parameters()):
         full = prefix + name
-        tensor = ckpt.param(full, torch.float32)
+        tensor = ckpt.param(full, dtype if transform is None else torch.float32)
         if transform is not None:
             tensor = transform(full, tensor)
         if tuple(tensor.shape) != tuple(param.shape):
@@ -76,7 +76,7 @@ def streamed_model(folder: str | Path, dtype: Any = None, transform: Transform |
     for name, _ in list(model.named_parameters()):
         if any(name.startswith(prefix) for prefix, _ in layers) or name not in stored:
             continue  # a layer's own (loaded by its hook), or a tied weight (tied again below)
-        tensor = ckpt.param(name, torch.float32)
+        tensor = ckpt.param(name, dtype if transform is None else torch.float32)
         if transform is not None:
             tensor = transform(name, tensor)
         set_module_tensor_to_device(model, name, "cpu", value=tensor.to(dtype))

@@ -99,13 +99,32 @@ def quantize_rows(x):
 
 
 def dequantize_param(blocks, scales, dtype=None):
-    """Released blocks/scales -> the transformers parameter ([E, in, out]: rows and cols swapped)."""
-    return dequantize_rows(blocks, scales, dtype).transpose(-1, -2).contiguous()
+    """Released blocks/scales -> the transformers parameter ([E, in, out]: rows and cols swapped).
+
+    Done a slice of experts at a time straight into the result, so no full-size float32 copy exists.
+    """
+    import torch
+
+    dtype = dtype or torch.float32
+    experts, rows, groups = scales.shape
+    out = torch.empty(experts, groups * BLOCK, rows, dtype=dtype, device=blocks.device)
+    for part in _slices(experts, rows * groups * BLOCK):
+        out[part] = dequantize_rows(blocks[part], scales[part], torch.float32).transpose(-1, -2)
+    return out
 
 
 def quantize_param(param):
     """A transformers expert parameter [E, in, out] -> released (blocks, scales) over [E, out, in]."""
-    return quantize_rows(param.transpose(-1, -2))
+    import torch
+
+    experts, cols, rows = param.shape
+    if cols % BLOCK:
+        raise ValueError(f"MXFP4 needs the input dimension to be a multiple of {BLOCK}; got {tuple(param.shape)}")
+    blocks = torch.empty(experts, rows, cols // BLOCK, BLOCK // 2, dtype=torch.uint8, device=param.device)
+    scales = torch.empty(experts, rows, cols // BLOCK, dtype=torch.uint8, device=param.device)
+    for part in _slices(experts, rows * cols):
+        blocks[part], scales[part] = quantize_rows(param[part].transpose(-1, -2))
+    return blocks, scales
 
 
 def packed_names(param_name: str) -> tuple[str, str]:
