@@ -96,7 +96,7 @@ class MergePlan:
         else:
             self._pair = None
             tensor = self._dense(entry.name)
-        self.base.close()  # drop the shard's memory map: its pages would otherwise count as this process' RSS
+        self.base.close()  # unmap the shard: safetensors reads through a memory map whose pages count as our RSS
         return tensor
 
     def _experts(self, name: str):
