@@ -47,6 +47,7 @@ def _load(module: Any, prefix: str, ckpt: Checkpoint, dtype: Any, transform: Tra
             raise ValueError(f"{ckpt.folder}: {full} has shape {tuple(tensor.shape)}, the model expects "
                              f"{tuple(param.shape)}")
         set_module_tensor_to_device(module, name, "cpu", value=tensor.to(dtype))
+    ckpt.close()  # unmap the shards: pages safetensors read through the memory map count as RSS while mapped
 
 
 def _unload(module: Any) -> None:
@@ -80,6 +81,7 @@ def streamed_model(folder: str | Path, dtype: Any = None, transform: Transform |
         if transform is not None:
             tensor = transform(name, tensor)
         set_module_tensor_to_device(model, name, "cpu", value=tensor.to(dtype))
+    ckpt.close()
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     for prefix, layer in layers:
