@@ -97,8 +97,19 @@ def quantize_rows(x):
 
 
 def dequantize_param(blocks, scales, dtype=None):
-    """Released blocks/scales -> the transformers parameter ([E, in, out]: rows and cols swapped)."""
-    return dequantize_rows(blocks, scales, dtype).transpose(-1, -2).contiguous()
+    """Released blocks/scales -> the transformers parameter ([E, in, out]: rows and cols swapped).
+
+    One expert at a time into the result: a whole-stack dequantize then transpose would hold two full copies.
+    """
+    import torch
+
+    dtype = dtype or torch.float32
+    rows, groups = blocks.shape[-3], blocks.shape[-2]
+    flat_blocks, flat_scales = blocks.reshape(-1, *blocks.shape[-3:]), scales.reshape(-1, *scales.shape[-2:])
+    out = torch.empty(flat_blocks.shape[0], groups * BLOCK, rows, dtype=dtype)
+    for i in range(flat_blocks.shape[0]):
+        out[i] = dequantize_rows(flat_blocks[i], flat_scales[i], dtype).transpose(-1, -2)
+    return out.reshape(*blocks.shape[:-3], groups * BLOCK, rows)
 
 
 def quantize_param(param):
