@@ -192,7 +192,7 @@ def train(data_dir: Path | None, out_dir: Path | None, run: str | None, resume: 
 @click.option("--run", "run", help="Run name (default: the most recent run under export/).")
 @click.option("--base-model", help="Base model folder or hub id (default: the one the train manifest names).")
 @click.option("--format", "format", type=click.Choice(["bf16", "mxfp4"]),
-              help="bf16: dense weights; mxfp4: MoE experts as MXFP4 (gpt-oss' released layout), the rest bf16.")
+              help="bf16: dense weights; mxfp4: MoE experts as MXFP4 (gpt-oss' released layout), the rest dense.")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
               help="Dense weights' dtype (auto: the base's own).")
 @click.option("--json", "as_json", is_flag=True, help="Print the output folder and the merge check as JSON.")
