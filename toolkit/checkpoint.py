@@ -95,6 +95,18 @@ class Checkpoint:
         with safe_open(str(self.folder / shard), "pt") as fh:
             return fh.get_tensor(name).clone()
 
+    def header(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """(safetensors dtype, shape) of one stored tensor, from its shard's header (nothing is read)."""
+        try:
+            shard = self.weight_map[name]
+        except KeyError:
+            raise ArtifactError(f"{self.folder}: no tensor {name!r} in the checkpoint") from None
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / shard), "pt") as fh:
+            view = fh.get_slice(name)
+            return view.get_dtype(), tuple(view.get_shape())
+
     def param_names(self) -> list[str]:
         """Parameter names in transformers' naming: each blocks/scales pair counts once, under its parameter."""
         names: list[str] = []

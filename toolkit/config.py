@@ -221,20 +221,24 @@ class MergeConfig:
     section: ClassVar[str] = "merge"
 
     base_model: str | None = _help("Base model folder or hub id (default: the one the train manifest names).", None)
-    dtype: str = _help("auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32.", "auto")
-    device: str = _help("auto (CUDA when present), cuda or cpu.", "auto")
+    format: str = _help("bf16: every tensor dense in merge.dtype; mxfp4: MoE expert tensors re-quantized to MXFP4 "
+                        "in gpt-oss' released layout (~13 GB for gpt-oss-20b), the rest in merge.dtype.", "bf16")
+    dtype: str = _help("Dense tensors: auto (the base's own dtype, bfloat16 for gpt-oss' MXFP4 release), bfloat16, "
+                       "float16 or float32.", "auto")
     parity_text: str = _help("Source sentence of the Harmony prompt used to check the merge.",
                              "今天天氣真好，我們去公園散步。")
     parity_atol: float | None = _help("Largest allowed |merged - (base+adapter)| next-token logit "
-                                      "(default: 1e-3 float32, 0.1 float16, 0.25 bfloat16).", None)
+                                      "(default: 1e-3 float32, 0.1 float16, 0.25 bfloat16 and mxfp4).", None)
     parity_rtol: float | None = _help("...or up to this share of the adapter's own effect on that logit, whichever is "
-                                      "larger (default: 0 float32, 0.25 in 16 bits).", None)
-    max_shard_size: str = _help("Largest safetensors shard.", "5GB")
+                                      "larger (default: 0 float32, 0.25 in 16 bits, 0.5 mxfp4).", None)
+    max_shard_size: str = _help("Largest safetensors shard (written a tensor at a time: costs no memory).", "5GB")
 
     def problems(self) -> list[str]:
         out = []
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             out.append(f"merge.dtype: expected auto, bfloat16, float16 or float32, found {self.dtype!r}")
+        if self.format not in ("bf16", "mxfp4"):
+            out.append(f"merge.format: expected bf16 or mxfp4, found {self.format!r}")
         if self.parity_atol is not None and self.parity_atol <= 0:
             out.append(f"merge.parity_atol: expected a positive number, found {self.parity_atol}")
         if self.parity_rtol is not None and not 0 <= self.parity_rtol < 1:

@@ -111,16 +111,18 @@ def quantize_rows(x):
 def dequantize_param(blocks, scales, dtype=None):
     """Released blocks/scales -> the transformers parameter ([E, in, out]: rows and cols swapped).
 
-    Done a slice of experts at a time straight into the result, so no full-size float32 copy exists.
+    Done a slice of experts at a time straight into the result: a whole-stack dequantize then transpose would
+    hold two full copies.
     """
     import torch
 
     dtype = dtype or torch.float32
-    experts, rows, groups = scales.shape
-    out = torch.empty(experts, groups * BLOCK, rows, dtype=dtype, device=blocks.device)
-    for part in _slices(experts, rows * groups * BLOCK):
-        out[part] = dequantize_rows(blocks[part], scales[part], dtype).transpose(-1, -2)
-    return out
+    rows, groups = blocks.shape[-3], blocks.shape[-2]
+    flat_blocks, flat_scales = blocks.reshape(-1, *blocks.shape[-3:]), scales.reshape(-1, *scales.shape[-2:])
+    out = torch.empty(flat_blocks.shape[0], groups * BLOCK, rows, dtype=dtype, device=blocks.device)
+    for part in _slices(flat_blocks.shape[0], rows * groups * BLOCK):
+        out[part] = dequantize_rows(flat_blocks[part], flat_scales[part], dtype).transpose(-1, -2)
+    return out.reshape(*blocks.shape[:-3], groups * BLOCK, rows)
 
 
 def quantize_param(param):
