@@ -185,19 +185,31 @@ def check_saved_keys(out_dir: Path, expected: set[str]) -> None:
 
 def run(cfg: MergeConfig, train_dir: Path, out_dir: Path, *, force: bool = False) -> dict[str, Any]:
     """Merge the adapter of `train_dir` into its base and write the merged model to `out_dir`."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
     train_dir, out_dir = Path(train_dir), Path(out_dir)
     train_manifest = artifacts.read_manifest(train_dir, stage="train")
     adapter_dir = find_adapter(train_dir)
     base = base_model_of(train_manifest, adapter_dir, cfg.base_model)
     config = {**as_dict(cfg), "base_model": base}
-    done = artifacts.prepare_out_dir(out_dir, stage="merge", config=config, force=force)
+    inputs = [train_dir / artifacts.MANIFEST]  # the train run, by its manifest's path and sha256
+    done = artifacts.check_out_dir(out_dir, stage="merge", config=config, force=force, inputs=inputs)
     if done is not None:
         log.info("merge: %s already holds this merge; nothing to do (--force redoes it)", out_dir)
         return done
+    # Built beside OUT and swapped in when complete: a failed or killed merge (--force too) leaves OUT as it was.
+    with artifacts.building(out_dir) as build:
+        manifest = _merge(cfg, train_manifest, adapter_dir, base, config, inputs, build)
+    metrics = manifest["metrics"]
+    log.info("merge: adapter folded into %s in %.0fs, %.1f MB, logits diff vs base+adapter %.2g -> %s", base,
+             metrics["seconds"], metrics["weights_bytes"] / 1e6, metrics["parity"]["max_abs_diff_merged_vs_adapter"],
+             out_dir)
+    return manifest
+
+
+def _merge(cfg: MergeConfig, train_manifest: dict[str, Any], adapter_dir: Path, base: str, config: dict[str, Any],
+           inputs: list[Path], out_dir: Path) -> dict[str, Any]:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
 
     started = time.monotonic()
     device = resolve_device(cfg.device)
@@ -233,11 +245,8 @@ def run(cfg: MergeConfig, train_dir: Path, out_dir: Path, *, force: bool = False
 
     elapsed = time.monotonic() - started
     size = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
-    manifest = artifacts.write_manifest(
-        out_dir, stage="merge", config=config, metrics={"parity": figures, "seconds": round(elapsed, 1),
-                                                        "weights_bytes": size},
+    return artifacts.write_manifest(
+        out_dir, stage="merge", config=config, inputs=inputs, metrics={"parity": figures, "seconds": round(elapsed, 1),
+                                                                       "weights_bytes": size},
         upstream=train_manifest, extra={"base_model": base, "adapter": str(adapter_dir)},
     )
-    log.info("merge: adapter folded into %s in %.0fs, %.1f MB, logits diff vs base+adapter %.2g -> %s",
-                base, elapsed, size / 1e6, figures["max_abs_diff_merged_vs_adapter"], out_dir)
-    return manifest
