@@ -53,6 +53,8 @@ def test_the_no_op_compares_input_paths_and_sha256(tmp_path):
                                             r"\(.*train.jsonl changed \(sha256 [0-9a-f]{12}… -> [0-9a-f]{12}…\)\)"):
         artifacts.check_out_dir(out, stage="train", config={"lr": 2}, force=False, inputs=inputs)
     assert artifacts.check_out_dir(out, stage="train", config={"lr": 2}, force=True, inputs=inputs) is None
+    # a stage whose config identifies its input (eval: the test file's sha256) passes none: not compared
+    assert artifacts.check_out_dir(out, stage="train", config={"lr": 1}, force=False) is not None
 
 
 def test_a_manifest_from_before_upstream_inputs_matches_by_its_upstream_record(tmp_path):

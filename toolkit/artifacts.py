@@ -147,11 +147,11 @@ def _summary(items: list[str], most: int = 3) -> str:
 
 
 def check_out_dir(out_dir: Path, *, stage: str, config: dict[str, Any], force: bool, resume: bool = False,
-                  inputs: list[Path] | tuple[Path, ...] = ()) -> dict[str, Any] | None:
+                  inputs: list[Path] | None = None) -> dict[str, Any] | None:
     """Decide what to do with a stage's output folder before any work starts; changes nothing on disk.
 
     Returns the existing manifest when the same stage already finished there with the same config and
-    inputs (the caller reports a no-op). Else None when the stage may run: the folder is missing or empty,
+    inputs (the caller reports a no-op; `inputs` None: a stage whose config identifies its input, not compared). Else None when the stage may run: the folder is missing or empty,
     or `force`, or `resume` (an unfinished folder). Anything else is refused, saying what differs.
     """
     out_dir = Path(out_dir)
@@ -163,7 +163,7 @@ def check_out_dir(out_dir: Path, *, stage: str, config: dict[str, Any], force: b
             raise ArtifactError(f"{out_dir}: already holds a finished `{manifest.get('stage')}` run. Choose another "
                                 "--out, or pass --force to replace it.")
         configs = config_changes(stage, manifest.get("config") or {}, config)
-        changed = input_changes(manifest, list(inputs))
+        changed = input_changes(manifest, list(inputs)) if inputs is not None else []
         if not configs and not changed:
             return manifest
         what = " and ".join(part for part in (
@@ -180,7 +180,7 @@ def check_out_dir(out_dir: Path, *, stage: str, config: dict[str, Any], force: b
 
 
 def prepare_out_dir(out_dir: Path, *, stage: str, config: dict[str, Any], force: bool, resume: bool = False,
-                    inputs: list[Path] | tuple[Path, ...] = ()):
+                    inputs: list[Path] | None = None):
     """`check_out_dir`, then for a stage that writes in place: with `force` the old folder is deleted first,
     and the folder is created. Stages that can build beside their output use `building` instead."""
     done = check_out_dir(out_dir, stage=stage, config=config, force=force, resume=resume, inputs=inputs)
