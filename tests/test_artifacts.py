@@ -88,6 +88,14 @@ def test_building_replaces_the_folder_only_when_complete(tmp_path):
     assert _tree(out) == {"b.txt": b"second"} and sorted(os.listdir(out.parent)) == ["stage"]
 
 
+def test_an_output_folder_that_cannot_be_made_is_named_in_the_error(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    out = tmp_path / "file.txt" / "out"
+    with pytest.raises(NotADirectoryError) as err, artifacts.building(out):
+        pass
+    assert err.value.filename == str(out)  # not the hidden build folder beside it
+
+
 def test_building_removes_what_a_killed_run_left(tmp_path):
     """A SIGKILL runs no cleanup: its partial build (and a swap's old folder) are removed by the next run."""
     out = tmp_path / "export"

@@ -229,7 +229,10 @@ def building(out_dir: Path) -> Iterator[Path]:
     build = partial_dir(out_dir)
     created = [p for p in [out_dir.parent, *out_dir.parent.parents] if not p.exists()]
     remove_stale_partials(out_dir)
-    build.mkdir(parents=True)
+    try:
+        build.mkdir(parents=True)
+    except OSError as exc:  # reported as the output folder's error: the hidden build folder is ours, not the user's
+        raise type(exc)(exc.errno, exc.strerror, str(out_dir)) from exc
     try:
         yield build
     except BaseException:
