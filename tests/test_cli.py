@@ -68,6 +68,24 @@ def test_config_problems_are_reported_together(sample_tsv, tmp_path):
     assert "prep.nope: unknown key" in line and "prep.seed: expected" in line and "--set 'bad'" in line
 
 
+def test_failed_prep_leaves_no_run_folder_and_is_no_latest_run(sample_tsv, tmp_path, monkeypatch):
+    """Issue 18, item 4: a failed prep with the default --out leaves nothing under export/, and an argument-less
+    later stage never picks a folder without a finished stage as the latest run."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("zh\tnan\n一\t二\t三\n", encoding="utf-8")
+    assert CliRunner().invoke(main, ["prep", str(sample_tsv), "--length-unit", "chars"]).exit_code == 0
+    result = CliRunner().invoke(main, ["prep", str(bad)])
+    assert result.exit_code == 2 and "bad.tsv:2: expected 2 tab-separated columns" in result.stderr
+    assert os.listdir(tmp_path / "export") == ["sample"]
+    (tmp_path / "export" / "crashed" / "train").mkdir(parents=True)  # e.g. a stage killed before any file
+    os.utime(tmp_path / "export" / "crashed", (2e9, 2e9))  # the newest folder under export/
+    result = CliRunner().invoke(main, ["merge"])
+    assert result.exit_code == 2 and "export/sample/train: no such folder" in result.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.llama
 def test_run_chains_every_stage_and_is_a_no_op_when_finished(tiny_model, sample_tsv, tmp_path, monkeypatch):

@@ -164,8 +164,8 @@ def test_bad_line_is_one_clear_error_and_writes_nothing(tmp_path, name, text, li
         prepare(cfg(), corpus, out)
     msg = str(err.value)
     assert msg.startswith(f"{corpus}:{line}: ") and message in msg and "\n" not in msg
-    assert not (out / "manifest.json").exists() and not (out / "train.jsonl").exists()
-    assert not [p for p in out.iterdir()]  # no temporary file left behind either
+    # nothing stays behind: no output folder (not even an empty one), no hidden partial build beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.tsv"]
 
 
 @pytest.mark.parametrize("name,text,line,message,reason", BAD, ids=[b[0] for b in BAD])
@@ -206,7 +206,7 @@ def test_existing_output_folder(tmp_path):
     before = (out / "train.jsonl").stat().st_mtime_ns
     assert prepare(cfg(), corpus, out) == first  # finished, same config: a no-op
     assert (out / "train.jsonl").stat().st_mtime_ns == before
-    with pytest.raises(ArtifactError, match="another config. Pass --force"):
+    with pytest.raises(ArtifactError, match=r"another config \(prep.seed: 20261125 -> 1\). Pass --force"):
         prepare(cfg(seed=1), corpus, out)
     prepare(cfg(seed=1), corpus, out, force=True)
     other = tmp_path / "busy"
@@ -268,3 +268,36 @@ def test_join_pairs_respects_max_length_and_separator(tmp_path):
 
 def test_join_pairs_must_be_positive():
     assert any("prep.join_pairs" in p for p in cfg(join_pairs=0).problems())
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_rerun_with_a_changed_corpus_is_no_no_op(tmp_path):
+    """Issue 18, item 1: the no-op check compares the input's sha256 too, not only the config."""
+    corpus = write(tmp_path / "c.tsv", HEADER + "".join(ROWS[:20]))
+    out = tmp_path / "o"
+    first = prepare(cfg(), corpus, out)
+    write(corpus, HEADER + "".join(ROWS))  # rows appended, same path, same config
+    with pytest.raises(ArtifactError, match=r"from other inputs \(.*c.tsv changed \(sha256 .*Pass --force"):
+        prepare(cfg(), corpus, out)
+    assert prepare(cfg(), corpus, out, force=True)["metrics"]["pairs_kept"] == 40 != first["metrics"]["pairs_kept"]
+    assert prepare(cfg(), corpus, out)["metrics"]["pairs_kept"] == 40  # unchanged again: a no-op
+
+
+def test_force_with_a_bad_corpus_keeps_the_finished_output(tmp_path):
+    """Issue 18, item 2: `prep bad.tsv --out D --force` validates and builds beside D; D is kept on failure."""
+    good = write(tmp_path / "good.tsv", HEADER + "".join(ROWS))
+    bad = write(tmp_path / "bad.tsv", HEADER + ROWS[0] + "只有一欄\n")
+    out = tmp_path / "o"
+    prepare(cfg(), good, out)
+    before = _files(out)
+    with pytest.raises(DataError, match="expected 3 tab-separated columns"):
+        prepare(cfg(), bad, out, force=True)
+    assert _files(out) == before  # every file, the manifest included, byte for byte
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tsv", "good.tsv", "o"]  # no partial build left
+    replaced = prepare(cfg(seed=3), good, out, force=True)  # a good forced run replaces D
+    assert json.loads((out / "manifest.json").read_text())["created"] == replaced["created"]
+    assert replaced["config"]["seed"] == 3 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "bad.tsv", "good.tsv", "o"]

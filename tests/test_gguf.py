@@ -75,7 +75,7 @@ def test_unknown_tokenizer_hash_needs_an_explicit_pre_tokenizer(merged_dir, conv
     cfg = export_cfg(pre_tokenizer=None, quants=[], verify=False, ollama_gguf="f32")
     with pytest.raises(ExternalToolError, match="pass --pre-tokenizer NAME"):
         gguf.run(cfg, merged_dir, tmp_path / "out")
-    assert list((tmp_path / "out").iterdir()) == []  # no half-written GGUF, no manifest
+    assert list(tmp_path.iterdir()) == []  # no half-written GGUF, no manifest, no output folder
 
 
 def test_pre_tokenizer_must_be_a_llama_cpp_name(merged_dir, converter, tmp_path):
@@ -163,9 +163,62 @@ def test_interrupted_quantization_leaves_no_half_file(exported, merged_dir, tmp_
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         gguf.run(export_cfg(verify=False), merged_dir, out)
-    assert {p.name for p in out.iterdir()} == {"model-F32.gguf"}  # complete; no Q8_0, no temp file, no manifest
-    with pytest.raises(ArtifactError, match="interrupted .* --force"):
-        gguf.run(export_cfg(verify=False), merged_dir, out)
+    assert list(tmp_path.iterdir()) == []  # the export was built beside OUT: no half file, no folder, no manifest
+
+
+KILLED_EXPORT = """
+import os, shutil, signal, sys
+from pathlib import Path
+import llama_cpp
+from toolkit import artifacts, config, gguf
+
+f32, merged, out = sys.argv[1:]
+def convert(merged_dir, out_path, outtype, folder, pre_tokenizer):
+    with artifacts.atomic_path(out_path) as tmp:
+        shutil.copyfile(f32, tmp)
+    return True
+def killed(src, dst, params):  # SIGKILL half way through writing the quantized file: no cleanup runs
+    Path(dst.decode()).write_bytes(b"GGUF half a file")
+    os.kill(os.getpid(), signal.SIGKILL)
+gguf.convert, llama_cpp.llama_model_quantize = convert, killed
+cfg = config.build("export", None, [], outtype="f32", quants=["Q8_0"], pre_tokenizer="gpt-4o", ollama_gguf="Q8_0",
+                   verify=False)
+gguf.run(cfg, Path(merged), Path(out))
+"""
+
+
+@pytest.mark.llama
+def test_a_killed_export_is_cleaned_up_and_redone(exported, merged_dir, tmp_path, monkeypatch):
+    """Issue 18, item 9: SIGKILL during quantization leaves only a hidden build folder beside OUT (a complete
+    F32 file and a hidden .tmp file); the same command again removes it and redoes the export."""
+    import subprocess
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", KILLED_EXPORT, str(exported[0] / "model-F32.gguf"), str(merged_dir),
+                           str(out)], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [p.name for p in tmp_path.iterdir()] == [".out.partial"]  # no OUT: nothing looks finished
+    left = sorted(p.name for p in (tmp_path / ".out.partial").iterdir())
+    assert left[0].startswith(".model-Q8_0.gguf.") and left[0].endswith(".tmp") and left[1:] == ["model-F32.gguf"]
+    _reuse_conversion(monkeypatch, exported)
+    cfg = export_cfg(quants=["Q8_0"], ollama_gguf="Q8_0", verify=False)
+    manifest = gguf.run(cfg, merged_dir, out)  # no --force needed
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "manifest.json", "model-F32.gguf", "model-Q8_0.gguf"]
+    assert {o["path"] for o in manifest["outputs"]} == {"Modelfile", "model-F32.gguf", "model-Q8_0.gguf"}
+
+
+@pytest.mark.llama
+def test_another_merge_folder_is_no_no_op(exported, merged_dir, tmp_path):
+    """Issue 18, item 1: `export OTHER_MERGE --out FINISHED` is refused, not answered with the old files."""
+    import shutil
+
+    out, manifest = exported
+    other = tmp_path / "merge"
+    shutil.copytree(merged_dir, other)
+    with pytest.raises(ArtifactError, match=rf"from other inputs \({other / 'manifest.json'} instead of"):
+        gguf.run(export_cfg(), other, out)
+    assert gguf.run(export_cfg(), merged_dir, out)["created"] == manifest["created"]
 
 
 @pytest.mark.llama

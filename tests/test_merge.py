@@ -90,6 +90,27 @@ def test_rerun_is_noop_other_config_refused(train_dir, merged):
         merge.run(config.build("merge", None, ["merge.parity_text=你好"]), train_dir, out)
 
 
+def test_another_adapter_is_no_no_op_and_a_failed_force_keeps_the_merge(tiny_model, train_dir, merged, tmp_path):
+    """Issue 18, items 1 and 2: `merge OTHER_TRAIN --out FINISHED` is refused (the train folder is an input, by its
+    manifest's path and sha256); with --force, a merge that fails leaves the finished one as it was."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "merge"
+    shutil.copytree(merged[0], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    other = make_train_dir(tiny_model, tmp_path / "other", seed=2)
+    with pytest.raises(ArtifactError, match=r"from other inputs \(.*other/manifest.json instead of .*Pass --force"):
+        merge.run(config.build("merge"), other, out)
+    weights = load_file(str(other / "adapter_model.safetensors"))  # an untrained adapter: the merge check fails
+    save_file({k: v * 0 if "lora_B" in k else v for k, v in weights.items()}, str(other / "adapter_model.safetensors"))
+    with pytest.raises(ArtifactError, match="adapter had no effect"):
+        merge.run(config.build("merge"), other, out, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merge", "other"]  # no partial build left beside it
+
+
 def test_noop_adapter_is_refused_and_nothing_written(tiny_model, tmp_path):
     """A fresh LoRA (B = 0) changes nothing: the merge check must refuse it, leaving no manifest."""
     from safetensors.torch import load_file, save_file
@@ -359,7 +380,7 @@ def test_parity_check_catches_a_broken_merge_and_writes_nothing(tiny_mxfp4, mxfp
     with pytest.raises(ArtifactError, match="merge check failed: merged logits differ from base\\+adapter") as err:
         merge.run(build(dtype="float32"), mxfp4_merge[0], tmp_path / "out")
     assert "\n" not in str(err.value)
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # built beside OUT: nothing is left after a failed check
 
 
 def test_dropped_expert_lora_is_an_error(tiny_mxfp4, mxfp4_merge, tmp_path, monkeypatch):
@@ -371,7 +392,7 @@ def test_dropped_expert_lora_is_an_error(tiny_mxfp4, mxfp4_merge, tmp_path, monk
                         original(self, name))
     with pytest.raises(ArtifactError, match="did not apply the LoRA of .*experts"):
         merge.run(build(format="mxfp4"), mxfp4_merge[0], tmp_path / "out")
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # built beside OUT: nothing is left after a failed check
 
 
 def test_unsupported_adapters_are_refused_in_one_line(tiny_mxfp4, mxfp4_merge, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from transformers import TrainerCallback
 
-from toolkit import config, harmony
+from toolkit import artifacts, config, harmony
 from toolkit.config import PrepConfig, TrainConfig
 from toolkit.corpus import prepare
 from toolkit.errors import ArtifactError, ConfigError, ExternalToolError
@@ -29,16 +29,30 @@ def tiny_cfg(model: Path, **kw) -> TrainConfig:
     return config.build("train", "tiny-cpu", [f"train.{k}={json.dumps(v)}" for k, v in sets.items()])
 
 
-@pytest.fixture(scope="module")
-def prep_dir(tmp_path_factory) -> Path:
-    """A prep folder of 20 short sample pairs (+ a few dev pairs)."""
-    folder = tmp_path_factory.mktemp("train-prep")
+def _short_prep(folder: Path, skip: int = 0) -> Path:
+    """A prep folder of 24 short sample pairs (a few of them dev pairs), from the `skip`-th short pair on."""
     lines = (ROOT / "corpora" / "zh-nan-moe-sample" / "sample.tsv").read_text(encoding="utf-8").splitlines()
-    short = [line for line in lines[1:] if len(line.split("\t")[0]) <= 6][:24]
+    short = [line for line in lines[1:] if len(line.split("\t")[0]) <= 6][skip:skip + 24]
     corpus = folder / "pairs.tsv"
     corpus.write_text("\n".join([lines[0], *short]) + "\n", encoding="utf-8")
     prepare(PrepConfig(length_unit="chars", dev_fraction=0.15), corpus, folder / "prep")
     return folder / "prep"
+
+
+@pytest.fixture(scope="module")
+def prep_dir(tmp_path_factory) -> Path:
+    return _short_prep(tmp_path_factory.mktemp("train-prep"))
+
+
+class Kill(TrainerCallback):
+    """A KeyboardInterrupt (Ctrl-C) right after optimizer step `step`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
 
 
 def adapter_tensors(folder: Path) -> dict:
@@ -93,6 +107,17 @@ def test_train_writes_adapter_and_changes_only_lora(tiny_model, prep_dir, tmp_pa
 
     # a re-run is a no-op; an unfinished folder is refused without --resume/--force
     assert train.run(cfg, prep_dir, out) == manifest
+    assert {Path(r["path"]).name for r in manifest["inputs"]} == {"train.jsonl", "dev.jsonl", "manifest.json"}
+    # issue 18, item 1: `train OTHER_PREP --out FINISHED` is no no-op
+    other = _short_prep(tmp_path, skip=24)
+    with pytest.raises(ArtifactError, match=r"from other inputs \(.*train.jsonl instead of .*Pass --force"):
+        train.run(cfg, other, out)
+    # issue 18, item 2: a --force run trains beside the finished one, which stays as it was if that run fails
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg, other, out, force=True, callbacks=[Kill(1)])
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not artifacts.partial_dir(out).exists()
     (out / "manifest.json").unlink()
     with pytest.raises(ArtifactError, match="--resume"):
         train.run(cfg, prep_dir, out)
@@ -338,15 +363,14 @@ def test_loss_halves_on_memorisable_pairs(expressive_tiny_model, prep_dir, tmp_p
 
 
 @pytest.mark.slow
-def test_kill_and_resume_gives_the_same_adapter(tiny_model, prep_dir, tmp_path):
+def test_kill_and_resume_gives_the_same_adapter(tiny_model, prep_dir, tmp_path, monkeypatch):
+    """Killed while checkpoint-4 was being written (issue 18, items 5, 6, 8): the partial checkpoint, a
+    truncated one and a cut-off metrics line are skipped, training resumes from checkpoint-2, and the adapter
+    and the whole-run metrics are those of an uninterrupted run."""
     import torch
+    from transformers import Trainer
 
     from toolkit import train
-
-    class Kill(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 3:
-                raise KeyboardInterrupt
 
     class StartStep(TrainerCallback):
         step = None
@@ -356,30 +380,113 @@ def test_kill_and_resume_gives_the_same_adapter(tiny_model, prep_dir, tmp_path):
             self.step = state.global_step  # a fresh optimizer has no state before its first step
             self.adam_steps = {int(v["step"]) for v in optimizer.state_dict()["state"].values()}
 
-    cfg = tiny_cfg(tiny_model, max_steps=4, save_steps=2, learning_rate=5e-3)
+    cfg = tiny_cfg(tiny_model, max_steps=6, save_steps=2, learning_rate=5e-3)
     straight = tmp_path / "straight"
-    train.run(cfg, prep_dir, straight)
+    expected = train.run(cfg, prep_dir, straight)["metrics"]
     broken = tmp_path / "broken"
-    with pytest.raises(KeyboardInterrupt):
-        train.run(cfg, prep_dir, broken, callbacks=[Kill()])
-    assert (broken / "checkpoints" / "checkpoint-2" / "optimizer.pt").is_file()
-    assert not (broken / "manifest.json").exists()
+    save_rng_state = Trainer._save_rng_state
+
+    def killed_while_saving(self, output_dir):
+        if output_dir.endswith("checkpoint-4"):  # weights and optimizer written, RNG and trainer state not yet
+            raise KeyboardInterrupt
+        save_rng_state(self, output_dir)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_save_rng_state", killed_while_saving)
+        with pytest.raises(KeyboardInterrupt):
+            train.run(cfg, prep_dir, broken)
+    folder = broken / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["checkpoint-2", "tmp-checkpoint-4"]
+    assert (folder / "checkpoint-2" / "optimizer.pt").is_file() and not (broken / "manifest.json").exists()
+    # a checkpoint folder truncated by a kill under transformers' own writer (weights cut off, no trainer state)
+    (folder / "checkpoint-5").mkdir()
+    (folder / "checkpoint-5" / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00")
+    with open(broken / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write('{"step": 4, "loss": 6.9')  # a line cut off by the kill
     start = StartStep()
     manifest = train.run(cfg, prep_dir, broken, resume=True, callbacks=[start])
-    assert start.step == 2 and manifest["metrics"]["resumed_from_step"] == 2 and manifest["metrics"]["steps"] == 4
+    metrics = manifest["metrics"]
+    assert start.step == 2 and metrics["resumed_from_step"] == 2 and metrics["steps"] == 6
     assert start.adam_steps == {2}  # AdamW moments restored from checkpoint-2
     assert not (broken / "checkpoints").exists()
     a, b = adapter_tensors(straight), adapter_tensors(broken)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
-    steps = [r["step"] for r in map(json.loads, (broken / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    assert steps == [1, 2, 3, 4]  # the interrupted run's step-3 line was dropped on resume
+    records = [json.loads(line) for line in (broken / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]  # lines after step 2 re-logged once
+    # metrics of the whole run, not of the resumed steps alone
+    assert metrics["mean_train_loss"] == pytest.approx(expected["mean_train_loss"], rel=1e-4)
+    assert metrics["steady_tokens_per_second"] is not None and metrics["steady_tokens_per_second"] > 0
     # a resume with another config is refused
     (broken / "manifest.json").unlink()
     with pytest.raises(ConfigError, match="--resume with another config.*learning_rate"):
-        train.run(tiny_cfg(tiny_model, max_steps=4, save_steps=2, learning_rate=1e-3),
+        train.run(tiny_cfg(tiny_model, max_steps=6, save_steps=2, learning_rate=1e-3),
                   prep_dir, broken, resume=True)
+
+
+def test_a_cut_off_metrics_line_is_dropped_on_resume(tmp_path, caplog):
+    """Issue 18, item 6: the line a kill cut off in metrics.jsonl is dropped with a warning, not a crash."""
+    from transformers import TrainerControl, TrainerState
+
+    from toolkit.tracking import MetricsCallback, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n{"step": 3, "loss": 7.0}\n{"step": 4, "lo',
+                    encoding="utf-8")
+    state = TrainerState(global_step=2)
+    with caplog.at_level("WARNING", logger="toolkit.tracking"):
+        MetricsCallback(path).on_train_begin(None, state, TrainerControl())
+    assert path.read_text().splitlines() == ['{"step": 1, "loss": 9.0}', '{"step": 2, "loss": 8.0}']
+    assert "metrics.jsonl:4: unreadable line dropped" in caplog.text
+    assert read_metrics(path) == [{"step": 1, "loss": 9.0}, {"step": 2, "loss": 8.0}]
+
+
+def test_whole_run_metrics_after_a_resume():
+    """Issue 18, item 8: after a resume, the mean loss and the steady throughput cover the whole run."""
+    from toolkit.checkpoints import mean_train_loss
+    from toolkit.train import steady_tokens_per_second
+
+    # losses logged every 2 steps; the run was resumed from checkpoint-4 and trained steps 5..8
+    history = [{"loss": 10.0, "step": 2}, {"loss": 8.0, "step": 4}, {"loss": 6.0, "step": 6}, {"loss": 4.0, "step": 8}]
+    assert mean_train_loss(history, 5.0, 8, resumed_from=4) == pytest.approx((10 * 2 + 8 * 2 + 5.0 * 4) / 8)
+    assert mean_train_loss(history, 7.0, 8, resumed_from=None) == 7.0
+    # each train() call restarts the clock (train_runtime) and compiles again; 1,000 tokens a second otherwise
+    first = [(1, 20.0), (2, 21.0), (3, 22.0), (4, 23.0)]
+    second = [(5, 15.0), (6, 16.0), (7, 17.0), (8, 18.0)]
+    logs = [{"loss": 1.0, "step": s, "num_input_tokens_seen": 1000 * s, "train_runtime": t} for s, t in first + second]
+    assert steady_tokens_per_second(logs, resumed_from=4) == pytest.approx(1000.0)
+    assert steady_tokens_per_second(logs) == pytest.approx(1000.0)  # the clock's restart shows it too
+
+
+@pytest.mark.slow
+def test_run_continues_after_a_kill(tiny_model, sample_tsv, tmp_path, monkeypatch):
+    """Issue 18, item 7: `toolkit run` again after a kill: prep is a no-op, the interrupted train resumes."""
+    from click.testing import CliRunner
+
+    from toolkit import train
+    from toolkit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["run", str(sample_tsv), "--run", "demo", "--config", "tiny-cpu", "--until", "train",
+            "--set", f"train.base_model={json.dumps(str(tiny_model))}", "--set", "train.max_steps=4",
+            "--set", "train.save_steps=2", "--set", "train.eval_steps=0", "--set", "train.logging_steps=1",
+            "--set", "prep.length_unit='chars'"]
+    build = train.build_trainer
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "build_trainer", lambda *args: build(*args[:7], [Kill(3)]))
+        result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130 and "run the same command again to continue" in result.stderr
+    folder = tmp_path / "export" / "demo"
+    prep_created = json.loads((folder / "prep" / "manifest.json").read_text())["created"]
+    assert (folder / "train" / "checkpoints" / "checkpoint-2").is_dir()
+    assert not (folder / "train" / "manifest.json").exists()
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == ["prep\texport/demo/prep", "train\texport/demo/train"]
+    assert json.loads((folder / "prep" / "manifest.json").read_text())["created"] == prep_created
+    metrics = json.loads((folder / "train" / "manifest.json").read_text())["metrics"]
+    assert metrics["resumed_from_step"] == 2 and metrics["steps"] == 4
 
 
 @pytest.mark.slow

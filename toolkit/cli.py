@@ -33,9 +33,12 @@ def default_run(corpus: Path | None = None) -> str:
     """Run name: the corpus file's stem, or the only/most recent run under export/."""
     if corpus is not None:
         return corpus.stem
-    runs = [p for p in EXPORT_ROOT.glob("*") if p.is_dir()] if EXPORT_ROOT.is_dir() else []
+    from toolkit.artifacts import finished_runs
+
+    runs = finished_runs(EXPORT_ROOT)  # a folder left by a failed stage is no run
     if not runs:
-        raise click.UsageError("no run under export/: start with `toolkit prep CORPUS.tsv`, or pass --run.")
+        raise click.UsageError("no run with a finished stage under export/: start with `toolkit prep CORPUS.tsv`, "
+                               "or pass --run.")
     return max(runs, key=lambda p: p.stat().st_mtime).name
 
 
@@ -433,8 +436,13 @@ def run_pipeline(corpus: Path, run: str | None, test_file: Path | None, until: s
     from toolkit import pipeline
 
     folder = run_dir(run or default_run(corpus))
-    manifests = pipeline.run(corpus, folder, config=config, overrides=overrides, test_file=test_file,
-                             until=until, force=force)
+    try:
+        manifests = pipeline.run(corpus, folder, config=config, overrides=overrides, test_file=test_file,
+                                 until=until, force=force)
+    except KeyboardInterrupt:
+        click.echo("interrupted: run the same command again to continue (finished stages are kept, train resumes "
+                   "from its last checkpoint)", err=True)
+        sys.exit(130)
     for stage, manifest in manifests.items():
         click.echo(f"{stage}\t{folder / stage}")
     if "eval" in manifests:

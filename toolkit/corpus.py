@@ -311,8 +311,6 @@ def _pair_key(pair: Pair) -> bytes:
 
 def prepare(cfg: PrepConfig, corpus: Path, out_dir: Path, *, force: bool = False) -> dict[str, Any]:
     """Run the prep stage; returns the manifest (the existing one when the stage already finished)."""
-    from tqdm import tqdm
-
     corpus, out_dir = Path(corpus), Path(out_dir)
     if not corpus.is_file():
         raise DataError(f"{corpus}: no such file. Pass a TSV with a header (e.g. zh<TAB>nan) or a recipe JSONL.")
@@ -320,10 +318,23 @@ def prepare(cfg: PrepConfig, corpus: Path, out_dir: Path, *, force: bool = False
     if dev_path is not None and not dev_path.is_file():
         raise DataError(f"{dev_path}: no such dev file. Fix --dev-file or split with --dev-fraction.")
     config = {**asdict(cfg), "corpus": str(corpus)}
-    done = artifacts.prepare_out_dir(out_dir, stage="prep", config=config, force=force)
+    inputs = [corpus] + ([dev_path] if dev_path else [])
+    done = artifacts.check_out_dir(out_dir, stage="prep", config=config, force=force, inputs=inputs)
     if done is not None:
-        log.info("prep: %s already finished with this config; nothing to do", out_dir)
+        log.info("prep: %s already finished with this config and input; nothing to do", out_dir)
         return done
+    # Built beside OUT and swapped in when complete: a bad corpus (with --force too) leaves OUT as it was.
+    with artifacts.building(out_dir) as build:
+        manifest = _write(cfg, corpus, dev_path, config, inputs, build)
+    stats = manifest["metrics"]
+    log.info("prep: %s pairs -> %s train / %s dev examples -> %s", f"{stats['pairs_kept']:,}",
+             f"{stats['examples']['train']:,}", f"{stats['examples']['dev']:,}", out_dir)
+    return manifest
+
+
+def _write(cfg: PrepConfig, corpus: Path, dev_path: Path | None, config: dict[str, Any], inputs: list[Path],
+           out_dir: Path) -> dict[str, Any]:
+    from tqdm import tqdm
 
     unit = resolve_length_unit(cfg.length_unit)
     measure = LengthCounter(unit)
@@ -426,14 +437,10 @@ def prepare(cfg: PrepConfig, corpus: Path, out_dir: Path, *, force: bool = False
         "dev_copy_baseline": copy_baseline(dev_sources, dev_targets),
     }
     artifacts.atomic_write_json(out_dir / "stats.json", stats)
-    inputs = [corpus] + ([dev_path] if dev_path else [])
-    manifest = artifacts.write_manifest(
+    return artifacts.write_manifest(
         out_dir, stage="prep", config=config, inputs=inputs, metrics=stats,
         extra={"chat_format": "harmony", "length_unit": unit},
     )
-    log.info("prep: %s pairs -> %s train / %s dev examples -> %s", f"{stats['pairs_kept']:,}",
-             f"{n['train']:,}", f"{n['dev']:,}", out_dir)
-    return manifest
 
 
 def _drop_summary(counts: Counter) -> str:

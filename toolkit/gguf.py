@@ -9,8 +9,9 @@
    all prompt positions. The figures go into the manifest; a file that fails stops the export.
 4. The Modelfile is rendered from `modelfiles/`, then manifest.json is written last.
 
-Each file is written under a temporary name and renamed when complete, so an interrupted export leaves
-no half file (and no manifest); a finished export re-run is a no-op.
+The export is built in a hidden folder beside OUT that replaces OUT only when complete, so a failed or
+interrupted export leaves OUT as it was (and a killed one a hidden folder the next run removes and redoes);
+a finished export re-run with the same config and merge folder is a no-op.
 """
 
 from __future__ import annotations
@@ -228,11 +229,23 @@ def run(cfg: ExportConfig, merged_dir: Path, out_dir: Path, *, force: bool = Fal
     merged = artifacts.read_manifest(merged_dir, stage="merge")
     folder = check_preconditions(cfg)
     config = as_dict(cfg)
-    done = artifacts.prepare_out_dir(out_dir, stage="export", config=config, force=force)
+    inputs = [merged_dir / artifacts.MANIFEST]  # the merge run, by its manifest's path and sha256
+    done = artifacts.check_out_dir(out_dir, stage="export", config=config, force=force, inputs=inputs)
     if done is not None:
         log.info("export: %s already holds this export; nothing to do (--force redoes it)", out_dir)
         return done
+    # Built beside OUT and swapped in when complete. A failed export (--force too) leaves OUT as it was; a killed
+    # one leaves only the hidden build folder (complete GGUFs, .tmp files), which the next run removes and redoes.
+    with artifacts.building(out_dir) as build:
+        manifest = _export(cfg, merged_dir, merged, folder, config, inputs, build)
+    sizes = ", ".join(f"{f['type']} {f['bytes'] / 1e6:.1f} MB" for f in manifest["metrics"]["files"])
+    log.info("export: %d GGUF files (%s) in %.0fs -> %s", len(manifest["metrics"]["files"]), sizes,
+             manifest["metrics"]["seconds"], out_dir)
+    return manifest
 
+
+def _export(cfg: ExportConfig, merged_dir: Path, merged: dict[str, Any], folder: Path, config: dict[str, Any],
+            inputs: list[Path], out_dir: Path) -> dict[str, Any]:
     started = time.monotonic()
     name = cfg.name or "model"
     paths = {cfg.outtype: out_dir / gguf_name(name, cfg.outtype)}
@@ -257,7 +270,7 @@ def run(cfg: ExportConfig, merged_dir: Path, out_dir: Path, *, force: bool = Fal
         if failed:
             raise ArtifactError("export check failed: " + "; ".join(
                 f"{f['file']} rel_diff_last {f['rel_diff_last']:.3g}, top-1 {f['top1_agreement']:.3f} "
-                f"(needs {f['criterion']})" for f in failed) + f". No manifest written; {out_dir} is incomplete.")
+                f"(needs {f['criterion']})" for f in failed) + ". Nothing was written; the output folder is as it was.")
     else:
         files = [{"file": p.name, "type": k, "bytes": p.stat().st_size, "passed": None} for k, p in paths.items()]
 
@@ -272,16 +285,13 @@ def run(cfg: ExportConfig, merged_dir: Path, out_dir: Path, *, force: bool = Fal
     elapsed = time.monotonic() - started
     metrics = {"files": files, "reference": reference, "seconds": round(elapsed, 1),
                "pre_tokenizer": {"requested": cfg.pre_tokenizer, "substituted": substituted}}
-    manifest = artifacts.write_manifest(
-        out_dir, stage="export", config=config, metrics=metrics, upstream=merged,
+    return artifacts.write_manifest(
+        out_dir, stage="export", config=config, inputs=inputs, metrics=metrics, upstream=merged,
         extra={"llama_cpp": {"converter": str(folder), "llama_cpp_python": llamacpp.LLAMA_CPP_PYTHON_VERSION,
                              "sdist_sha256": llamacpp.SDIST_SHA256},
                "ollama": {"modelfile": "Modelfile" if harmony_model else None,
                           "gguf": paths[cfg.ollama_file_type()].name, "name": name}},
     )
-    sizes = ", ".join(f"{f['type']} {f['bytes'] / 1e6:.1f} MB" for f in files)
-    log.info("export: %d GGUF files (%s) in %.0fs -> %s", len(files), sizes, elapsed, out_dir)
-    return manifest
 
 
 def gguf_digest(manifest: dict[str, Any], file_name: str) -> str | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -33,7 +32,6 @@ from toolkit.merge_plan import MergePlan
 
 log = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
-STAGING = ".merge-partial"
 BASE_FILES = ("generation_config.json",)  # copied beside the merged weights when the base has them
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
 # Largest allowed |merged - (base+adapter)| next-token logit: max(atol, rtol * the adapter's own effect), the
@@ -220,18 +218,30 @@ def _write(out: Path, base: Checkpoint, plan: MergePlan, cfg: MergeConfig, dtype
 
 def run(cfg: MergeConfig, train_dir: Path, out_dir: Path, *, force: bool = False) -> dict[str, Any]:
     """Merge the adapter of `train_dir` into its base, tensor by tensor, and write the merged model to `out_dir`."""
-    import torch
-    from transformers import AutoConfig, AutoTokenizer
-
     train_dir, out_dir = Path(train_dir), Path(out_dir)
     train_manifest = artifacts.read_manifest(train_dir, stage="train")
     adapter_dir = find_adapter(train_dir)
     base = base_model_of(train_manifest, adapter_dir, cfg.base_model)
     config = {**as_dict(cfg), "base_model": base}
-    done = artifacts.prepare_out_dir(out_dir, stage="merge", config=config, force=force)
+    inputs = [train_dir / artifacts.MANIFEST]  # the train run, by its manifest's path and sha256
+    done = artifacts.check_out_dir(out_dir, stage="merge", config=config, force=force, inputs=inputs)
     if done is not None:
         log.info("merge: %s already holds this merge; nothing to do (--force redoes it)", out_dir)
         return done
+    # Built beside OUT and swapped in when complete: a failed or killed merge (--force too) leaves OUT as it was.
+    with artifacts.building(out_dir) as build:
+        manifest = _merge(cfg, train_manifest, adapter_dir, base, config, inputs, build)
+    metrics, figures = manifest["metrics"], manifest["metrics"]["parity"]
+    log.info("merge: adapter folded into %s in %.0fs, %.1f MB %s, logits: %.0f%% of the adapter's effect kept, "
+             "top-1 %.0f%% as base+adapter -> %s", base, metrics["seconds"], metrics["weights_bytes"] / 1e6,
+             cfg.format, 100 * figures["effect_kept"], 100 * figures["top1_agreement"], out_dir)
+    return manifest
+
+
+def _merge(cfg: MergeConfig, train_manifest: dict[str, Any], adapter_dir: Path, base: str, config: dict[str, Any],
+           inputs: list[Path], out_dir: Path) -> dict[str, Any]:
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
 
     started = time.monotonic()
     base_dir = local_folder(base)
@@ -255,16 +265,14 @@ def run(cfg: MergeConfig, train_dir: Path, out_dir: Path, *, force: bool = False
 
     log.info("merge: folding %d LoRA tensors into %s (%s, %s) tensor by tensor", len(adapter.targets), base,
              cfg.format, dtype_name)
-    stage = out_dir / STAGING
-    shutil.rmtree(stage, ignore_errors=True)
-    try:
+    try:  # out_dir is the stage's build folder (artifacts.building): on any error it is removed whole
         adapter.applied.clear()
-        _write(stage, ckpt, plan, cfg, dtype_name)
+        _write(out_dir, ckpt, plan, cfg, dtype_name)
         adapter.check_all_applied()
-        tokenizer.save_pretrained(stage)
-        copy_vocab_files(str(base_dir), stage)
-        check_saved_params(stage, ckpt, plan)
-        merged_logits = layerwise.logits(stage, [ids])[0]
+        tokenizer.save_pretrained(out_dir)
+        copy_vocab_files(str(base_dir), out_dir)
+        check_saved_params(out_dir, ckpt, plan)
+        merged_logits = layerwise.logits(out_dir, [ids])[0]
         kind = "mxfp4" if cfg.format == "mxfp4" else dtype_name
         atol = cfg.parity_atol if cfg.parity_atol is not None else DEFAULT_ATOL[kind]
         rtol = cfg.parity_rtol if cfg.parity_rtol is not None else DEFAULT_RTOL[kind]
@@ -272,20 +280,13 @@ def run(cfg: MergeConfig, train_dir: Path, out_dir: Path, *, force: bool = False
                                mxfp4_output=cfg.format == "mxfp4")
         figures.update(effect_figures(base_logits, adapted_logits, merged_logits), prompt_tokens=len(ids),
                        prompt_source=prompt_source, dtype=dtype_name, format=cfg.format)
-        for path in sorted(stage.iterdir()):
-            os.replace(path, out_dir / path.name)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
         adapter.close()
 
     elapsed = time.monotonic() - started
     size = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
-    manifest = artifacts.write_manifest(
-        out_dir, stage="merge", config=config, metrics={"parity": figures, "seconds": round(elapsed, 1),
-                                                        "weights_bytes": size},
+    return artifacts.write_manifest(
+        out_dir, stage="merge", config=config, inputs=inputs, metrics={"parity": figures, "seconds": round(elapsed, 1),
+                                                                       "weights_bytes": size},
         upstream=train_manifest, extra={"base_model": base, "adapter": str(adapter_dir)},
     )
-    log.info("merge: adapter folded into %s in %.0fs, %.1f MB %s, logits: %.0f%% of the adapter's effect kept, "
-             "top-1 %.0f%% as base+adapter -> %s", base, elapsed, size / 1e6, cfg.format,
-             100 * figures["effect_kept"], 100 * figures["top1_agreement"], out_dir)
-    return manifest

@@ -3,7 +3,9 @@
     prep -> train -> merge -> export (GGUF + Modelfile) -> eval (the GGUF on a test set)
 
 Each stage writes `export/<run>/<stage>/` exactly as its own command would, so a run that stops half
-way is continued by running the same command again: finished stages are no-ops.
+way is continued by running the same command again: finished stages are no-ops (when their config and
+input are unchanged), an interrupted train resumes from its newest complete checkpoint, an interrupted
+eval from its last prediction, and an interrupted prep, merge or export is done again.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def run(corpus: Path, run_dir: Path, *, config: str | Path | None = None, overri
     manifests: dict[str, Any] = {}
     steps = {
         "prep": lambda: corpus_mod.prepare(cfgs["prep"], corpus, dirs["prep"], force=force),
-        "train": lambda: train.run(cfgs["train"], dirs["prep"], dirs["train"], force=force),
+        "train": lambda: train.run(cfgs["train"], dirs["prep"], dirs["train"], force=force, resume=not force),
         "merge": lambda: merge.run(cfgs["merge"], dirs["train"], dirs["merge"], force=force),
         "export": lambda: gguf.run(cfgs["export"], dirs["merge"], dirs["export"], force=force),
         "eval": lambda: _evaluate(evaluate, cfgs["eval"], manifests["export"], dirs, test_file, force),

@@ -6,18 +6,23 @@ Nothing here needs an account or a network. Only the main process writes.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from toolkit import artifacts
+
+log = logging.getLogger(__name__)
+
 
 class MetricsCallback(TrainerCallback):
     """Append every log record (train loss, lr, grad norm, eval loss) as one JSON line.
 
     On resume the lines written after the checkpoint's step by the interrupted run are dropped, so the
-    file reads as one uninterrupted run.
+    file reads as one uninterrupted run; so is a line the kill cut off (with a warning).
     """
 
     def __init__(self, path: Path):
@@ -26,9 +31,8 @@ class MetricsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= state.global_step]
+        artifacts.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -57,9 +61,21 @@ def tensorboard_callback(log_dir: Path) -> TrainerCallback:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; an unreadable line (cut off by a kill while written) is dropped with a warning."""
     if not Path(path).is_file():
         return []
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s:%d: unreadable line dropped (the run was interrupted while writing it)", path, number)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def plot_loss(metrics_path: Path, png_path: Path) -> Path | None:

@@ -9,12 +9,15 @@ pair so that only the assistant's answer is supervised:
 
 Writes OUT/: adapter_model.safetensors + adapter_config.json, the tokenizer (with its chat template),
 train_config.json (resolved config), metrics.jsonl, loss.png, tensorboard/, and manifest.json last.
-Checkpoints go to OUT/checkpoints/ while training (`--resume` continues from the last one) and are
-deleted at the end unless `train.keep_checkpoints`. Multi-GPU: `accelerate launch -m toolkit train`.
+Checkpoints go to OUT/checkpoints/ while training, each written whole or not at all (`toolkit.checkpoints`;
+`--resume` continues from the newest complete one), and are deleted at the end unless `train.keep_checkpoints`.
+`--force` over an existing run trains beside it and replaces it only when done. Multi-GPU:
+`accelerate launch -m toolkit train`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from toolkit import artifacts, harmony
+from toolkit import artifacts, checkpoints, harmony
 from toolkit.config import TrainConfig, as_dict
 from toolkit.errors import ArtifactError, ConfigError, DataError
 
@@ -169,8 +172,11 @@ def build_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, fmt: str, train_
         # default limit (8) it silently falls back to a slow unfused form (seen in bench/train_speed.py)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     args = training_args(cfg, out_dir, fmt)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer)
+
+    class Trainer(checkpoints.AtomicCheckpoints, SFTTrainer):
+        pass
+
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgressCallback())
     trainer.add_callback(MetricsCallback(Path(out_dir) / METRICS_FILE))
@@ -181,22 +187,23 @@ def build_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, fmt: str, train_
     return trainer
 
 
-def _check_resume(out_dir: Path, config: dict[str, Any]) -> str | None:
-    """The last checkpoint to resume from; the folder's config must be this run's."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+def _check_resume(out_dir: Path, config: dict[str, Any], prep_sha256: str, main: bool = True) -> str | None:
+    """The newest complete checkpoint to resume from; the folder's config and prep folder must be this run's."""
     saved_path = out_dir / CONFIG_FILE
     if saved_path.is_file():
-        saved = json.loads(saved_path.read_text(encoding="utf-8"))["train"]
+        saved_file = json.loads(saved_path.read_text(encoding="utf-8"))
+        saved = saved_file["train"]
         diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
         if diff:
             changes = ", ".join(f"train.{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in diff)
             raise ConfigError(f"{out_dir}: --resume with another config ({changes}). Resume with the same "
                               "--config/--set, or pass --force to start over.")
-    folder = out_dir / CHECKPOINTS
-    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
-    if last is None:
-        log.warning("%s: no checkpoint to resume from; training starts at step 0", out_dir)
+        if saved_file.get("prep_manifest_sha256", prep_sha256) != prep_sha256:
+            raise ConfigError(f"{out_dir}: --resume with another prep folder than the interrupted run's "
+                              f"({saved_file.get('data_dir')}, since redone or changed). Pass --force to start over.")
+    last = checkpoints.last_complete(out_dir / CHECKPOINTS, clean=main)
+    if last is None and saved_path.is_file():
+        log.warning("%s: no complete checkpoint to resume from; training starts at step 0", out_dir)
     return last
 
 
@@ -226,15 +233,27 @@ def _parallelism(trainer: Any, processes: int) -> str:
     return "ddp" if processes > 1 else "single"
 
 
-def steady_tokens_per_second(history: list[dict[str, Any]]) -> float | None:
+def steady_tokens_per_second(history: list[dict[str, Any]], resumed_from: int | None = None) -> float | None:
     """Input tokens/s over the last three quarters of the logged steps: the first quarter (at least one
-    logging interval) holds kernel compilation and allocator warm-up. None with fewer than three logs."""
-    points = [(e["num_input_tokens_seen"], e["train_runtime"]) for e in history
+    logging interval) holds kernel compilation and allocator warm-up. None with fewer than three logs.
+
+    A resumed run's history holds one part per `train()` call (its clock, `train_runtime`, restarts at 0):
+    each part loses its own warm-up, and the parts' tokens and seconds are added up."""
+    points = [(e.get("step", 0), e["num_input_tokens_seen"], e["train_runtime"]) for e in history
               if "loss" in e and "num_input_tokens_seen" in e and "train_runtime" in e]
     if len(points) < 3:
         return None
-    (tokens0, time0), (tokens1, time1) = points[max(1, len(points) // 4) - 1], points[-1]
-    return round((tokens1 - tokens0) / (time1 - time0), 1) if time1 > time0 else None
+    parts: list[list[tuple[int, int, float]]] = [[]]
+    for point in points:
+        previous = parts[-1][-1] if parts[-1] else None
+        if previous and (point[2] < previous[2] or (resumed_from and previous[0] <= resumed_from < point[0])):
+            parts.append([])
+        parts[-1].append(point)
+    tokens = seconds = 0.0
+    for part in (p for p in parts if len(p) >= 2):
+        (_, tokens0, time0), (_, tokens1, time1) = part[max(1, len(part) // 4) - 1], part[-1]
+        tokens, seconds = tokens + tokens1 - tokens0, seconds + time1 - time0
+    return round(tokens / seconds, 1) if seconds > 0 else None
 
 
 def peak_gpu_memory_gib() -> dict[str, list[float]] | None:
@@ -268,22 +287,48 @@ def run(cfg: TrainConfig, data_dir: Path, out_dir: Path, *, force: bool = False,
     from accelerate import PartialState
 
     from toolkit import lora
-    from toolkit.tracking import plot_loss
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     config = as_dict(cfg)
     state = PartialState(cpu=lora.resolve_device(cfg) == "cpu")
     artifacts.read_manifest(data_dir, "prep")  # a clear error before anything else
+    inputs = [data_dir / "train.jsonl", data_dir / "dev.jsonl", data_dir / artifacts.MANIFEST]
+    # --force over an existing run trains beside it and replaces it only when done (decided before any process
+    # changes anything, so that every process decides alike)
+    beside = force and out_dir.is_dir() and any(out_dir.iterdir())
     done = None
     if state.is_main_process:
-        done = artifacts.prepare_out_dir(out_dir, stage="train", config=config, force=force, resume=resume)
+        done = artifacts.check_out_dir(out_dir, stage="train", config=config, force=force, resume=resume,
+                                       inputs=inputs)
+        if done is None and not beside:
+            out_dir.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
-    if done is None and not state.is_main_process and (out_dir / artifacts.MANIFEST).is_file():
+    if done is None and not state.is_main_process and (out_dir / artifacts.MANIFEST).is_file() and not force:
         done = artifacts.read_manifest(out_dir, "train")
     if done is not None:
         log.info("train: %s already holds this finished run; nothing to do (--force to redo it)", out_dir)
         return done
-    checkpoint = _check_resume(out_dir, config) if resume else None
+    if not beside:
+        manifest = _train(cfg, data_dir, out_dir, config, inputs, state, resume, callbacks)
+    else:
+        with (artifacts.building(out_dir) if state.is_main_process
+              else contextlib.nullcontext(artifacts.partial_dir(out_dir))) as build:
+            manifest = _train(cfg, data_dir, build, config, inputs, state, False, callbacks)
+    if manifest:  # empty on the other processes of a distributed run
+        metrics = manifest["metrics"]
+        size = next((o["bytes"] for o in manifest["outputs"] if o["path"] == manifest["adapter"]), 0) / 1e6
+        log.info("train: %d steps in %s, adapter %.1f MB -> %s", metrics["steps"], _human(metrics["runtime_seconds"]),
+                 size, out_dir)
+    return manifest
+
+
+def _train(cfg: TrainConfig, data_dir: Path, out_dir: Path, config: dict[str, Any], inputs: list[Path], state: Any,
+           resume: bool, callbacks: list[Any] | tuple[Any, ...]) -> dict[str, Any]:
+    from toolkit import lora
+    from toolkit.tracking import plot_loss
+
+    prep_sha256 = artifacts.sha256_file(data_dir / artifacts.MANIFEST)
+    checkpoint = _check_resume(out_dir, config, prep_sha256, state.is_main_process) if resume else None
     # Everything that can fail cheaply fails before the weights load and before OUT gets any file.
     lora.check_preconditions(cfg)
     tokenizer = lora.load_tokenizer(cfg)
@@ -291,7 +336,8 @@ def run(cfg: TrainConfig, data_dir: Path, out_dir: Path, *, force: bool = False,
     fmt = lora.chat_format(cfg, model_config, tokenizer)
     train_ds, eval_ds, prep = load_datasets(cfg, data_dir, fmt)
     if state.is_main_process:
-        artifacts.atomic_write_json(out_dir / CONFIG_FILE, {"train": config, "data_dir": str(data_dir)})
+        artifacts.atomic_write_json(out_dir / CONFIG_FILE, {"train": config, "data_dir": str(data_dir),
+                                                            "prep_manifest_sha256": prep_sha256})
         if checkpoint is None and (out_dir / METRICS_FILE).exists():
             (out_dir / METRICS_FILE).unlink()
 
@@ -326,17 +372,19 @@ def run(cfg: TrainConfig, data_dir: Path, out_dir: Path, *, force: bool = False,
     if not cfg.keep_checkpoints:
         shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
     plot_loss(out_dir / METRICS_FILE, out_dir / LOSS_PNG)
-    history = [e for e in trainer.state.log_history if "loss" in e]
+    history = [e for e in trainer.state.log_history if "loss" in e]  # restored from the checkpoint on resume
+    resumed_from = checkpoints.step_of(checkpoint)
     metrics = {
         "steps": trainer.state.global_step,
-        "resumed_from_step": int(Path(checkpoint).name.rsplit("-", 1)[-1]) if checkpoint else None,
+        "resumed_from_step": resumed_from,
         "epochs": round(trainer.state.epoch or 0.0, 4),
         "train_loss": history[-1]["loss"] if history else result.training_loss,
-        "mean_train_loss": result.training_loss,
+        "mean_train_loss": checkpoints.mean_train_loss(history, result.training_loss, trainer.state.global_step,
+                                                       resumed_from),
         "eval_loss": final_eval.get("eval_loss"),
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "tokens_per_second": round((trainer.state.num_input_tokens_seen - tokens_before) / runtime, 1),
-        "steady_tokens_per_second": steady_tokens_per_second(trainer.state.log_history),
+        "steady_tokens_per_second": steady_tokens_per_second(trainer.state.log_history, resumed_from),
         "peak_gpu_memory_gib": peaks,
         "runtime_seconds": round(runtime, 2),
         "processes": state.num_processes,
@@ -352,8 +400,5 @@ def run(cfg: TrainConfig, data_dir: Path, out_dir: Path, *, force: bool = False,
         "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                  "target_modules": targets["modules"], "target_parameters": targets["parameters"]},
     }
-    manifest = artifacts.write_manifest(out_dir, stage="train", config=config, inputs=[
-        data_dir / "train.jsonl", data_dir / "dev.jsonl"], metrics=metrics, upstream=prep, extra=extra)
-    size = adapter.stat().st_size / 1e6 if adapter.is_file() else 0.0
-    log.info("train: %d steps in %s, adapter %.1f MB -> %s", metrics["steps"], _human(runtime), size, out_dir)
-    return manifest
+    return artifacts.write_manifest(out_dir, stage="train", config=config, inputs=inputs, metrics=metrics,
+                                    upstream=prep, extra=extra)
