@@ -301,3 +301,13 @@ def test_failed_model_load_leaves_no_folder(tsv, tmp_path):
     assert not out.exists()
     evaluate.run(cfg(limit=2), tsv, out, translator=Scripted())  # a corrected command is not refused
     assert len(read_rows(out)) == 2
+
+
+def test_bad_test_set_line_advises_no_option_eval_lacks(tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("zh\tnan\n一\t二\t三\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["eval", "--baseline", "copy", str(bad), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"error: {bad}:2: expected 2 tab-separated columns (zh, nan), found 3. Fix the "
+                                     "line: eval scores every row of a test set, so it skips none.")
+    assert "--skip-bad-lines" not in result.output

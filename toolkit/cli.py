@@ -6,9 +6,11 @@ Stages find their input in the run folder (`export/<run>/<stage>`) unless it is 
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -39,17 +41,57 @@ def default_run(corpus: Path | None = None) -> str:
     return max(runs, key=lambda p: p.stat().st_mtime).name
 
 
+_WHY = {
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOENT: "no such file or folder, and none can be made there",
+    errno.EISDIR: "is a folder, not a file",
+    errno.EEXIST: "exists already",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+}
+
+
+def os_error_line(exc: OSError, out_dir: Path | None, has_out: bool) -> str | None:
+    """One line for a file-system error (a path that cannot be made, read or written), None for others.
+
+    A path inside `--out` (or above it: a parent that cannot be made) names the option and the fix.
+    """
+    if exc.filename is None and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    why = _WHY.get(exc.errno, exc.strerror or type(exc).__name__)
+    if exc.filename is None:
+        return f"{why}. Free some space{', or choose another --out' if has_out else ''}."
+    path = Path(os.fsdecode(exc.filename))
+    if out_dir is not None:
+        out, bad = Path(out_dir).absolute(), path.absolute()
+        if bad.is_relative_to(out) or out.is_relative_to(bad):
+            return f"--out {out_dir}: cannot write {path}: {why}. Choose an output folder you can write."
+    hint = " Pass --out a folder you can write." if has_out and exc.errno not in (errno.ENOENT, errno.EISDIR) else ""
+    return f"{path}: {why}.{hint}"
+
+
 def handle_errors(func):
-    """Turn ToolkitError into one line on stderr and exit 2 (a traceback only with --debug)."""
+    """Turn ToolkitError (and a file-system error on a named path) into one line on stderr and exit 2 (a
+    traceback only with --debug)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        debug = click.get_current_context().find_root().params.get("debug")
         try:
             return func(*args, **kwargs)
         except ToolkitError as exc:
-            if click.get_current_context().find_root().params.get("debug"):
+            if debug:
                 raise
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except OSError as exc:
+            line = None if debug else os_error_line(exc, kwargs.get("out_dir"), "out_dir" in kwargs)
+            if line is None:
+                raise
+            click.echo(f"error: {line}", err=True)
             sys.exit(2)
 
     return wrapper

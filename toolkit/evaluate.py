@@ -30,6 +30,7 @@ REPORT = "report.md"
 CHART = "scores.png"
 STATE = ".eval-state.json"  # config of an unfinished eval (a dot file: manifests skip it)
 COPY = "copy source"
+TEST_FIX = "Fix the line: eval scores every row of a test set, so it skips none."
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,9 @@ def read_test_set(path: Path, source_column: str, target_column: str, direction:
             first = fh.readline()
         if '"direction"' in first and '"source"' in first:
             return _read_prep_split(path, direction, limit)
-        pairs, source_column, target_column = corpus.read_jsonl(path, prep_cfg, Counter()), "user", "final"
+        pairs, source_column, target_column = corpus.read_jsonl(path, prep_cfg, Counter(), TEST_FIX), "user", "final"
     else:
-        pairs = corpus.read_tsv(path, prep_cfg, Counter())
+        pairs = corpus.read_tsv(path, prep_cfg, Counter(), TEST_FIX)
     lines, sources, references = [], [], []
     for pair in pairs:
         lines.append(pair.line)
