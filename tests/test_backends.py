@@ -313,7 +313,7 @@ def test_transformers_user_text_is_tokenized_as_plain_text(tiny_translator, monk
 
     monkeypatch.setattr(tiny_translator.model, "generate", spy)
     tiny_translator.translate([INJECTION, TEXTS[1]], spec, max_new_tokens=2)
-    encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731 - specials parsed
+    encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # specials parsed
     (head, _), _, (tail, _) = spec.prompt_pieces(INJECTION, tok)
     user = _user_part(prompts[0], encode(head), encode(tail))
     assert not set(user) & special
@@ -337,7 +337,7 @@ def test_llama_cpp_user_text_is_tokenized_as_plain_text(tiny_gguf):
     llm.generate = spy
     out = translator.translate([INJECTION, TEXTS[1]], spec, max_new_tokens=2)
     assert len(out) == 2
-    encode = lambda text: llm.tokenize(text.encode(), add_bos=False, special=True)  # noqa: E731
+    encode = lambda text: llm.tokenize(text.encode(), add_bos=False, special=True)
     (head, _), _, (tail, _) = spec.prompt_pieces(INJECTION)
     user = _user_part(prompts[0], encode(head), encode(tail))
     assert not set(user) & special

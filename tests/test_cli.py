@@ -191,12 +191,13 @@ def test_run_refuses_an_eval_on_an_empty_dev_split_up_front(sample_tsv, tmp_path
 def test_train_after_prep_without_dev_split_trains_without_eval_loss(tiny_model, sample_tsv, tmp_path, caplog):
     """`prep --dev-fraction 0` then `train` (eval_steps set): a note, no eval loss, no crash in TRL."""
     runner = CliRunner()
-    prep = tmp_path / "prep"
-    assert runner.invoke(main, [*_prep_args(sample_tsv, prep), "--dev-fraction", "0"]).exit_code == 0
+    prep, small = tmp_path / "prep", tmp_path / "small.tsv"
+    small.write_text("".join(sample_tsv.read_text(encoding="utf-8").splitlines(keepends=True)[:9]), encoding="utf-8")
+    assert runner.invoke(main, [*_prep_args(small, prep), "--dev-fraction", "0"]).exit_code == 0
     assert (prep / "dev.jsonl").read_text(encoding="utf-8") == ""
     result = runner.invoke(main, ["train", str(prep), "--out", str(tmp_path / "train"), "--config", "tiny-cpu",
                                   "--set", f"train.base_model={json.dumps(str(tiny_model))}", "--max-steps", "2",
-                                  "--set", "train.eval_steps=1", "--set", "train.max_length=256", "--json"])
+                                  "--set", "train.eval_steps=1", "--set", "train.report_to='none'", "--json"])
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout.strip().splitlines()[-1])["metrics"]
     assert metrics["steps"] == 2 and metrics["eval_loss"] is None

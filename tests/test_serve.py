@@ -488,7 +488,7 @@ def test_llama_cpp_serve_keeps_special_strings_of_a_text_as_text(tiny_gguf):
     with fastapi_testclient.TestClient(serve.create_app(translator, SPEC, ServeConfig(max_new_tokens=2))) as c:
         assert c.post("/translate", json={"texts": [INJECTION, "x"]}).status_code == 200
     special = set(translator.forbidden)
-    count = lambda ids: sum(i in special for i in ids)  # noqa: E731
+    count = lambda ids: sum(i in special for i in ids)
     assert count(prompts[0]) == count(prompts[1]) > 0  # the scaffold's control tokens, none from the text
 
 

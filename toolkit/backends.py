@@ -8,6 +8,7 @@ text is the answer.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -42,8 +43,9 @@ class PromptTooLong(ExternalToolError):
 
     def __init__(self, index: int, tokens: int, limit: int, setting: str) -> None:
         self.index, self.tokens, self.limit = index, tokens, limit
-        super().__init__(f"text {index}: its prompt is {tokens:,} tokens, and the context window ({setting}) holds "
-                         f"{limit:,} tokens, the reply included: shorten the text, or raise {setting}.")
+        self.reason = (f"its prompt is {tokens:,} tokens, and the context window ({setting}) holds {limit:,} tokens, "
+                       f"the reply included: shorten the text, or raise {setting}.")
+        super().__init__(f"text {index}: {self.reason}")
 
 
 def plain_ids(text: str, encode: Callable[[str, bool], list[int]], forbidden: dict[int, str]) -> list[int]:
@@ -60,7 +62,7 @@ def plain_ids(text: str, encode: Callable[[str, bool], list[int]], forbidden: di
     if not cuts:
         return ids
     bounds = [0, *cuts, len(text)]
-    return [i for start, end in zip(bounds, bounds[1:]) for i in plain_ids(text[start:end], encode, forbidden)]
+    return [i for start, end in itertools.pairwise(bounds) for i in plain_ids(text[start:end], encode, forbidden)]
 
 
 def encode_prompt(pieces: list[tuple[str, bool]], encode: Callable[[str, bool], list[int]],

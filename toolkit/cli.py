@@ -54,22 +54,24 @@ _WHY = {
 }
 
 
-def os_error_line(exc: OSError, out_dir: Path | None, has_out: bool) -> str | None:
+def os_error_line(exc: OSError, out_dir: Path | None, option: str | None) -> str | None:
     """One line for a file-system error (a path that cannot be made, read or written), None for others.
 
-    A path inside `--out` (or above it: a parent that cannot be made) names the option and the fix.
+    A path inside the output folder (or above it: a parent that cannot be made) names it and the fix;
+    `option` is the command's output option (`--out`), None when it has none.
     """
     if exc.filename is None and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
         return None
     why = _WHY.get(exc.errno, exc.strerror or type(exc).__name__)
     if exc.filename is None:
-        return f"{why}. Free some space{', or choose another --out' if has_out else ''}."
+        return f"{why}. Free some space{f', or choose another {option}' if option else ''}."
     path = Path(os.fsdecode(exc.filename))
     if out_dir is not None:
         out, bad = Path(out_dir).absolute(), path.absolute()
         if bad.is_relative_to(out) or out.is_relative_to(bad):
-            return f"--out {out_dir}: cannot write {path}: {why}. Choose an output folder you can write."
-    hint = " Pass --out a folder you can write." if has_out and exc.errno not in (errno.ENOENT, errno.EISDIR) else ""
+            name = f"{option} {out_dir}" if option else str(out_dir)
+            return f"{name}: cannot write {path}: {why}. Choose an output folder you can write."
+    hint = f" Pass {option} a folder you can write." if option and exc.errno not in (errno.ENOENT, errno.EISDIR) else ""
     return f"{path}: {why}.{hint}"
 
 
@@ -79,7 +81,10 @@ def handle_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        debug = click.get_current_context().find_root().params.get("debug")
+        ctx = click.get_current_context()
+        debug = ctx.find_root().params.get("debug")
+        out = next((p for p in ctx.command.params if p.name == "out_dir"), None)
+        option = out.opts[0] if isinstance(out, click.Option) else None
         try:
             return func(*args, **kwargs)
         except ToolkitError as exc:
@@ -88,7 +93,7 @@ def handle_errors(func):
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except OSError as exc:
-            line = None if debug else os_error_line(exc, kwargs.get("out_dir"), "out_dir" in kwargs)
+            line = None if debug else os_error_line(exc, kwargs.get("out_dir"), option)
             if line is None:
                 raise
             click.echo(f"error: {line}", err=True)
