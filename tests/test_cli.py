@@ -130,6 +130,10 @@ def test_read_only_out_is_one_line(sample_tsv, tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert result.stderr.strip() == f"error: --out {out}: cannot write {out}: permission denied. Choose an output " \
                                     "folder you can write."
+    from toolkit.cli import os_error_line  # a hidden work folder built beside --out is named by --out too
+
+    beside = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "ro" / ".prep.partial"))
+    assert os_error_line(beside, out, "--out").startswith(f"--out {out}: cannot write {tmp_path}/ro/.prep.partial")
     real_mkdir(tmp_path / "ro")
     monkeypatch.chdir(tmp_path / "ro")  # the default --out, export/RUN/prep, in a read-only working folder
     result = CliRunner().invoke(main, ["prep", str(sample_tsv), "--length-unit", "chars"])

@@ -68,7 +68,10 @@ def os_error_line(exc: OSError, out_dir: Path | None, option: str | None) -> str
     path = Path(os.fsdecode(exc.filename))
     if out_dir is not None:
         out, bad = Path(out_dir).absolute(), path.absolute()
-        if bad.is_relative_to(out) or out.is_relative_to(bad):
+        # inside it, above it (a parent that cannot be made), or a hidden work folder built beside it
+        beside = bad.is_relative_to(out.parent) and bad != out.parent and \
+            bad.relative_to(out.parent).parts[0].startswith(".")
+        if bad.is_relative_to(out) or out.is_relative_to(bad) or beside:
             name = f"{option} {out_dir}" if option else str(out_dir)
             return f"{name}: cannot write {path}: {why}. Choose an output folder you can write."
     hint = f" Pass {option} a folder you can write." if option and exc.errno not in (errno.ENOENT, errno.EISDIR) else ""
