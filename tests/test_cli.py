@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -109,3 +111,116 @@ def test_run_chains_every_stage_and_is_a_no_op_when_finished(tiny_model, sample_
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output
     assert (tmp_path / "export" / "demo" / "train" / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def _prep_args(tsv, out) -> list[str]:
+    return ["prep", str(tsv), "--out", str(out), "--length-unit", "chars"]
+
+
+@pytest.mark.parametrize("where", ["under a file", "under /proc"])
+def test_unwritable_out_is_one_line(sample_tsv, tmp_path, where):
+    if where == "under a file":
+        (tmp_path / "file.txt").write_text("x", encoding="utf-8")
+        out, why = tmp_path / "file.txt" / "out", "a part of the path is a file, not a folder"
+    else:
+        if not Path("/proc/self").is_dir():
+            pytest.skip("no /proc on this system")
+        out, why = Path("/proc/toolkit-test/out"), "no such file or folder, and none can be made there"
+    result = CliRunner().invoke(main, _prep_args(sample_tsv, out))
+    assert result.exit_code == 2, result.output
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: --out {out}: cannot write ") and why in line
+    assert line.endswith("Choose an output folder you can write.") and "Traceback" not in result.output
+
+
+def test_read_only_out_is_one_line(sample_tsv, tmp_path, monkeypatch):
+    # a read-only folder (simulated: root, which runs the tests in some containers, may write anywhere)
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self.absolute().is_relative_to(tmp_path / "ro"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    out = tmp_path / "ro" / "out"
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    result = CliRunner().invoke(main, _prep_args(sample_tsv, out))
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: --out {out}: cannot write {out}: permission denied. Choose an output " \
+                                    "folder you can write."
+    from toolkit.cli import os_error_line  # a hidden work folder built beside --out is named by --out too
+
+    beside = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "ro" / ".prep.partial"))
+    assert os_error_line(beside, out, "--out").startswith(f"--out {out}: cannot write {tmp_path}/ro/.prep.partial")
+    real_mkdir(tmp_path / "ro")
+    monkeypatch.chdir(tmp_path / "ro")  # the default --out, export/RUN/prep, in a read-only working folder
+    result = CliRunner().invoke(main, ["prep", str(sample_tsv), "--length-unit", "chars"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("error: export/sample/prep: permission denied. Pass --out a folder you can "
+                                     "write.")
+
+
+def test_other_os_errors_keep_their_traceback(monkeypatch, sample_tsv, tmp_path):
+    from toolkit import corpus
+
+    def refused(*args, **kwargs):
+        raise ConnectionRefusedError("no path in this one")
+
+    monkeypatch.setattr(corpus, "prepare", refused)
+    result = CliRunner().invoke(main, _prep_args(sample_tsv, tmp_path / "o"))
+    assert isinstance(result.exception, ConnectionRefusedError)  # a bug, not a user error: not hidden
+
+
+def test_set_value_replaced_by_an_option_is_still_checked(sample_tsv, tmp_path):
+    result = CliRunner().invoke(main, [*_prep_args(sample_tsv, tmp_path / "o"), "--seed", "5",
+                                       "--set", "prep.seed=abc"])
+    assert result.exit_code == 2
+    assert "prep.seed: expected a whole number, found 'abc' (from --set)" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_file_that_exists_is_read_whatever_its_suffix(sample_tsv, tmp_path):
+    (tmp_path / "tiny.txt").write_text("[prep]\ndev_fraction = 0.5\n", encoding="utf-8")
+    result = CliRunner().invoke(main, [*_prep_args(sample_tsv, tmp_path / "o"), "--config",
+                                       str(tmp_path / "tiny.txt"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["metrics"]["examples"]["dev"] > 100
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "PREP", "--set", "train.learning_rate=nan", "--set", "train.max_grad_norm=-1"],
+     "2 config problem(s): train.learning_rate: expected a finite number, found nan"),
+    (["train", "PREP", "--set", "train.epochs=inf", "--set", "train.warmup_ratio=nan"],
+     "train.warmup_ratio: expected a finite number"),
+    (["serve", "x.gguf", "--timeout", "nan"], "serve.request_timeout_s: expected a finite number, found nan"),
+])
+def test_bad_numbers_stop_before_any_model_loads(tmp_path, args, message):
+    args = [str(tmp_path / "prep") if a == "PREP" else a for a in args]
+    result = CliRunner().invoke(main, [*args, *(["--out", str(tmp_path / "t")] if args[0] == "train" else [])])
+    assert result.exit_code == 2 and message in result.stderr
+    assert not (tmp_path / "t").exists()
+
+
+def test_run_refuses_an_eval_on_an_empty_dev_split_up_front(sample_tsv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["run", str(sample_tsv), "--config", "tiny-cpu",
+                                       "--set", "prep.dev_fraction=0"])
+    assert result.exit_code == 2
+    assert "prep.dev_fraction = 0 holds out no dev split" in result.stderr and "--test" in result.stderr
+    assert not (tmp_path / "export").exists()
+
+
+def test_train_after_prep_without_dev_split_trains_without_eval_loss(tiny_model, sample_tsv, tmp_path, caplog):
+    """`prep --dev-fraction 0` then `train` (eval_steps set): a note, no eval loss, no crash in TRL."""
+    runner = CliRunner()
+    prep, small = tmp_path / "prep", tmp_path / "small.tsv"
+    small.write_text("".join(sample_tsv.read_text(encoding="utf-8").splitlines(keepends=True)[:9]), encoding="utf-8")
+    assert runner.invoke(main, [*_prep_args(small, prep), "--dev-fraction", "0"]).exit_code == 0
+    assert (prep / "dev.jsonl").read_text(encoding="utf-8") == ""
+    result = runner.invoke(main, ["train", str(prep), "--out", str(tmp_path / "train"), "--config", "tiny-cpu",
+                                  "--set", f"train.base_model={json.dumps(str(tiny_model))}", "--max-steps", "2",
+                                  "--set", "train.eval_steps=1", "--set", "train.report_to='none'", "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])["metrics"]
+    assert metrics["steps"] == 2 and metrics["eval_loss"] is None
+    assert "the prep folder has no dev examples, so no eval loss is computed" in caplog.text

@@ -68,3 +68,68 @@ def test_gpu_memory_cap_without_a_gpu_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="no CUDA GPU to cap"):
         cap_gpu_memory(24)
+
+
+def test_type_errors_do_not_hide_value_errors():
+    with pytest.raises(ConfigError) as err:
+        config.build("prep", None, ["prep.seed=abc", "prep.dev_fraction=2", "prep.max_length=0"])
+    msg = str(err.value)
+    assert msg.startswith("3 config problem(s)")
+    assert "prep.seed: expected a whole number, found 'abc'" in msg
+    assert "prep.dev_fraction: expected 0 <= x < 1, found 2" in msg and "prep.max_length: expected a positive" in msg
+
+
+def test_a_rejected_value_hides_no_check_that_reads_it():
+    # target_column=1 is refused; the default it falls back to must not add "must differ" against source "nan"
+    with pytest.raises(ConfigError) as err:
+        config.build("prep", None, ["prep.target_column=1", "prep.source_column='nan'"])
+    assert str(err.value).startswith("1 config problem(s): prep.target_column: expected text, found 1")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.learning_rate=nan", "train.learning_rate: expected a finite number, found nan"),
+    ("train.epochs=inf", "train.epochs: expected a finite number, found inf"),
+    ("train.warmup_ratio=nan", "train.warmup_ratio: expected a finite number, found nan"),
+    ("train.warmup_ratio=1.5", "train.warmup_ratio: expected a share of the steps"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm: expected 0 (no clipping) or more, found -1"),
+    ("serve.request_timeout_s=nan", "serve.request_timeout_s: expected a finite number, found nan"),
+    ("serve.copy_bias=-inf", "serve.copy_bias: expected a finite number, found -inf"),
+])
+def test_non_finite_and_out_of_range_numbers_are_refused(setting, message):
+    with pytest.raises(ConfigError, match="1 config problem") as err:
+        config.build(setting.split(".")[0], None, [setting])
+    assert message in str(err.value)
+
+
+def test_nan_in_a_toml_file_is_refused(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nlearning_rate = nan\nepochs = inf\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="2 config problem") as err:
+        config.build("train", path)
+    assert f"train.learning_rate: expected a finite number, found nan (from {path})" in str(err.value)
+
+
+def test_toml_that_is_not_utf8_is_one_config_error(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[prep]\nsource_name = "Fran\xe7ais"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.toml:2: not UTF-8 \(byte 0xe7\). Save the file as UTF-8."):
+        config.build("prep", path)
+
+
+def test_config_file_with_any_suffix(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.txt").write_text("[prep]\nseed = 3\n", encoding="utf-8")
+    assert config.build("prep", "tiny.txt").seed == 3
+    with pytest.raises(ConfigError, match="'other.txt': no such file. Check the path") as err:
+        config.build("prep", "other.txt")
+    assert "no shipped preset" not in str(err.value)
+    (tmp_path / "tiny-cpu").write_text("[prep]\nseed = 4\n", encoding="utf-8")
+    assert config.build("prep", "tiny-cpu").seed != 4  # a bare name is the shipped preset
+    assert config.build("prep", "./tiny-cpu").seed == 4
+
+
+def test_a_bad_set_value_is_reported_even_when_an_option_replaces_it(caplog):
+    with pytest.raises(ConfigError, match="prep.seed: expected a whole number, found 'abc'"):
+        config.build("prep", None, ["prep.seed=abc"], seed=5)
+    assert config.build("prep", None, ["prep.seed=7"], seed=5).seed == 5
+    assert "prep.seed: the command line's 5 replaces --set prep.seed=7" in caplog.text

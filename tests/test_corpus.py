@@ -301,3 +301,54 @@ def test_force_with_a_bad_corpus_keeps_the_finished_output(tmp_path):
     assert json.loads((out / "manifest.json").read_text())["created"] == replaced["created"]
     assert replaced["config"]["seed"] == 3 and sorted(p.name for p in tmp_path.iterdir()) == [
         "bad.tsv", "good.tsv", "o"]
+
+
+BAD_JSONL = [
+    ("messages not a list", {"messages": "hi"}, "`messages`: expected a list of objects, found a string",
+     "invalid_messages"),
+    ("messages holding non-objects", {"messages": [{"role": "user", "content": "Q"}, "A", 3]},
+     "`messages` item 2: expected an object", "invalid_messages"),
+    ("a number as the user text", {"user": 123, "final": "x"}, "field user: expected a string, found the number 123",
+     "invalid_field"),
+    ("a list as the message content", {"messages": [{"role": "user", "content": ["Q"]},
+                                                    {"role": "assistant", "content": "A"}]},
+     "the user message's content: expected a string, found a list", "invalid_field"),
+    ("analysis not text", {"user": "Q", "final": "A", "analysis": {"x": 1}},
+     "field analysis: expected a string, found an object", "invalid_field"),
+    ("lone surrogate", {"user": "a\ud800b", "final": "A"}, "field user holds a lone surrogate", "invalid_text"),
+    ("blank text", {"user": "  ", "final": "A"}, "field user is empty", "empty_field"),
+]
+
+
+@pytest.mark.parametrize("name,row,message,reason", BAD_JSONL, ids=[b[0] for b in BAD_JSONL])
+def test_bad_recipe_rows_are_named_by_what_is_wrong(tmp_path, name, row, message, reason):
+    good = json.dumps({"user": "Hi", "final": "Hello"})
+    corpus = write(tmp_path / "r.jsonl", good + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError) as err:
+        prepare(cfg(), corpus, tmp_path / "o")
+    assert str(err.value).startswith(f"{corpus}:2: {message}")
+    assert str(err.value).endswith("Fix the line or pass --skip-bad-lines.")
+    m = prepare(cfg(skip_bad_lines=True, dev_fraction=0.0), corpus, tmp_path / "skipped")
+    assert m["metrics"]["dropped"] == {f"bad_{reason}": 1} and m["metrics"]["pairs_kept"] == 1
+
+
+def test_lone_cr_line_ends_are_named(tmp_path):
+    corpus = write(tmp_path / "mac.tsv", (HEADER + "".join(ROWS[:3])).replace("\n", "\r"))
+    with pytest.raises(DataError, match=r"mac.tsv:1: holds a carriage return \(CR\).*classic Mac line ends") as err:
+        prepare(cfg(), corpus, tmp_path / "o")
+    assert "header" not in str(err.value)
+    # a CRLF file whose last line lacks the LF is fine
+    corpus = write(tmp_path / "crlf.tsv", (HEADER + "".join(ROWS[:3])).replace("\n", "\r\n")[:-1])
+    assert prepare(cfg(dev_fraction=0.0), corpus, tmp_path / "o2")["metrics"]["pairs_kept"] == 3
+
+
+def test_no_training_pairs_names_the_cause(tmp_path):
+    corpus = write(tmp_path / "c.tsv", HEADER + "".join(ROWS))
+    with pytest.raises(DataError) as err:
+        prepare(cfg(dev_fraction=0.999999), corpus, tmp_path / "o")
+    msg = str(err.value)
+    assert "--dev-fraction 0.999999 put every kept pair into the dev split (40 dev examples)" in msg
+    assert "--max-length" not in msg and "--skip-bad-lines" not in msg and "--src" not in msg
+    dev = write(tmp_path / "dev.tsv", HEADER + "".join(ROWS))
+    with pytest.raises(DataError, match="each of the 40 pairs is also in --dev-file"):
+        prepare(cfg(dev_file=str(dev)), corpus, tmp_path / "o2")

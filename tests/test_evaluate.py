@@ -301,3 +301,28 @@ def test_failed_model_load_leaves_no_folder(tsv, tmp_path):
     assert not out.exists()
     evaluate.run(cfg(limit=2), tsv, out, translator=Scripted())  # a corrected command is not refused
     assert len(read_rows(out)) == 2
+
+
+def test_bad_test_set_line_advises_no_option_eval_lacks(tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("zh\tnan\n一\t二\t三\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["eval", "--baseline", "copy", str(bad), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"error: {bad}:2: expected 2 tab-separated columns (zh, nan), found 3. Fix the "
+                                     "line: eval scores every row of a test set, so it skips none.")
+    assert "--skip-bad-lines" not in result.output
+    (tmp_path / "dev.jsonl").write_text("", encoding="utf-8")
+    with pytest.raises(DataError, match="empty file \\(prep --dev-fraction 0 writes an empty dev.jsonl\\)"):
+        evaluate.read_test_set(tmp_path / "dev.jsonl", "zh", "nan", "forward")
+
+
+def test_a_sentence_beyond_the_context_window_names_its_line(tsv, tmp_path):
+    class TooLong(Scripted):
+        def translate(self, texts, spec, *, max_new_tokens=256):
+            if "他們要來。" in texts:
+                raise backends.PromptTooLong(texts.index("他們要來。"), 300, 256, "n_ctx")
+            return super().translate(texts, spec, max_new_tokens=max_new_tokens)
+
+    with pytest.raises(DataError, match=r"test.tsv:5: its prompt is 300 tokens, and the context window \(n_ctx\) "
+                                        r"holds 256 tokens, the reply included: shorten the text, or raise n_ctx."):
+        evaluate.run(cfg(model="m"), tsv, tmp_path / "o", translator=TooLong())

@@ -4,6 +4,7 @@ resolution, and the real command on the tiny model (slow) and on a tiny GGUF thr
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from toolkit import artifacts, serve
+from toolkit import artifacts, backends, serve
 from toolkit.backends import Translation
 from toolkit.cli import main
 from toolkit.config import ServeConfig
@@ -162,6 +163,35 @@ def test_invalid_json_is_422():
     assert resp.status_code == 422
 
 
+@pytest.mark.parametrize("body, message", [
+    (b'{"text": "a\\ud800b"}', "text 0 holds a lone surrogate"),
+    (b'{"texts": ["ok", "\\udfff"]}', "text 1 holds a lone surrogate"),
+    (b'{"text": "a", "source_lang": "\\ud83d"}', "unable to parse raw data as a unicode string"),  # pydantic's
+])
+def test_lone_surrogate_is_422(body, message):
+    fake = FakeTranslator()
+    with client(fake) as c:
+        resp = c.post("/translate", content=body, headers={"content-type": "application/json"})
+    assert resp.status_code == 422, resp.text
+    assert message in resp.text and fake.specs == []
+    with client() as c:  # a real pair is fine
+        assert c.post("/translate", content=b'{"text": "\\ud83d\\ude00"}',
+                      headers={"content-type": "application/json"}).status_code == 200
+
+
+class TooLong(FakeTranslator):
+    def translate(self, texts, spec, *, max_new_tokens=256):
+        raise backends.PromptTooLong(1, 2126, 2048, "n_ctx")
+
+
+def test_prompt_beyond_the_context_window_is_413_with_the_numbers():
+    with client(TooLong()) as c:
+        resp = c.post("/translate", json={"texts": ["a", "字" * 2000]})
+    assert resp.status_code == 413
+    assert resp.json()["detail"] == ("text 1: its prompt is 2,126 tokens, and the context window (n_ctx) holds 2,048 "
+                                     "tokens, the reply included: shorten the text, or raise n_ctx.")
+
+
 @pytest.mark.parametrize("payload", [{"text": "字" * 11}, {"texts": ["a"] * 4}])
 def test_too_long_or_too_many_is_413(payload):
     with client(max_chars=10, max_texts=3) as c:
@@ -255,6 +285,14 @@ def test_api_key_on(headers, status):
         assert c.get("/health").status_code == 200  # probes need no key
 
 
+@pytest.mark.parametrize("body", [b'{"text": ', b'{"text": 42}', b'[]', b'not json'])
+def test_api_key_is_checked_before_the_body(body):
+    json_type = {"content-type": "application/json"}
+    with client(api_key=KEY) as c:
+        assert c.post("/translate", content=body, headers=json_type).status_code == 401
+        assert c.post("/translate", content=body, headers={**json_type, "X-API-Key": KEY}).status_code == 422
+
+
 def test_api_key_off_ignores_headers():
     with client() as c:
         assert c.post("/translate", json={"text": "a"}, headers={"X-API-Key": "anything"}).status_code == 200
@@ -272,6 +310,19 @@ def test_non_localhost_bind_needs_a_key(monkeypatch):
         serve.api_key_for(ServeConfig(host="0.0.0.0", api_key_env="MY_KEY"))
     monkeypatch.setenv("MY_KEY", KEY)
     assert serve.api_key_for(ServeConfig(host="0.0.0.0", api_key_env="MY_KEY")) == KEY
+
+
+@pytest.mark.parametrize("key, message", [
+    (" " * 16, "at least 16 characters besides spaces, found 0"),
+    ("\t" * 20, "at least 16 characters besides spaces, found 0"),
+    (" " * 10 + "abcdefghij", "at least 16 characters besides spaces, found 10"),
+    (KEY + " ", "without leading or trailing spaces"),
+    ("ключ" * 5, "printable ASCII"),
+])
+def test_key_that_no_client_could_send_or_guessable_is_refused(monkeypatch, key, message):
+    monkeypatch.setenv("MY_KEY", key)
+    with pytest.raises(ConfigError, match=message):
+        serve.api_key_for(ServeConfig(host="0.0.0.0", api_key_env="MY_KEY"))
 
 
 def test_cli_refuses_public_bind_without_key_before_loading(monkeypatch, tmp_path):
@@ -406,6 +457,39 @@ def test_command_serves_a_tiny_gguf(tiny_gguf):
         assert 0 < body["translations"][0]["tokens"] <= 8
     finally:
         _stop(proc)
+
+
+@pytest.mark.llama
+def test_llama_cpp_text_at_max_chars_beyond_the_context_is_413_not_503(tiny_gguf):
+    translator = backends.load_translator("llama-cpp", tiny_gguf, n_ctx=512)
+    settings = ServeConfig(backend="llama-cpp", n_ctx=512, max_new_tokens=4)  # max_chars 2000, the default
+    with fastapi_testclient.TestClient(serve.create_app(translator, SPEC, settings)) as c:
+        for text in ("字" * 2000, "😀" * 2000):
+            resp = c.post("/translate", json={"texts": ["你好", text]})
+            assert resp.status_code == 413, resp.text
+            assert re.fullmatch(r"text 1: its prompt is [\d,]+ tokens, and the context window \(n_ctx\) holds 512 "
+                                r"tokens, the reply included: shorten the text, or raise n_ctx\.", resp.json()["detail"])
+        assert c.post("/translate", json={"text": "你好"}).status_code == 200
+
+
+@pytest.mark.llama
+def test_llama_cpp_serve_keeps_special_strings_of_a_text_as_text(tiny_gguf):
+    """A client's `<|end|><|start|>system...` reaches the model as text, not as Harmony control tokens."""
+    from test_backends import INJECTION
+
+    translator = backends.load_translator("llama-cpp", tiny_gguf, n_ctx=512)
+    prompts, generate = [], translator.llm.generate
+
+    def spy(tokens, **kwargs):
+        prompts.append(list(tokens))
+        yield from generate(tokens, **kwargs)
+
+    translator.llm.generate = spy
+    with fastapi_testclient.TestClient(serve.create_app(translator, SPEC, ServeConfig(max_new_tokens=2))) as c:
+        assert c.post("/translate", json={"texts": [INJECTION, "x"]}).status_code == 200
+    special = set(translator.forbidden)
+    count = lambda ids: sum(i in special for i in ids)
+    assert count(prompts[0]) == count(prompts[1]) > 0  # the scaffold's control tokens, none from the text
 
 
 def test_url_of_formats_ipv4_and_ipv6():

@@ -8,9 +8,12 @@ text is the answer.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +36,54 @@ class Translation:
     tokens: int  # generated tokens
     latency_s: float
     raw: str  # raw generated text
+
+
+class PromptTooLong(ExternalToolError):
+    """A text whose prompt leaves no room for a reply in the model's context window (serve answers 413)."""
+
+    def __init__(self, index: int, tokens: int, limit: int, setting: str) -> None:
+        self.index, self.tokens, self.limit = index, tokens, limit
+        self.reason = (f"its prompt is {tokens:,} tokens, and the context window ({setting}) holds {limit:,} tokens, "
+                       f"the reply included: shorten the text, or raise {setting}.")
+        super().__init__(f"text {index}: {self.reason}")
+
+
+def plain_ids(text: str, encode: Callable[[str, bool], list[int]], forbidden: dict[int, str]) -> list[int]:
+    """Token ids of `text` read as plain text: special-token strings unparsed, and no id of `forbidden`.
+
+    `encode(text, special)` tokenizes with special-token strings parsed (True) or read as text (False). Some
+    tokenizers match a few tokens even then: llama.cpp always matches "user-defined" tokens, and it makes
+    `<|start|>`, `<|end|>`, `<|message|>`, `<|channel|>` of gpt-oss user-defined (so that they print). Such a
+    token's string in the text is cut after its first character, and the pieces tokenized apart.
+    """
+    ids = encode(text, False)
+    found = {forbidden[i] for i in ids if i in forbidden}
+    cuts = sorted({m.start() + 1 for s in found for m in re.finditer(re.escape(s), text)} - {0, len(text)})
+    if not cuts:
+        return ids
+    bounds = [0, *cuts, len(text)]
+    return [i for start, end in itertools.pairwise(bounds) for i in plain_ids(text[start:end], encode, forbidden)]
+
+
+def encode_prompt(pieces: list[tuple[str, bool]], encode: Callable[[str, bool], list[int]],
+                  forbidden: dict[int, str] | None = None) -> list[int]:
+    """Token ids of a prompt (`PromptSpec.prompt_pieces`) whose user text is tokenized as plain text (`plain_ids`).
+
+    A user text whose plain ids are its ids with special strings parsed (it holds none, the normal case) leaves
+    the prompt tokenized at once, exactly as in training; otherwise the pieces are tokenized apart, so no text
+    can insert a control token (`<|end|><|start|>system...` would forge a turn).
+    """
+    plain = {piece: plain_ids(piece, encode, forbidden or {}) for piece, user in pieces if user}
+    if all(encode(piece, True) == ids for piece, ids in plain.items()):
+        return encode("".join(piece for piece, _ in pieces), True)
+    return [i for piece, user in pieces for i in (plain[piece] if user else encode(piece, True))]
+
+
+def check_fits(prompts: list[list[int]], limit: int | None, setting: str) -> None:
+    """PromptTooLong for the first prompt that leaves no token of the `limit`-token context for the reply."""
+    for i, ids in enumerate(prompts):
+        if limit is not None and len(ids) >= limit:
+            raise PromptTooLong(i, len(ids), limit, setting)
 
 
 class Translator(Protocol):
@@ -163,12 +214,23 @@ class TransformersTranslator:
             model = model.to(self.device)
         self.model = model.eval()
         self.harmony = is_harmony_tokenizer(self.tokenizer)
+        vocab = self.tokenizer.get_vocab()
+        self.forbidden = {vocab[t]: t for t in (*harmony.SPECIAL_TOKENS, *self.tokenizer.all_special_tokens)
+                          if t in vocab}
         stops = [self.tokenizer.convert_tokens_to_ids(t) for t in harmony.STOP_TOKENS] if self.harmony else []
         eos = self.tokenizer.eos_token_id
         self.stop_ids = sorted({i for i in [*stops, eos] if isinstance(i, int) and i >= 0})
 
     def health(self) -> bool:
         return self.model is not None
+
+    def _encode(self, text: str, special: bool) -> list[int]:
+        # The prompt text holds the template's special tokens (BOS included where it has one): add none.
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=not special)["input_ids"]
+
+    def prompt_ids(self, text: str, spec: PromptSpec) -> list[int]:
+        """The prompt's token ids, the user's text tokenized as plain text (see `encode_prompt`)."""
+        return encode_prompt(spec.prompt_pieces(text, self.tokenizer), self._encode, self.forbidden)
 
     def translate(self, texts: list[str], spec: PromptSpec, *, max_new_tokens: int = 256) -> list[Translation]:
         out: list[Translation] = []
@@ -179,14 +241,15 @@ class TransformersTranslator:
     def _batch(self, texts: list[str], spec: PromptSpec, max_new_tokens: int) -> list[Translation]:
         import torch
 
-        prompts = [spec.render_prompt(t, self.tokenizer) for t in texts]
-        # The prompt text already holds the template's special tokens: add none.
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+        prompts = [self.prompt_ids(t, spec) for t in texts]
+        check_fits(prompts, getattr(self.model.config, "max_position_embeddings", None),
+                   "the model's max_position_embeddings")
+        enc = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(self.model.device)
         extra: dict[str, Any] = {}
         if self.copy_bias:
             from transformers import LogitsProcessorList
 
-            ids = [source_token_ids(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+            ids = [source_token_ids(plain_ids(t, self._encode, self.forbidden)) for t in texts]
             extra["logits_processor"] = LogitsProcessorList([_CopyBias(ids, self.copy_bias)])
         started = time.perf_counter()
         with torch.inference_mode():
@@ -253,6 +316,8 @@ class LlamaCppTranslator:
         self.llm = Llama(model_path=str(path), logits_all=False, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                          n_threads=n_threads, n_threads_batch=n_threads, seed=seed, verbose=False)
         self.harmony = self._token_id("<|channel|>") is not None
+        specials = {t: self._token_id(t) for t in harmony.SPECIAL_TOKENS} if self.harmony else {}
+        self.forbidden = {i: t for t, i in specials.items() if i is not None}
         self.stop_ids = {self.llm.token_eos()}
         if self.harmony:
             self.stop_ids |= {self._token_id(t) for t in harmony.STOP_TOKENS} - {None}
@@ -265,15 +330,25 @@ class LlamaCppTranslator:
     def health(self) -> bool:
         return self.llm is not None
 
+    def _encode(self, text: str, special: bool) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def prompt_ids(self, text: str, spec: PromptSpec) -> list[int]:
+        """The prompt's token ids, the user's text tokenized as plain text (see `encode_prompt`)."""
+        return encode_prompt(spec.prompt_pieces(text, None if self.harmony else self.template), self._encode,
+                             self.forbidden)
+
     def translate(self, texts: list[str], spec: PromptSpec, *, max_new_tokens: int = 256) -> list[Translation]:
-        return [self._one(text, spec, max_new_tokens) for text in texts]
+        prompts = [self.prompt_ids(text, spec) for text in texts]
+        check_fits(prompts, self.llm.n_ctx(), "n_ctx")  # every text of a batch, before any is generated
+        return [self._one(text, tokens, max_new_tokens) for text, tokens in zip(texts, prompts, strict=True)]
 
     def logits_processors(self, text: str, n_prompt: int) -> list[Any] | None:
         """llama-cpp logits processors for one source sentence (`copy_bias`). Each is called with the token ids
         so far (the prompt's `n_prompt` first) and the next token's scores, and returns the scores."""
         if not self.copy_bias:
             return None
-        ids = source_token_ids(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+        ids = source_token_ids(plain_ids(text, self._encode, self.forbidden))
 
         def favour_source(_input_ids: Any, scores: Any) -> Any:
             scores[ids] += self.copy_bias
@@ -281,14 +356,8 @@ class LlamaCppTranslator:
 
         return [favour_source]
 
-    def _one(self, text: str, spec: PromptSpec, max_new_tokens: int) -> Translation:
-        prompt = spec.harmony_prompt(text) if self.harmony else spec.render_prompt(text, self.template)
-        # The prompt holds the template's special tokens already (BOS included where the template has one).
-        tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-        budget = min(max_new_tokens, self.llm.n_ctx() - len(tokens))
-        if budget <= 0:
-            raise ExternalToolError(f"prompt of {len(tokens)} tokens does not fit n_ctx={self.llm.n_ctx()}; "
-                                    "raise n_ctx or shorten the text.")
+    def _one(self, text: str, tokens: list[int], max_new_tokens: int) -> Translation:
+        budget = min(max_new_tokens, self.llm.n_ctx() - len(tokens))  # > 0: `check_fits` passed
         processors = self.logits_processors(text, len(tokens))
         started = time.perf_counter()
         out: list[int] = []
@@ -343,8 +412,9 @@ class OllamaTranslator:
         options = {"temperature": 0.0, "top_k": 1, "num_predict": max_new_tokens, "stop": list(harmony.STOP_TOKENS)}
         started = time.perf_counter()
         try:
-            resp = self.client.generate(model=self.name, prompt=spec.harmony_prompt(text), raw=True, options=options,
-                                        keep_alive=self.keep_alive)
+            # Ollama tokenizes the whole raw prompt with special tokens parsed: defuse any in the user's text.
+            resp = self.client.generate(model=self.name, prompt=spec.harmony_prompt(harmony.defuse_specials(text)),
+                                        raw=True, options=options, keep_alive=self.keep_alive)
         except ConnectionError as exc:
             raise ExternalToolError(f"Ollama at {self.host}: no server answers ({exc}). Start it with "
                                     "`ollama serve` or pass --host.") from exc

@@ -6,9 +6,11 @@ Stages find their input in the run folder (`export/<run>/<stage>`) unless it is 
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -42,17 +44,65 @@ def default_run(corpus: Path | None = None) -> str:
     return max(runs, key=lambda p: p.stat().st_mtime).name
 
 
+_WHY = {
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOENT: "no such file or folder, and none can be made there",
+    errno.EISDIR: "is a folder, not a file",
+    errno.EEXIST: "exists already",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+}
+
+
+def os_error_line(exc: OSError, out_dir: Path | None, option: str | None) -> str | None:
+    """One line for a file-system error (a path that cannot be made, read or written), None for others.
+
+    A path inside the output folder (or above it: a parent that cannot be made) names it and the fix;
+    `option` is the command's output option (`--out`), None when it has none.
+    """
+    if exc.filename is None and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    why = _WHY.get(exc.errno, exc.strerror or type(exc).__name__)
+    if exc.filename is None:
+        return f"{why}. Free some space{f', or choose another {option}' if option else ''}."
+    path = Path(os.fsdecode(exc.filename))
+    if out_dir is not None:
+        out, bad = Path(out_dir).absolute(), path.absolute()
+        # inside it, above it (a parent that cannot be made), or a hidden work folder built beside it
+        beside = bad.is_relative_to(out.parent) and bad != out.parent and \
+            bad.relative_to(out.parent).parts[0].startswith(".")
+        if bad.is_relative_to(out) or out.is_relative_to(bad) or beside:
+            name = f"{option} {out_dir}" if option else str(out_dir)
+            return f"{name}: cannot write {path}: {why}. Choose an output folder you can write."
+    hint = f" Pass {option} a folder you can write." if option and exc.errno not in (errno.ENOENT, errno.EISDIR) else ""
+    return f"{path}: {why}.{hint}"
+
+
 def handle_errors(func):
-    """Turn ToolkitError into one line on stderr and exit 2 (a traceback only with --debug)."""
+    """Turn ToolkitError (and a file-system error on a named path) into one line on stderr and exit 2 (a
+    traceback only with --debug)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        debug = ctx.find_root().params.get("debug")
+        out = next((p for p in ctx.command.params if p.name == "out_dir"), None)
+        option = out.opts[0] if isinstance(out, click.Option) else None
         try:
             return func(*args, **kwargs)
         except ToolkitError as exc:
-            if click.get_current_context().find_root().params.get("debug"):
+            if debug:
                 raise
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except OSError as exc:
+            line = None if debug else os_error_line(exc, kwargs.get("out_dir"), option)
+            if line is None:
+                raise
+            click.echo(f"error: {line}", err=True)
             sys.exit(2)
 
     return wrapper

@@ -6,6 +6,9 @@ reported together in one ConfigError.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
+import re
 import tomllib
 import types
 import typing
@@ -16,6 +19,7 @@ from typing import Any, ClassVar
 
 from toolkit.errors import ConfigError
 
+log = logging.getLogger(__name__)
 
 def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
     """A dataclass field whose help text becomes --help text."""
@@ -169,10 +173,16 @@ class TrainConfig:
         out += [f"train.{k}: expected a positive number, found {getattr(self, k)}"
                 for k in positive if getattr(self, k) <= 0]
         non_negative = ("max_steps", "eval_steps", "save_steps", "save_total_limit", "max_eval_examples",
-                        "max_train_examples", "weight_decay", "warmup_ratio", "gpu_memory_gib")
+                        "max_train_examples", "weight_decay", "gpu_memory_gib")
         out += [f"train.{k}: expected 0 or more, found {getattr(self, k)}" for k in non_negative if getattr(self, k) < 0]
         if not 0.0 <= self.lora_dropout < 1.0:
             out.append(f"train.lora_dropout: expected 0 <= x < 1, found {self.lora_dropout}")
+        if not 0.0 <= self.warmup_ratio < 1.0:  # transformers reads warmup_steps >= 1 as a number of steps
+            out.append(f"train.warmup_ratio: expected a share of the steps, 0 <= x < 1, found {self.warmup_ratio}")
+        if not 0.0 <= self.min_lr_rate <= 1.0:
+            out.append(f"train.min_lr_rate: expected a share of the peak, 0 <= x <= 1, found {self.min_lr_rate}")
+        if self.max_grad_norm < 0:
+            out.append(f"train.max_grad_norm: expected 0 (no clipping) or more, found {self.max_grad_norm}")
         if self.learning_rate <= 0:
             out.append(f"train.learning_rate: expected a positive number, found {self.learning_rate}")
         if self.max_steps == 0 and self.epochs <= 0:
@@ -306,6 +316,12 @@ class ExportConfig:
             out.append(f"export.quants: each type once, and not the outtype, found {list(self.quants)}")
         if not 0.0 <= self.min_top1 <= 1.0:
             out.append(f"export.min_top1: expected 0..1, found {self.min_top1}")
+        if self.float_rtol <= 0:
+            out.append(f"export.float_rtol: expected a positive number, found {self.float_rtol}")
+        if self.temperature < 0:
+            out.append(f"export.temperature: expected 0 (greedy) or more, found {self.temperature}")
+        if self.num_ctx <= 0:
+            out.append(f"export.num_ctx: expected a positive number, found {self.num_ctx}")
         return out
 
 
@@ -349,7 +365,7 @@ class EvalConfig:
             out.append(f"eval.backend: expected one of {', '.join(EVAL_BACKENDS)}, found {self.backend!r}")
         if self.direction not in ("forward", "reverse"):
             out.append(f"eval.direction: expected forward or reverse, found {self.direction!r}")
-        for name in ("max_new_tokens", "batch_size"):
+        for name in ("max_new_tokens", "batch_size", "n_ctx"):
             if getattr(self, name) <= 0:
                 out.append(f"eval.{name}: expected a positive number, found {getattr(self, name)}")
         if self.limit < 0:
@@ -407,7 +423,7 @@ class ServeConfig:
             out.append(f"serve.backend: expected one of {', '.join(EVAL_BACKENDS)}, found {self.backend!r}")
         if not 0 <= self.port <= 65535:
             out.append(f"serve.port: expected 0..65535, found {self.port}")
-        for name in ("max_chars", "max_texts", "max_new_tokens", "concurrency", "request_timeout_s"):
+        for name in ("max_chars", "max_texts", "max_new_tokens", "concurrency", "request_timeout_s", "n_ctx"):
             if getattr(self, name) <= 0:
                 out.append(f"serve.{name}: expected a positive number, found {getattr(self, name)}")
         if self.queue_size < 0:
@@ -447,6 +463,30 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
+_TYPE_NAMES = {int: "a whole number", float: "a number", str: "text", bool: "true or false", type(None): "nothing"}
+
+
+def _type_name(hint: Any) -> str:
+    """`list[int] | str` -> 'a list of whole numbers or text': what a user can write, not Python's repr."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + (" (or unset)" if len(args) < len(typing.get_args(hint))
+                                                          else "")
+    if origin in (list, tuple):
+        (inner, *_) = typing.get_args(hint) or (Any,)
+        return "a list of " + {int: "whole numbers", float: "numbers", str: "texts"}.get(inner, "values")
+    return _TYPE_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _value_problem(name: str, key: str, value: Any, hint: Any) -> str | None:
+    if not _type_ok(value, hint):
+        return f"{name}.{key}: expected {_type_name(hint)}, found {value!r}"
+    if isinstance(value, float) and not math.isfinite(value):  # TOML and --set read nan and inf as numbers
+        return f"{name}.{key}: expected a finite number, found {value}"
+    return None
+
+
 def _parse_value(text: str) -> Any:
     """`--set k=v`: v is read as a TOML value (numbers, true/false, ["lists"]) or else as a plain string."""
     try:
@@ -456,14 +496,20 @@ def _parse_value(text: str) -> Any:
 
 
 def preset_path(name: str | Path) -> Path:
-    """A shipped preset name (e.g. `tiny-cpu`) or a path to a TOML file."""
+    """A shipped preset name (e.g. `tiny-cpu`) or a path to a TOML file (any suffix)."""
     path = Path(name)
-    if path.suffix == ".toml" and path.is_file():
-        return path
     shipped = resources.files("toolkit") / "configs" / f"{name}.toml"
+    bare = "/" not in str(name) and "\\" not in str(name)
+    bare_preset = bare and not path.suffix and shipped.is_file()  # `tiny-cpu` is the preset, `./tiny-cpu` a file
+    if path.is_file() and not bare_preset:
+        return path
     if shipped.is_file():
         return Path(str(shipped))
     available = ", ".join(list_presets())
+    if path.is_dir():
+        raise ConfigError(f"config {name!r}: is a folder. Pass a TOML file, or a preset: {available}.")
+    if path.suffix or not bare:
+        raise ConfigError(f"config {name!r}: no such file. Check the path, or pass a preset: {available}.")
     raise ConfigError(f"config {name!r}: no such file and no shipped preset of that name. Presets: {available}.")
 
 
@@ -472,60 +518,88 @@ def list_presets() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file's tables; every way to fail (unreadable, not UTF-8, not TOML) is one ConfigError."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc}).") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}). Save the file as UTF-8.") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc}). Fix the file.") from exc
+
+
 def build(
     section: str, config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), **cli: Any
 ) -> Any:
     """Defaults -> preset/file section -> `--set section.key=value` -> explicit CLI values (not None).
 
-    Only `section` is built; other sections of the file are checked for unknown keys too, so a typo in
-    a shared preset never passes silently.
+    Only `section` is built; other sections of the file are checked for unknown keys and types too, so a
+    typo in a shared preset never passes silently. Every layer is checked on its own (a bad `--set` value
+    is reported even when a CLI option overrides it), and the value checks of the section run on the
+    values that passed the type checks, so all problems of every kind come out in one ConfigError.
     """
     problems: list[str] = []
-    data: dict[str, dict[str, Any]] = {}
+    layers: list[tuple[str, dict[str, dict[str, Any]]]] = []
     if config is not None:
         path = preset_path(config)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML ({exc}). Fix the file.") from exc
-        for name, values in raw.items():
+        from_file: dict[str, dict[str, Any]] = {}
+        for name, values in read_toml(path).items():
             if name not in SECTIONS or not isinstance(values, dict):
                 problems.append(f"{path}: unknown section [{name}] (known: {', '.join(sorted(SECTIONS))})")
                 continue
-            data[name] = dict(values)
+            from_file[name] = dict(values)
+        layers.append((str(config), from_file))
+    from_set: dict[str, dict[str, Any]] = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         name, dot, attr = key.strip().partition(".")
         if not sep or not dot:
             problems.append(f"--set {item!r}: expected section.key=value, e.g. train.lora_r=32")
             continue
-        data.setdefault(name, {})[attr] = _parse_value(value.strip())
-    for key, value in cli.items():
-        if value is not None:
-            data.setdefault(section, {})[key] = value
-    for name, values in data.items():
-        cls = SECTIONS.get(name)
-        if cls is None:
-            problems.append(f"unknown section {name!r} (known: {', '.join(sorted(SECTIONS))})")
-            continue
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        hints = typing.get_type_hints(cls)
-        for key, value in values.items():
-            if key not in fields:
-                problems.append(f"{name}.{key}: unknown key (known: {', '.join(fields)})")
-            elif not _type_ok(value, hints[key]):
-                problems.append(f"{name}.{key}: expected {hints[key]}, found {value!r}")
+        from_set.setdefault(name, {})[attr] = _parse_value(value.strip())
+    layers.append(("--set", from_set))
+    layers.append(("the command line", {section: {k: v for k, v in cli.items() if v is not None}}))
+
+    data: dict[str, dict[str, Any]] = {}
+    rejected: set[tuple[str, str]] = set()
+    for origin, layer in layers:
+        for name, values in layer.items():
+            cls = SECTIONS.get(name)
+            if cls is None:
+                problems.append(f"unknown section {name!r} (known: {', '.join(sorted(SECTIONS))})")
+                continue
+            fields = {f.name for f in dataclasses.fields(cls)}
+            hints = typing.get_type_hints(cls)
+            for key, value in values.items():
+                if key not in fields:
+                    problems.append(f"{name}.{key}: unknown key (known: {', '.join(fields)})")
+                    continue
+                problem = _value_problem(name, key, value, hints[key])
+                if problem:
+                    problems.append(f"{problem} (from {origin})")
+                    rejected.add((name, key))
+                    continue
+                if (origin == "the command line" and key in from_set.get(name, {}) and (name, key) not in rejected
+                        and from_set[name][key] != value):
+                    log.warning("%s.%s: the command line's %r replaces --set %s.%s=%r", name, key, value, name, key,
+                                from_set[name][key])
+                data.setdefault(name, {})[key] = value
     cls = SECTIONS.get(section)
     if cls is None:
         raise ConfigError(f"unknown section {section!r}")
-    result = None
-    if not problems:
-        values = data.get(section, {})
-        hints = typing.get_type_hints(cls)
-        values = {k: float(v) if hints[k] is float else v for k, v in values.items()}
-        result = cls(**values)
-        if hasattr(result, "problems"):
-            problems.extend(result.problems())
+    hints = typing.get_type_hints(cls)
+    values = {k: float(v) if hints[k] is float else v for k, v in data.get(section, {}).items()}
+    result = cls(**values)  # rejected values are left at their defaults, so the value checks still run
+    if hasattr(result, "problems"):
+        bad = [f"{name}.{key}" for name, key in rejected if name == section]
+        problems.extend(p for p in result.problems() if not any(re.search(rf"{b}\b", p) for b in bad))
     if problems:
         raise ConfigError(f"{len(problems)} config problem(s): " + "; ".join(problems))
     return result

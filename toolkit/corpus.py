@@ -31,6 +31,8 @@ from toolkit.prompt import PromptSpec
 
 log = logging.getLogger(__name__)
 MAX_LINE_BYTES = 1 << 20  # a longer "line" is a binary file or a missing newline, not a sentence
+FIX_OR_SKIP = "Fix the line or pass --skip-bad-lines."
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -71,12 +73,18 @@ def _decode(path: Path, number: int, raw: bytes, counts: Counter) -> str:
         raise RowError("invalid_utf8", f"invalid UTF-8 at byte {exc.start}; re-encode the file as UTF-8") from exc
     if text.endswith("\r\n"):
         counts["crlf_normalized"] += 1
-        return text[:-2]
-    return text.rstrip("\n")
+        text = text[:-2]
+    else:
+        text = text.rstrip("\n").removesuffix("\r")  # a CR without LF at the very end: a CRLF file's last line
+    if "\r" in text:
+        raise RowError("lone_cr", "holds a carriage return (CR) inside the line: the file has classic Mac line ends "
+                                  "(CR only) or a stray CR. Save it with LF line ends, e.g. tr '\\r' '\\n' < IN > OUT")
+    return text
 
 
-def read_tsv(path: Path, cfg: PrepConfig, counts: Counter) -> Iterator[Pair]:
-    """Pairs from a TSV with a header; bad rows raise DataError, or are counted with skip_bad_lines."""
+def read_tsv(path: Path, cfg: PrepConfig, counts: Counter, fix: str = FIX_OR_SKIP) -> Iterator[Pair]:
+    """Pairs from a TSV with a header; bad rows raise DataError (`fix` says what to do), or are counted with
+    skip_bad_lines."""
     columns: list[str] | None = None
     idx: dict[str, int] = {}
     for number, raw in _lines(path):
@@ -106,7 +114,7 @@ def read_tsv(path: Path, cfg: PrepConfig, counts: Counter) -> Iterator[Pair]:
             yield _row(text, columns, idx, cfg, number)
         except RowError as err:
             if not cfg.skip_bad_lines:
-                raise DataError(f"{path}:{number}: {err}. Fix the line or pass --skip-bad-lines.") from None
+                raise DataError(f"{path}:{number}: {err}. {fix}") from None
             counts[f"bad_{err.reason}"] += 1
     if columns is None:
         raise DataError(f"{path}: empty file. Expected a header line and tab-separated pairs.")
@@ -125,7 +133,7 @@ def _row(text: str, columns: list[str], idx: dict[str, int], cfg: PrepConfig, nu
     return Pair(number, source, target, thinking)
 
 
-def read_jsonl(path: Path, cfg: PrepConfig, counts: Counter) -> Iterator[Pair]:
+def read_jsonl(path: Path, cfg: PrepConfig, counts: Counter, fix: str = FIX_OR_SKIP) -> Iterator[Pair]:
     """Pairs from JSONL in the multilingual-reasoning recipe's schema (flat fields or `messages`)."""
     for number, raw in _lines(path):
         try:
@@ -136,8 +144,33 @@ def read_jsonl(path: Path, cfg: PrepConfig, counts: Counter) -> Iterator[Pair]:
             yield _recipe_row(text, number)
         except RowError as err:
             if not cfg.skip_bad_lines:
-                raise DataError(f"{path}:{number}: {err}. Fix the line or pass --skip-bad-lines.") from None
+                raise DataError(f"{path}:{number}: {err}. {fix}") from None
             counts[f"bad_{err.reason}"] += 1
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (true/false)"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    return {dict: "an object", list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def _text_field(name: str, value: Any, required: bool = True) -> str | None:
+    """A text field of a recipe row: a string (non-blank when required), never a number or a list."""
+    if value is None and not required:
+        return None
+    if value is None:
+        raise RowError("missing_field", f"missing {name}")
+    if not isinstance(value, str):
+        raise RowError("invalid_field", f"{name}: expected a string, found {_json_type(value)}")
+    if required and not value.strip():
+        raise RowError("empty_field", f"{name} is empty")
+    if _SURROGATE.search(value):  # a JSON escape such as \ud800 without its pair: not encodable text
+        raise RowError("invalid_text", f"{name} holds a lone surrogate escape (\\ud800-\\udfff), not valid Unicode")
+    return value or None
 
 
 def _recipe_row(text: str, number: int) -> Pair:
@@ -149,26 +182,33 @@ def _recipe_row(text: str, number: int) -> Pair:
         raise RowError("invalid_json", "expected a JSON object per line")
     if "messages" in obj:
         msgs = obj["messages"]
-        by_role = {m.get("role"): m for m in msgs if isinstance(m, dict)} if isinstance(msgs, list) else {}
+        if not isinstance(msgs, list):
+            raise RowError("invalid_messages", f"`messages`: expected a list of objects, found {_json_type(msgs)}")
+        for i, m in enumerate(msgs, start=1):
+            if not isinstance(m, dict):
+                raise RowError("invalid_messages", f"`messages` item {i}: expected an object like "
+                                                   f'{{"role": "user", "content": "..."}}, found {_json_type(m)}')
+        by_role = {m.get("role"): m for m in msgs}
         if "user" not in by_role or "assistant" not in by_role:
             raise RowError("missing_field", "`messages` needs a user and an assistant message")
         system = next((m.get("content") for m in msgs if m.get("role") in ("system", "developer")), None)
-        user, final = by_role["user"].get("content"), by_role["assistant"].get("content")
-        analysis = by_role["assistant"].get("thinking")
+        system = _text_field("the system message's content", system, required=False)
+        user = _text_field("the user message's content", by_role["user"].get("content"))
+        final = _text_field("the assistant message's content", by_role["assistant"].get("content"))
+        analysis = _text_field("the assistant message's thinking", by_role["assistant"].get("thinking"), False)
     else:
-        missing = [k for k in ("user", "final") if not obj.get(k)]
+        missing = [k for k in ("user", "final") if k not in obj]
         if missing:
             raise RowError("missing_field", f"missing field(s) {', '.join(missing)} (recipe schema: "
                                             "reasoning_language, developer, user, analysis, final, or messages)")
-        user, final, analysis = obj["user"], obj["final"], obj.get("analysis")
+        user, final = _text_field("field user", obj["user"]), _text_field("field final", obj["final"])
+        analysis = _text_field("field analysis", obj.get("analysis"), required=False)
+        language = _text_field("field reasoning_language", obj.get("reasoning_language"), required=False)
+        developer = _text_field("field developer", obj.get("developer"), required=False)
         system = None
-        if obj.get("reasoning_language"):
-            system = f"reasoning language: {obj['reasoning_language']}"
-            if obj.get("developer"):
-                system += f"\n\n{obj['developer']}"
-    if not isinstance(user, str) or not user.strip() or not isinstance(final, str) or not final.strip():
-        raise RowError("empty_field", "user or final text is empty")
-    return Pair(number, user, final, analysis or None, system)
+        if language:
+            system = f"reasoning language: {language}" + (f"\n\n{developer}" if developer else "")
+    return Pair(number, user, final, analysis, system)
 
 
 class LengthCounter:
@@ -417,10 +457,7 @@ def _write(cfg: PrepConfig, corpus: Path, dev_path: Path | None, config: dict[st
                 emit_joined(train_fh, joiner.finish())
             bar.close()
         if n["train"] == 0:
-            raise DataError(
-                f"{corpus}: no usable training pairs ({counts['rows_read']} rows read; dropped: "
-                f"{_drop_summary(counts)}). Check the columns (--src/--tgt), --max-length and --skip-bad-lines."
-            )
+            raise DataError(_no_training_pairs(corpus, cfg, counts, n["dev"], unit))
 
     stats = {
         "corpus": str(corpus),
@@ -441,6 +478,26 @@ def _write(cfg: PrepConfig, corpus: Path, dev_path: Path | None, config: dict[st
         out_dir, stage="prep", config=config, inputs=inputs, metrics=stats,
         extra={"chat_format": "harmony", "length_unit": unit},
     )
+
+
+def _no_training_pairs(corpus: Path, cfg: PrepConfig, counts: Counter, n_dev: int, unit: str) -> str:
+    """Why no pair is left for training, with the fix that applies (not a list of every option)."""
+    head = f"{corpus}: no usable training pairs"
+    if counts["dropped_overlaps_dev"] and not counts["dropped_too_long"]:
+        return (f"{head}: the source sentence of each of the {counts['dropped_overlaps_dev']} pairs is also in "
+                f"--dev-file {cfg.dev_file}. Use a dev file of other sentences, or split with --dev-fraction.")
+    if n_dev and not cfg.dev_file:
+        return (f"{head}: --dev-fraction {cfg.dev_fraction:g} put every kept pair into the dev split ({n_dev} dev "
+                "examples). Lower it, e.g. --dev-fraction 0.05.")
+    fixes = []
+    if counts["dropped_too_long"]:
+        fixes.append(f"raise --max-length (now {cfg.max_length} {unit})")
+    if any(k.startswith("bad_") for k in counts):
+        fixes.append("fix the skipped lines")
+    if not counts["rows_read"]:
+        fixes.append("add rows after the header")
+    return (f"{head} ({counts['rows_read']} rows read; dropped: {_drop_summary(counts)}). "
+            + ("; ".join(fixes).capitalize() + "." if fixes else ""))
 
 
 def _drop_summary(counts: Counter) -> str:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from toolkit import artifacts, metrics
+from toolkit import artifacts, backends, metrics
 from toolkit.config import EvalConfig, PrepConfig, as_dict
 from toolkit.errors import ArtifactError, DataError
 from toolkit.prompt import PromptSpec
@@ -30,6 +30,7 @@ REPORT = "report.md"
 CHART = "scores.png"
 STATE = ".eval-state.json"  # config of an unfinished eval (a dot file: manifests skip it)
 COPY = "copy source"
+TEST_FIX = "Fix the line: eval scores every row of a test set, so it skips none."
 
 
 @dataclass(frozen=True)
@@ -51,15 +52,18 @@ def read_test_set(path: Path, source_column: str, target_column: str, direction:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file. Pass a TSV test set with a header line (e.g. zh<TAB>nan).")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (prep --dev-fraction 0 writes an empty dev.jsonl). Pass a test set "
+                        "of sentence pairs.")
     prep_cfg = PrepConfig(source_column=source_column, target_column=target_column)
     if path.suffix.lower() in (".jsonl", ".json"):
         with path.open(encoding="utf-8") as fh:
             first = fh.readline()
         if '"direction"' in first and '"source"' in first:
             return _read_prep_split(path, direction, limit)
-        pairs, source_column, target_column = corpus.read_jsonl(path, prep_cfg, Counter()), "user", "final"
+        pairs, source_column, target_column = corpus.read_jsonl(path, prep_cfg, Counter(), TEST_FIX), "user", "final"
     else:
-        pairs = corpus.read_tsv(path, prep_cfg, Counter())
+        pairs = corpus.read_tsv(path, prep_cfg, Counter(), TEST_FIX)
     lines, sources, references = [], [], []
     for pair in pairs:
         lines.append(pair.line)
@@ -169,7 +173,10 @@ def translate_all(load: Callable[[], Any], spec: PromptSpec, test: TestSet, path
                                                        unit="sent", dynamic_ncols=True) as bar:
         for start in range(len(rows), len(test.sources), cfg.batch_size):
             batch = test.sources[start:start + cfg.batch_size]
-            results = translator.translate(batch, spec, max_new_tokens=cfg.max_new_tokens)
+            try:
+                results = translator.translate(batch, spec, max_new_tokens=cfg.max_new_tokens)
+            except backends.PromptTooLong as exc:  # name the test set's line, not the index in a batch
+                raise DataError(f"{test.path}:{test.lines[start + exc.index]}: {exc.reason}") from None
             if len(results) != len(batch):
                 raise ArtifactError(f"backend {translator.name} returned {len(results)} translations for "
                                     f"{len(batch)} sentences")
@@ -270,8 +277,6 @@ def run(cfg: EvalConfig, test_file: Path, out_dir: Path, *, force: bool = False,
     `translator` and `spec` may be given (tests, callers holding a loaded model); else they are loaded
     from `cfg` and the model's manifests.
     """
-    from toolkit import backends
-
     if cfg.model is None and translator is None:
         raise ArtifactError("no model to evaluate: pass --model, or --baseline copy for the baseline alone.")
     test_file, out_dir = Path(test_file), Path(out_dir)

@@ -57,6 +57,13 @@ CHAT_TEMPLATE = (
 )
 
 
+def defuse_specials(text: str) -> str:
+    """`text` with a zero-width space after every `<` of `<|`, so that a server which tokenizes a whole prompt
+    with special tokens parsed (Ollama has no other way) reads `<|end|>` in a user's text as text, not as a
+    control token. Only texts holding `<|` change."""
+    return text.replace("<|", "<\u200b|")
+
+
 def system_text(reasoning_effort: str = "medium", date: str = DEFAULT_DATE) -> str:
     if reasoning_effort not in EFFORTS:
         raise ValueError(f"reasoning effort must be one of {EFFORTS}, not {reasoning_effort!r}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit import config as cfgmod
+from toolkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 STAGES = ("prep", "train", "merge", "export", "eval")
@@ -32,6 +33,10 @@ def run(corpus: Path, run_dir: Path, *, config: str | Path | None = None, overri
         raise ValueError(f"until must be one of {STAGES}")
     # Build every config first: a typo in any section fails before hours of training, not after.
     cfgs = {s: cfgmod.build(s, config, overrides) for s in STAGES}
+    prep = cfgs["prep"]
+    if STAGES.index(until) >= STAGES.index("eval") and test_file is None and not prep.dev_file and not prep.dev_fraction:
+        raise ConfigError("prep.dev_fraction = 0 holds out no dev split, and the final eval scores that split: pass "
+                          "--test TEST.tsv, or keep a dev fraction (e.g. --set prep.dev_fraction=0.05).")
     if cfgs["export"].name in (None, "", "model"):  # GGUF files and the Ollama model are named after the run
         cfgs["export"] = dataclasses.replace(cfgs["export"], name=Path(run_dir).name)
     dirs = {s: Path(run_dir) / s for s in STAGES}

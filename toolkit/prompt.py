@@ -13,6 +13,10 @@ from typing import Any
 from toolkit import harmony
 from toolkit.errors import ArtifactError
 
+# Stands in for the user's text while the scaffold of a prompt is rendered (a private-use code point: no
+# tokenizer, template or sentence has a reason to hold it).
+USER_SLOT = "\ue000user-text\ue000"
+
 
 @dataclass(frozen=True)
 class PromptSpec:
@@ -50,6 +54,23 @@ class PromptSpec:
         return tokenizer.apply_chat_template(
             template_messages(self.messages(text)), tokenize=False, add_generation_prompt=True
         )
+
+
+    def prompt_pieces(self, text: str, tokenizer: Any = None) -> list[tuple[str, bool]]:
+        """`render_prompt` split into (piece, is_user_text): the scaffold, whose special tokens are real, and the
+        user's text, which a backend must tokenize as plain text (else `<|end|><|start|>system...` in a text
+        would forge a turn). The pieces join to exactly `render_prompt(text, tokenizer)`."""
+        prompt = self.render_prompt(text, tokenizer)
+        slots = self.render_prompt(USER_SLOT, tokenizer).split(USER_SLOT)
+        if len(slots) == 2 and prompt.startswith(slots[0]) and prompt.endswith(slots[1]) \
+                and len(prompt) >= len(slots[0]) + len(slots[1]):  # the text as the template wrote it (trimmed...)
+            head, tail = slots
+            pieces = [(head, False), (prompt[len(head):len(prompt) - len(tail)], True), (tail, False)]
+        else:  # a template that repeats the text: every slot holds it
+            pieces = [(slots[0], False)]
+            for part in slots[1:]:
+                pieces += [(text, True), (part, False)]
+        return [(piece, user) for piece, user in pieces if piece]
 
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import re
 import socket
 import time
 from collections import Counter
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 HEALTH_TIMEOUT_S = 5.0
 MIN_KEY_CHARS = 16
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # ---- request and response bodies ----------------------------------------------------------------
@@ -74,6 +76,8 @@ class TranslateRequest(BaseModel):
         for i, text in enumerate(self.items()):
             if not text.strip():
                 raise ValueError(f"text {i} is empty")
+            if _SURROGATE.search(text):  # JSON allows "\ud800" alone; no tokenizer can encode it
+                raise ValueError(f"text {i} holds a lone surrogate escape (\\ud800-\\udfff): not valid Unicode text")
         return self
 
     def items(self) -> list[str]:
@@ -229,19 +233,27 @@ def create_app(translator: backends.Translator, spec: PromptSpec, settings: Serv
     app.state.gate, app.state.counts = gate, counts
     app.add_middleware(_AccessLog, counts=counts)
 
-    async def check_key(request: Request) -> None:
+    unauthorized = {"detail": "missing or wrong API key (send X-API-Key or Authorization: Bearer)"}
+
+    def authorized(request: Request) -> bool:
         if api_key is None:
-            return
+            return True
         given = request.headers.get("x-api-key")
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if given is None and scheme.lower() == "bearer":
             given = token.strip()
-        if given is None or not hmac.compare_digest(given.encode(), api_key.encode()):
-            raise HTTPException(401, "missing or wrong API key (send X-API-Key or Authorization: Bearer)",
-                                headers={"WWW-Authenticate": "Bearer"})
+        return given is not None and hmac.compare_digest(given.encode(), api_key.encode())
+
+    async def check_key(request: Request) -> None:
+        if not authorized(request):
+            raise HTTPException(401, unauthorized["detail"], headers={"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI reads and parses the body before it runs dependencies: without the key, say 401 first, so an
+        # anonymous client learns nothing about the request format.
+        if not authorized(request):
+            return JSONResponse(unauthorized, status_code=401, headers={"WWW-Authenticate": "Bearer"})
         # The default body echoes the input back (a 2 MB text, a key someone mistyped into a field): drop it.
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
                   for e in exc.errors()]
@@ -284,6 +296,8 @@ def create_app(translator: backends.Translator, spec: PromptSpec, settings: Serv
                                 headers={"Retry-After": "1"}) from None
         except TimeoutError:
             raise HTTPException(504, f"no translation within {settings.request_timeout_s:g}s") from None
+        except backends.PromptTooLong as exc:  # --max-chars counts characters, the context window tokens
+            raise HTTPException(413, str(exc)) from None
         except Exception:
             log.exception("backend %s failed", translator.name)
             raise HTTPException(503, "translation backend failed; the server log has the details") from None
@@ -375,9 +389,16 @@ def api_key_for(cfg: ServeConfig) -> str | None:
         raise ConfigError(f"binding to {cfg.host} makes the server reachable from other machines: set "
                           f"{cfg.api_key_env} to a secret of {MIN_KEY_CHARS}+ characters (clients send it as "
                           "X-API-Key), or bind --host 127.0.0.1.")
-    if key is not None and len(key) < MIN_KEY_CHARS:
-        raise ConfigError(f"${cfg.api_key_env}: expected an API key of at least {MIN_KEY_CHARS} characters, found "
-                          f"{len(key)}. Generate one: python -c 'import secrets; print(secrets.token_urlsafe())'")
+    if key is None:
+        return None
+    generate = "Generate one: python -c 'import secrets; print(secrets.token_urlsafe())'"
+    if len(key.strip()) < MIN_KEY_CHARS:  # sixteen spaces are not a secret
+        raise ConfigError(f"${cfg.api_key_env}: expected an API key of at least {MIN_KEY_CHARS} characters besides "
+                          f"spaces, found {len(key.strip())}. {generate}")
+    if key != key.strip() or not (key.isascii() and key.isprintable()):
+        # HTTP drops a header value's outer spaces and carries ASCII: no client could send such a key
+        raise ConfigError(f"${cfg.api_key_env}: expected printable ASCII without leading or trailing spaces (a "
+                          f"header carries nothing else). {generate}")
     return key
 
 

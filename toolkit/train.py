@@ -18,6 +18,7 @@ Checkpoints go to OUT/checkpoints/ while training, each written whole or not at 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -171,6 +172,9 @@ def build_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, fmt: str, train_
         # each new padded length, mask and train/eval switch can recompile flex attention; past dynamo's
         # default limit (8) it silently falls back to a slow unfused form (seen in bench/train_speed.py)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if eval_ds is None and cfg.eval_steps:  # e.g. prep --dev-fraction 0: TRL refuses eval steps without a dev set
+        log.warning("train: the prep folder has no dev examples, so no eval loss is computed")
+        cfg = dataclasses.replace(cfg, eval_steps=0)
     args = training_args(cfg, out_dir, fmt)
 
     class Trainer(checkpoints.AtomicCheckpoints, SFTTrainer):
