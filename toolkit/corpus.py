@@ -24,7 +24,7 @@ from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any
 
-from toolkit import artifacts
+from toolkit import artifacts, resources
 from toolkit.config import PrepConfig
 from toolkit.errors import DataError
 from toolkit.prompt import PromptSpec
@@ -324,6 +324,7 @@ def prepare(cfg: PrepConfig, corpus: Path, out_dir: Path, *, force: bool = False
     if done is not None:
         log.info("prep: %s already finished with this config; nothing to do", out_dir)
         return done
+    usage = resources.Usage()
 
     unit = resolve_length_unit(cfg.length_unit)
     measure = LengthCounter(unit)
@@ -428,7 +429,7 @@ def prepare(cfg: PrepConfig, corpus: Path, out_dir: Path, *, force: bool = False
     artifacts.atomic_write_json(out_dir / "stats.json", stats)
     inputs = [corpus] + ([dev_path] if dev_path else [])
     manifest = artifacts.write_manifest(
-        out_dir, stage="prep", config=config, inputs=inputs, metrics=stats,
+        out_dir, stage="prep", config=config, inputs=inputs, metrics={**stats, "resources": usage.figures()},
         extra={"chat_format": "harmony", "length_unit": unit},
     )
     log.info("prep: %s pairs -> %s train / %s dev examples -> %s", f"{stats['pairs_kept']:,}",

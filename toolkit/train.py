@@ -267,7 +267,7 @@ def run(cfg: TrainConfig, data_dir: Path, out_dir: Path, *, force: bool = False,
     """
     from accelerate import PartialState
 
-    from toolkit import lora
+    from toolkit import lora, resources
     from toolkit.tracking import plot_loss
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -283,6 +283,7 @@ def run(cfg: TrainConfig, data_dir: Path, out_dir: Path, *, force: bool = False,
     if done is not None:
         log.info("train: %s already holds this finished run; nothing to do (--force to redo it)", out_dir)
         return done
+    usage = resources.Usage()
     checkpoint = _check_resume(out_dir, config) if resume else None
     # Everything that can fail cheaply fails before the weights load and before OUT gets any file.
     lora.check_preconditions(cfg)
@@ -333,6 +334,7 @@ def run(cfg: TrainConfig, data_dir: Path, out_dir: Path, *, force: bool = False,
         "tokens_per_second": round((trainer.state.num_input_tokens_seen - tokens_before) / runtime, 1),
         "steady_tokens_per_second": steady_tokens_per_second(trainer.state.log_history),
         "peak_gpu_memory_gib": peaks,
+        "resources": usage.figures(),
         "runtime_seconds": round(runtime, 2),
         "processes": state.num_processes,
         "parallelism": _parallelism(trainer, state.num_processes),
