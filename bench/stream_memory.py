@@ -260,7 +260,7 @@ def one(step: str, name: str, root: Path) -> int:
 
 def measure(step: str, name: str, root: Path) -> dict:
     cmd = [sys.executable, __file__, "--one", step, name, str(root)]
-    result = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    result = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, text=True)  # a failure is a row; its log on stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or not lines:
         return {"error": f"exit {result.returncode}"}
