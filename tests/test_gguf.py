@@ -304,3 +304,166 @@ def test_pipeline_prep_train_merge_export_register(tiny_model, sample_tsv, conve
 
         result = ollama.register(tmp_path / "export" / "Modelfile", "zh-nan-tiny", host=server.url)
         assert result["status"] == "created" and "zh-nan-tiny:latest" in server.models
+
+
+# ---- export of a merge in the released MXFP4 layout (toolkit merge --format mxfp4) ----------------------------
+
+MXFP4_QUANTS = ["MXFP4_MOE", "Q4_K_M"]
+
+
+def as_merge_dir(model: Path, out: Path) -> Path:
+    """A copy of `model` with a merge manifest (chained to train and prep, as `toolkit merge` writes it)."""
+    import shutil
+
+    from toolkit.config import PrepConfig, as_dict
+
+    shutil.copytree(model, out)
+    prep = {"stage": "prep", "config": as_dict(PrepConfig()), "upstream": None}
+    train = {"stage": "train", "config": {"base_model": str(model)}, "upstream": prep}
+    artifacts.write_manifest(out, stage="merge", config={"format": "mxfp4"}, upstream=train)
+    return out
+
+
+def gguf_experts(path: Path) -> dict[str, tuple[str, object]]:
+    """{GGUF expert tensor name: (ggml type, float32 values [E, rows, cols])} of one GGUF file."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    out = {}
+    for t in GGUFReader(path).tensors:
+        if t.name.endswith("_exps.weight"):
+            shape = tuple(int(n) for n in reversed(t.shape))
+            out[t.name] = (t.tensor_type.name, np.asarray(dequantize(t.data, t.tensor_type)).reshape(shape))
+    return out
+
+
+def checkpoint_experts(folder: Path) -> dict[str, object]:
+    """The same tensors from the safetensors checkpoint, in llama.cpp's layout (gate/up split, [E, out, in])."""
+    import torch
+
+    from toolkit.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(folder)
+    out = {}
+    for layer in range(ckpt.config["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}.mlp.experts."
+        gate_up = ckpt.param(prefix + "gate_up_proj", torch.float32)  # [E, hidden, 2 * inter], gate/up interleaved
+        out[f"blk.{layer}.ffn_gate_exps.weight"] = gate_up[..., ::2].transpose(-1, -2).numpy()
+        out[f"blk.{layer}.ffn_up_exps.weight"] = gate_up[..., 1::2].transpose(-1, -2).numpy()
+        out[f"blk.{layer}.ffn_down_exps.weight"] = ckpt.param(prefix + "down_proj", torch.float32).transpose(
+            -1, -2).numpy()
+    return out
+
+
+def assert_mxfp4_experts_exact(path: Path, folder: Path) -> None:
+    import numpy as np
+
+    found, want = gguf_experts(path), checkpoint_experts(folder)
+    assert set(found) == set(want)
+    for name, (kind, values) in found.items():
+        assert kind == "MXFP4", name
+        assert np.array_equal(values, want[name]), name  # passed through bit for bit
+
+
+@pytest.fixture(scope="module")
+def mxfp4_merged(tiny_mxfp4, tmp_path_factory) -> Path:
+    return as_merge_dir(tiny_mxfp4, tmp_path_factory.mktemp("mxfp4-merge") / "merge")
+
+
+@pytest.fixture(scope="module")
+def exported_mxfp4(mxfp4_merged, converter, tmp_path_factory) -> tuple[Path, dict]:
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+    out = tmp_path_factory.mktemp("export-mxfp4") / "export"
+    return out, gguf.run(export_cfg(quants=MXFP4_QUANTS, ollama_gguf="MXFP4_MOE"), mxfp4_merged, out)
+
+
+def test_mxfp4_pairs_adjacent_keeps_every_tensor():
+    tensors = {"a.down_proj_blocks": 1, "b.gate_up_proj_scales": 2, "a.down_proj_scales": 3, "norm": 4,
+               "b.gate_up_proj_blocks": 5, "lonely_scales": 6}
+    assert list(llamacpp.mxfp4_pairs_adjacent(tensors).items()) == [
+        ("a.down_proj_blocks", 1), ("a.down_proj_scales", 3), ("norm", 4), ("b.gate_up_proj_blocks", 5),
+        ("b.gate_up_proj_scales", 2), ("lonely_scales", 6)]
+
+
+def test_mxfp4_pair_split_across_shards_converts_exactly(tiny_mxfp4, converter, tmp_path):
+    """A blocks/scales pair split by a shard boundary, with the same layer's down_proj in the next shard: llama.cpp's
+    gpt-oss pass-through pairs by reading order and would repack gate/up from down_proj's blocks (worked around)."""
+    import shutil
+
+    from toolkit.checkpoint import Checkpoint, Entry, st_dtype, write_shards
+
+    src = Checkpoint(tiny_mxfp4)
+    entries = [Entry(n, st_dtype(t.dtype), tuple(t.shape)) for n, t in ((n, src.tensor(n)) for n in src.weight_map)]
+    cut = [e.name for e in entries].index("model.layers.0.mlp.experts.gate_up_proj_blocks")
+    folder = tmp_path / "split"
+    write_shards(folder, entries, lambda e: src.tensor(e.name), max_shard_bytes=sum(e.nbytes for e in entries[:cut + 1]))
+    for f in tiny_mxfp4.iterdir():
+        if not f.name.startswith("model"):
+            shutil.copy(f, folder / f.name)
+    weight_map = Checkpoint(folder).weight_map
+    blocks, scales = (f"model.layers.0.mlp.experts.gate_up_proj_{s}" for s in ("blocks", "scales"))
+    assert weight_map[blocks] != weight_map[scales]  # the case this test is about
+    out = tmp_path / "split.gguf"
+    gguf.convert(folder, out, "f32", converter, "gpt-4o")
+    assert_mxfp4_experts_exact(out, folder)
+
+
+def test_layerwise_reference_equals_loaded_model(merged_dir):
+    """The streamed reference logits equal the merged model's loaded whole (the export's former reference)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    prompts = ["<|start|>user<|message|>你好，今天天氣真好。<|end|><|start|>assistant", "你吃飯了嗎？"]
+    ref = gguf.reference_logits(merged_dir, prompts)
+    assert ref["rope_rounded"] and ref["dtype"] == "float32"
+    config = AutoConfig.from_pretrained(merged_dir)
+    assert gguf.match_llama_cpp_rope(config)
+    for cfg, key in ((config, "logits"), (AutoConfig.from_pretrained(merged_dir), "last_as_shipped")):
+        model = AutoModelForCausalLM.from_pretrained(merged_dir, config=cfg, dtype=torch.float32).eval()
+        for row, got in zip(ref["ids"], ref[key]):
+            with torch.no_grad():
+                want = model(input_ids=torch.tensor([row])).logits[0].numpy()
+            want = want if key == "logits" else want[-1]
+            assert got.shape == want.shape
+            assert abs(got - want).max() < 1e-4 * abs(want).max()
+    # the rounding matters on these prompts: the two references differ
+    assert abs(ref["logits"][0][-1] - ref["last_as_shipped"][0]).max() > 1e-6
+
+
+@pytest.mark.llama
+def test_mxfp4_merge_exports_mxfp4_experts_without_float_copy(exported_mxfp4, mxfp4_merged):
+    out, manifest = exported_mxfp4
+    assert {p.name for p in out.iterdir()} == {"model-MXFP4_MOE.gguf", "model-Q4_K_M.gguf", "Modelfile",
+                                               "manifest.json"}  # no F32/BF16 GGUF
+    assert_mxfp4_experts_exact(out / "model-MXFP4_MOE.gguf", mxfp4_merged)
+    metrics = manifest["metrics"]
+    assert metrics["converted"] == {"file": "model-MXFP4_MOE.gguf", "type": "MXFP4_MOE",
+                                    "experts": "MXFP4 (passed through)", "other_tensors": "f32"}
+    files = {f["type"]: f for f in metrics["files"]}
+    mx, q4 = files["MXFP4_MOE"], files["Q4_K_M"]
+    assert mx["tensor_types"]["MXFP4"] == 3 * 2 and "MXFP4" not in q4["tensor_types"]  # Q4_K_M requantized them
+    # Same weights: held to the float criterion. What remains is llama.cpp's MXFP4 kernel rounding the activations
+    # to 8 bits (ggml's mxfp4 dot product takes Q8_0 activations), not the weights.
+    assert mx["criterion"] == "rel_diff_last <= 0.02" and mx["passed"] and mx["rel_diff_last"] < 0.02
+    assert mx["tokenizer_match"] and mx["architecture"] == "gpt-oss" and mx["top1_agreement"] >= 0.9
+    assert q4["criterion"].startswith("top1_agreement") and q4["passed"]
+    assert metrics["reference"]["method"] == "layerwise"
+    assert "FROM ./model-MXFP4_MOE.gguf\n" in (out / "Modelfile").read_text()
+    assert manifest["ollama"]["gguf"] == "model-MXFP4_MOE.gguf"
+
+
+@pytest.mark.llama
+def test_mxfp4_export_resources_and_disk_high_water_mark(exported_mxfp4, mxfp4_merged):
+    from toolkit.checkpoint import Checkpoint
+
+    out, manifest = exported_mxfp4
+    res = manifest["metrics"]["resources"]
+    final = sum(p.stat().st_size for p in out.iterdir() if p.name != artifacts.MANIFEST)
+    shard = max((mxfp4_merged / s).stat().st_size for s in Checkpoint(mxfp4_merged).shards())
+    assert res["disk_final_bytes"] == final
+    # The high-water mark is the final files (+ at most a shard): no float GGUF of the model was written on the way.
+    assert final <= res["disk_peak_bytes"] <= final + shard
+    assert res["peak_rss_bytes"] >= res["peak_rss_bytes_at_start"] > 0
+    assert res["children_peak_rss_bytes"] > 0  # the converter subprocess
+    assert res["gpu"] is None and res["wall_seconds"] > 0

@@ -270,9 +270,11 @@ class ExportConfig:
 
     name: str | None = _help("Model name: GGUF file names NAME-TYPE.gguf and the Ollama model (default: the run "
                              "name, else model).", None)
-    outtype: str = _help("Type of the converted GGUF: f32, f16 or bf16.", "f16")
-    quants: list[str] = _help(f"Quantized files made from it ({', '.join(GGUF_QUANTS)}); [] for none.",
-                              ["Q8_0", "Q4_K_M"])
+    outtype: str = _help("Type of the converted GGUF: f32, f16 or bf16. A merge in the MXFP4 layout (merge --format "
+                         "mxfp4) is converted to an MXFP4_MOE file instead: experts MXFP4 as merged, the rest outtype.",
+                         "f16")
+    quants: list[str] = _help(f"Quantized files made from it ({', '.join(GGUF_QUANTS)}); [] for none. MXFP4_MOE of "
+                              "an MXFP4 merge is the converted file itself.", ["Q8_0", "Q4_K_M"])
     pre_tokenizer: str | None = _help("llama.cpp pre-tokenizer name for a tokenizer whose hash the converter does "
                                       "not know (e.g. gpt-4o for gpt-oss-style BPE). Never applied silently.", None)
     llama_cpp: str | None = _help("Folder with llama.cpp's convert_hf_to_gguf.py, conversion/ and gguf-py/ "

@@ -24,7 +24,7 @@ from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any
 
-from toolkit import artifacts
+from toolkit import artifacts, resources
 from toolkit.config import PrepConfig
 from toolkit.errors import DataError
 from toolkit.prompt import PromptSpec
@@ -376,6 +376,8 @@ def _write(cfg: PrepConfig, corpus: Path, dev_path: Path | None, config: dict[st
            out_dir: Path) -> dict[str, Any]:
     from tqdm import tqdm
 
+    usage = resources.Usage()
+
     unit = resolve_length_unit(cfg.length_unit)
     measure = LengthCounter(unit)
     spec = PromptSpec(cfg.source_name, cfg.target_name, cfg.instruction, cfg.reasoning_language,
@@ -475,7 +477,7 @@ def _write(cfg: PrepConfig, corpus: Path, dev_path: Path | None, config: dict[st
     }
     artifacts.atomic_write_json(out_dir / "stats.json", stats)
     return artifacts.write_manifest(
-        out_dir, stage="prep", config=config, inputs=inputs, metrics=stats,
+        out_dir, stage="prep", config=config, inputs=inputs, metrics={**stats, "resources": usage.figures()},
         extra={"chat_format": "harmony", "length_unit": unit},
     )
 

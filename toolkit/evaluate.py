@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from toolkit import artifacts, backends, metrics
+from toolkit import artifacts, backends, metrics, resources
 from toolkit.config import EvalConfig, PrepConfig, as_dict
 from toolkit.errors import ArtifactError, DataError
 from toolkit.prompt import PromptSpec
@@ -250,7 +250,7 @@ def _start(out_dir: Path, config: dict[str, Any], force: bool) -> dict[str, Any]
 
 
 def _finish(out_dir: Path, test: TestSet, scores: dict[str, Any], config: dict[str, Any], title: str,
-            upstream: dict[str, Any] | None, inputs: list[Path]) -> dict[str, Any]:
+            upstream: dict[str, Any] | None, inputs: list[Path], usage: resources.Usage) -> dict[str, Any]:
     from toolkit import report
 
     artifacts.atomic_write_json(out_dir / SCORES, scores)
@@ -258,8 +258,8 @@ def _finish(out_dir: Path, test: TestSet, scores: dict[str, Any], config: dict[s
     report.chart(scores, out_dir / CHART, title=title)
     manifest = artifacts.write_manifest(
         out_dir, stage="eval", config=config, inputs=inputs, upstream=upstream,
-        metrics={name: {k: round(v[k]["score"], 2) for k in metrics.METRIC_KEYS}
-                 for name, v in scores["systems"].items()},
+        metrics={**{name: {k: round(v[k]["score"], 2) for k in metrics.METRIC_KEYS}
+                    for name, v in scores["systems"].items()}, "resources": usage.figures()},
     )
     (out_dir / STATE).unlink(missing_ok=True)
     log.info("%s", summary(scores))
@@ -291,6 +291,7 @@ def run(cfg: EvalConfig, test_file: Path, out_dir: Path, *, force: bool = False,
     if done is not None:
         log.info("eval: %s already holds this evaluation; nothing to do (--force redoes it)", out_dir)
         return done
+    usage = resources.Usage()
 
     def load() -> Any:
         try:
@@ -309,7 +310,7 @@ def run(cfg: EvalConfig, test_file: Path, out_dir: Path, *, force: bool = False,
     scores = score_systems({name: [r["hypothesis"] for r in rows]}, test, cfg.n_bootstrap)
     scores["outputs"] = {name: output_counts(rows, spec.reasoning_language)}
     scores["prompt"] = asdict(spec)
-    return _finish(out_dir, test, scores, config, _title(test), model_manifest, [test_file])
+    return _finish(out_dir, test, scores, config, _title(test), model_manifest, [test_file], usage)
 
 
 def baseline(cfg: EvalConfig, test_file: Path, out_dir: Path, *, force: bool = False) -> dict[str, Any]:
@@ -322,12 +323,13 @@ def baseline(cfg: EvalConfig, test_file: Path, out_dir: Path, *, force: bool = F
     if done is not None:
         log.info("eval: %s already holds this baseline; nothing to do (--force redoes it)", out_dir)
         return done
+    usage = resources.Usage()
     rows = [prediction_row(test, i, src, analysis=None, complete=True, tokens=0, latency_s=0.0)
             for i, src in enumerate(test.sources)]
     artifacts.atomic_write_text(out_dir / PREDICTIONS, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                                 for r in rows))
     scores = score_systems({}, test, cfg.n_bootstrap)
-    return _finish(out_dir, test, scores, config, _title(test), None, [test_file])
+    return _finish(out_dir, test, scores, config, _title(test), None, [test_file], usage)
 
 
 def _prep_config(manifest: dict[str, Any] | None) -> PrepConfig:
@@ -383,6 +385,7 @@ def compare(run_dirs: list[Path], out_dir: Path, *, n_bootstrap: int = metrics.N
     if done is not None:
         log.info("eval: %s already holds this comparison; nothing to do (--force redoes it)", out_dir)
         return done
+    usage = resources.Usage()
     side_by_side = [{"line": test.lines[i], "source": test.sources[i], "reference": test.references[i],
                      "hypotheses": {name: hyps[i] for name, hyps in systems.items()}} for i in range(len(test.sources))]
     artifacts.atomic_write_text(out_dir / PREDICTIONS, "".join(json.dumps(r, ensure_ascii=False) + "\n"
@@ -396,4 +399,4 @@ def compare(run_dirs: list[Path], out_dir: Path, *, n_bootstrap: int = metrics.N
                                                         test.references, n_samples=n_bootstrap)
     title = f"comparison of {len(runs)} runs, {len(test.sources):,} sentences of {test.path.name}"
     inputs = [f / name for f, *_ in runs for name in (PREDICTIONS, SCORES)]
-    return _finish(out_dir, test, scores, config, title, None, inputs)
+    return _finish(out_dir, test, scores, config, title, None, inputs, usage)

@@ -2,12 +2,21 @@
 
 1. llama.cpp's own `convert_hf_to_gguf.py` (pinned, see `toolkit.llamacpp`) converts the merged folder
    to f32/f16/bf16, in a subprocess; an unknown tokenizer hash needs an explicit `--pre-tokenizer`.
-2. llama-cpp-python's `llama_model_quantize` makes the quantized files (Q8_0, Q4_K_M, MXFP4_MOE ...).
+   A merge in gpt-oss' released MXFP4 layout (`toolkit merge --format mxfp4`) is converted straight to
+   an MXFP4_MOE file: the converter passes the expert blocks/scales through bit for bit (it only
+   repacks them into ggml's block layout) and writes the other tensors in `outtype`. No float copy of
+   the experts is ever written; that file is the one Ollama gets.
+2. llama-cpp-python's `llama_model_quantize` makes the quantized files (Q8_0, Q4_K_M, MXFP4_MOE ...)
+   from the converted file. From an MXFP4 file that needs llama.cpp's `allow_requantize`: the MXFP4
+   values ARE the merged weights, so quantizing them again loses nothing a float source would keep.
 3. Every file is loaded with llama-cpp-python and its logits on Harmony prompts (the training prompt
-   format, from the manifests) are compared with the merged HF model's: float files by the largest
-   next-token logit difference relative to the largest logit, quantized ones by top-1 agreement over
-   all prompt positions. The figures go into the manifest; a file that fails stops the export.
-4. The Modelfile is rendered from `modelfiles/`, then manifest.json is written last.
+   format, from the manifests) are compared with the merged checkpoint's, computed layer by layer
+   (`toolkit.layerwise`: one decoder layer's weights in memory at a time, never the whole model):
+   float files, and the MXFP4_MOE file of an mxfp4 merge (same weights), by the largest next-token
+   logit difference relative to the largest logit; quantized ones by top-1 agreement over all prompt
+   positions. The figures go into the manifest; a file that fails stops the export.
+4. The Modelfile is rendered from `modelfiles/`, then manifest.json is written last, with the run's
+   resources (`toolkit.resources`: peak RSS, the converter's, and the output folder's disk high-water mark).
 
 The export is built in a hidden folder beside OUT that replaces OUT only when complete, so a failed or
 interrupted export leaves OUT as it was (and a killed one a hidden folder the next run removes and redoes);
@@ -24,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from toolkit import artifacts, llamacpp, ollama, prompt
+from toolkit import artifacts, llamacpp, ollama, prompt, resources
 from toolkit.config import ExportConfig, as_dict
 from toolkit.errors import ArtifactError, ConfigError, ExternalToolError
 
@@ -35,6 +44,7 @@ QUANT_FTYPES = {
     "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
     "MXFP4_MOE": "LLAMA_FTYPE_MOSTLY_MXFP4_MOE",
 }
+MXFP4_KIND = "MXFP4_MOE"  # what llama.cpp calls a file whose MoE experts are MXFP4 (the converter's file type too)
 UNKNOWN_HASH = "BPE pre-tokenizer was not recognized"
 SUBSTITUTED = "tokenizer hash unknown to llama.cpp"
 
@@ -71,8 +81,12 @@ def convert(merged_dir: Path, out_path: Path, outtype: str, folder: Path, pre_to
     return substituted
 
 
-def quantize(src: Path, dst: Path, kind: str, n_threads: int) -> None:
-    """One quantized file from the float GGUF, through llama.cpp's quantize API."""
+def quantize(src: Path, dst: Path, kind: str, n_threads: int, allow_requantize: bool = False) -> None:
+    """One quantized file from the converted GGUF, through llama.cpp's quantize API.
+
+    allow_requantize: the source holds quantized tensors (the MXFP4 experts of an mxfp4 merge) that `kind`
+    stores differently; llama.cpp refuses those unless told. A tensor already of the target type is copied.
+    """
     import llama_cpp
 
     ftype = getattr(llama_cpp, QUANT_FTYPES[kind], None)
@@ -86,7 +100,9 @@ def quantize(src: Path, dst: Path, kind: str, n_threads: int) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = n_threads
-    log.info("export: quantizing %s -> %s", src.name, kind)
+    params.allow_requantize = allow_requantize
+    log.info("export: quantizing %s -> %s%s", src.name, kind, " (requantizing its MXFP4 experts)"
+             if allow_requantize and kind != MXFP4_KIND else "")
     with artifacts.atomic_path(dst) as tmp:
         status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if status != 0:
@@ -110,33 +126,28 @@ def match_llama_cpp_rope(config: Any) -> bool:
 
 
 def reference_logits(merged_dir: Path, prompts: list[str]) -> dict[str, Any]:
-    """The merged HF model's token ids and logits per prompt: all positions with llama.cpp's RoPE rounding
-    (`logits`), and the last position as shipped (`last_as_shipped`, only when the rounding differs)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """The merged checkpoint's token ids and float32 logits per prompt: all positions with llama.cpp's RoPE
+    rounding (`logits`), and the last position as shipped (`last_as_shipped`, only when the rounding differs).
+
+    Layer by layer (`toolkit.layerwise`): host memory holds one decoder layer's weights, never the model;
+    MXFP4 experts are dequantized exactly. The as-shipped figure costs a second pass over the weights.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from toolkit import layerwise
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    config = AutoConfig.from_pretrained(merged_dir)
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype, device_map=device).eval()
     ids = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts]
-
-    def forward(model: Any, last_only: bool) -> list[Any]:
-        with torch.no_grad():
-            out = [model(input_ids=torch.tensor([row], device=device)).logits[0] for row in ids]
-        return [(x[-1] if last_only else x).float().cpu().numpy() for x in out]
-
+    config = AutoConfig.from_pretrained(merged_dir)
+    rounded = match_llama_cpp_rope(config)
+    log.info("export: reference logits of %s, one layer at a time%s", merged_dir,
+             " (twice: with llama.cpp's RoPE rounding and as shipped)" if rounded else "")
+    logits = [x.numpy() for x in layerwise.logits(merged_dir, ids, config=config)]
     shipped = None
-    if match_llama_cpp_rope(config):
-        shipped = forward(model, last_only=True)
-        del model
-        model = AutoModelForCausalLM.from_pretrained(merged_dir, config=config, dtype=dtype,
-                                                     device_map=device).eval()
-    ref = {"ids": ids, "logits": forward(model, last_only=False), "last_as_shipped": shipped,
-           "dtype": str(dtype).removeprefix("torch."), "rope_rounded": shipped is not None}
-    del model
-    return ref
+    if rounded:
+        shipped = [x[-1].numpy() for x in layerwise.logits(merged_dir, ids, config=AutoConfig.from_pretrained(
+            merged_dir))]
+    return {"ids": ids, "logits": logits, "last_as_shipped": shipped, "dtype": "float32", "rope_rounded": rounded}
 
 
 def _new_positions(ids: list[list[int]]) -> list[range]:
@@ -151,8 +162,13 @@ def _new_positions(ids: list[list[int]]) -> list[range]:
     return out
 
 
-def verify(path: Path, kind: str, prompts: list[str], ref: dict[str, Any], cfg: ExportConfig) -> dict[str, Any]:
-    """Logit figures of one GGUF against the merged model, and a short greedy sample."""
+def verify(path: Path, kind: str, prompts: list[str], ref: dict[str, Any], cfg: ExportConfig,
+           same_weights: bool | None = None) -> dict[str, Any]:
+    """Logit figures of one GGUF against the merged model, and a short greedy sample.
+
+    same_weights: the file holds the merged weights unchanged (default: a float type), so it is held to
+    the float criterion; otherwise, quantized, to top-1 agreement.
+    """
     import llama_cpp
     import numpy as np
 
@@ -187,8 +203,9 @@ def verify(path: Path, kind: str, prompts: list[str], ref: dict[str, Any], cfg: 
         "rel_diff_last_hf_rope": (shipped_diff if ref["rope_rounded"] else last_diff) / scale,
         "top1_agreement": agree / max(total, 1), "positions": total, "sample": completion["choices"][0]["text"],
         "completion_tokens": completion["usage"]["completion_tokens"],
+        "tensor_types": tensor_types(path),
     }
-    if kind in FLOAT_TYPES:
+    if same_weights if same_weights is not None else kind in FLOAT_TYPES:
         figures["passed"] = figures["rel_diff_last"] <= cfg.float_rtol
         figures["criterion"] = f"rel_diff_last <= {cfg.float_rtol}"
     else:
@@ -198,6 +215,26 @@ def verify(path: Path, kind: str, prompts: list[str], ref: dict[str, Any], cfg: 
              path.name, last_diff, figures["rel_diff_last"], figures["top1_agreement"], total,
              "match" if same_tokens else "DIFFER")
     return figures
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """How many tensors of each ggml type the GGUF holds, e.g. {"MXFP4": 72, "BF16": 98, "F32": 121}."""
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    for tensor in GGUFReader(path).tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def is_mxfp4_checkpoint(merged_dir: Path) -> bool:
+    """The merged folder is in gpt-oss' released MXFP4 layout (quantization_config in config.json)."""
+    import json
+
+    from toolkit import mxfp4
+
+    path = Path(merged_dir) / "config.json"
+    return path.is_file() and mxfp4.is_mxfp4(json.loads(path.read_text(encoding="utf-8")))
 
 
 def check_preconditions(cfg: ExportConfig) -> Path:
@@ -236,23 +273,35 @@ def run(cfg: ExportConfig, merged_dir: Path, out_dir: Path, *, force: bool = Fal
         return done
     # Built beside OUT and swapped in when complete. A failed export (--force too) leaves OUT as it was; a killed
     # one leaves only the hidden build folder (complete GGUFs, .tmp files), which the next run removes and redoes.
-    with artifacts.building(out_dir) as build:
-        manifest = _export(cfg, merged_dir, merged, folder, config, inputs, build)
-    sizes = ", ".join(f"{f['type']} {f['bytes'] / 1e6:.1f} MB" for f in manifest["metrics"]["files"])
-    log.info("export: %d GGUF files (%s) in %.0fs -> %s", len(manifest["metrics"]["files"]), sizes,
-             manifest["metrics"]["seconds"], out_dir)
+    with artifacts.building(out_dir) as build, resources.Usage(watch=build) as usage:
+        manifest = _export(cfg, merged_dir, merged, folder, config, inputs, build, usage)
+    files = manifest["metrics"]["files"]
+    sizes = ", ".join(f"{f['type']} {f['bytes'] / 1e6:.1f} MB" for f in files)
+    log.info("export: %d GGUF files (%s) in %.0fs, %s -> %s", len(files), sizes, manifest["metrics"]["seconds"],
+             resources.summary(manifest["metrics"]["resources"]), out_dir)
     return manifest
 
 
 def _export(cfg: ExportConfig, merged_dir: Path, merged: dict[str, Any], folder: Path, config: dict[str, Any],
-            inputs: list[Path], out_dir: Path) -> dict[str, Any]:
+            inputs: list[Path], out_dir: Path, usage: resources.Usage) -> dict[str, Any]:
     started = time.monotonic()
     name = cfg.name or "model"
-    paths = {cfg.outtype: out_dir / gguf_name(name, cfg.outtype)}
-    substituted = convert(merged_dir, paths[cfg.outtype], cfg.outtype, folder, cfg.pre_tokenizer)
+    mxfp4_merge = is_mxfp4_checkpoint(merged_dir)
+    # The converted file: for an MXFP4 merge its experts stay MXFP4 (only the other tensors take outtype).
+    source = MXFP4_KIND if mxfp4_merge else cfg.outtype
+    if mxfp4_merge:
+        log.info("export: %s holds MXFP4 experts: converting straight to %s (experts passed through, the other "
+                 "tensors %s); no float GGUF of the experts is written", merged_dir, MXFP4_KIND, cfg.outtype)
+    paths = {source: out_dir / gguf_name(name, source)}
+    substituted = convert(merged_dir, paths[source], cfg.outtype, folder, cfg.pre_tokenizer)
     for kind in cfg.quants:
+        if kind == source:
+            continue  # the converted file is already this type
         paths[kind] = out_dir / gguf_name(name, kind)
-        quantize(paths[cfg.outtype], paths[kind], kind, cfg.n_threads)
+        quantize(paths[source], paths[kind], kind, cfg.n_threads, allow_requantize=mxfp4_merge)
+    ollama_kind = cfg.ollama_file_type()
+    if ollama_kind == cfg.outtype:
+        ollama_kind = source
 
     spec = prompt.from_manifest(merged)
     files: list[dict[str, Any]] = []
@@ -264,33 +313,38 @@ def _export(cfg: ExportConfig, merged_dir: Path, merged: dict[str, Any], folder:
         prompts = [spec.render_prompt(text, tokenizer) for text in cfg.verify_texts]
         ref = reference_logits(merged_dir, prompts)
         reference = {"dtype": ref["dtype"], "rope_rounded_like_llama_cpp": ref["rope_rounded"],
-                     "prompts": len(prompts), "tokens": [len(row) for row in ref["ids"]]}
-        files = [verify(path, kind, prompts, ref, cfg) for kind, path in paths.items()]
+                     "prompts": len(prompts), "tokens": [len(row) for row in ref["ids"]], "method": "layerwise"}
+        files = [verify(path, kind, prompts, ref, cfg, same_weights=kind == source) for kind, path in paths.items()]
         failed = [f for f in files if not f["passed"]]
         if failed:
             raise ArtifactError("export check failed: " + "; ".join(
                 f"{f['file']} rel_diff_last {f['rel_diff_last']:.3g}, top-1 {f['top1_agreement']:.3f} "
                 f"(needs {f['criterion']})" for f in failed) + ". Nothing was written; the output folder is as it was.")
     else:
-        files = [{"file": p.name, "type": k, "bytes": p.stat().st_size, "passed": None} for k, p in paths.items()]
+        files = [{"file": p.name, "type": k, "bytes": p.stat().st_size, "passed": None, "tensor_types": tensor_types(p)}
+                 for k, p in paths.items()]
 
     harmony_model = prompt.find_chat_format(merged) in ("harmony", None)
     if harmony_model:
-        values = ollama.modelfile_values(spec, paths[cfg.ollama_file_type()].name, name,
+        values = ollama.modelfile_values(spec, paths[ollama_kind].name, name,
                                          temperature=cfg.temperature, num_ctx=cfg.num_ctx, num_predict=cfg.num_predict)
         ollama.write_modelfile(out_dir, cfg.modelfile_template, values)
     else:  # the shipped Modelfile template is gpt-oss's Harmony one: wrong for any other chat format
         log.warning("export: no Modelfile: the model uses its own chat template, not Harmony; `ollama create` it "
-                    "with just `FROM ./%s` (Ollama reads the GGUF's chat template)", paths[cfg.ollama_file_type()].name)
+                    "with just `FROM ./%s` (Ollama reads the GGUF's chat template)", paths[ollama_kind].name)
     elapsed = time.monotonic() - started
     metrics = {"files": files, "reference": reference, "seconds": round(elapsed, 1),
-               "pre_tokenizer": {"requested": cfg.pre_tokenizer, "substituted": substituted}}
+               "converted": {"file": paths[source].name, "type": source,
+                             "experts": "MXFP4 (passed through)" if mxfp4_merge else cfg.outtype,
+                             "other_tensors": cfg.outtype},
+               "pre_tokenizer": {"requested": cfg.pre_tokenizer, "substituted": substituted},
+               "resources": usage.figures()}
     return artifacts.write_manifest(
         out_dir, stage="export", config=config, inputs=inputs, metrics=metrics, upstream=merged,
         extra={"llama_cpp": {"converter": str(folder), "llama_cpp_python": llamacpp.LLAMA_CPP_PYTHON_VERSION,
                              "sdist_sha256": llamacpp.SDIST_SHA256},
                "ollama": {"modelfile": "Modelfile" if harmony_model else None,
-                          "gguf": paths[cfg.ollama_file_type()].name, "name": name}},
+                          "gguf": paths[ollama_kind].name, "name": name}},
     )
 
 

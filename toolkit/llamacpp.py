@@ -130,10 +130,44 @@ def _convert_main(folder: Path, pre_tokenizer: str | None, args: list[str]) -> N
                 return pre_tokenizer
 
         base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+    _pair_mxfp4_tensors()
     sys.argv = [str(folder / CONVERTER), *args]
     import runpy
 
     runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+def mxfp4_pairs_adjacent(tensors: dict[str, object]) -> dict[str, object]:
+    """The same tensors, each MXFP4 `*_scales` moved right after its `*_blocks`."""
+    out: dict[str, object] = {}
+    for name, value in tensors.items():
+        if name.endswith("_scales") and name.removesuffix("_scales") + "_blocks" in tensors:
+            continue  # placed with its blocks
+        out[name] = value
+        scales = name.removesuffix("_blocks") + "_scales"
+        if name.endswith("_blocks") and scales in tensors:
+            out[scales] = tensors[scales]
+    return out
+
+
+def _pair_mxfp4_tensors() -> None:
+    """Work around the converter's gpt-oss MXFP4 pass-through pairing blocks with scales by reading order.
+
+    `GptOssModel.generate_extra_tensors` keeps the last `*_blocks` it saw and repacks it with the next
+    `*_scales` ("we assume that tensors are loaded in the correct order"). Tensors are read shard by shard,
+    sorted by name within a shard, so a pair split across two shards meets another `*_blocks` in between
+    (e.g. the down_proj of the same layer), and the experts are silently written from the wrong blocks.
+    Checkpoints whose shards end anywhere (ours, `toolkit merge`'s) hit it; putting each scales right after
+    its blocks in the converter's tensor index removes the dependence on shard boundaries.
+    """
+    from conversion import gpt_oss  # the converter's own package, on sys.path
+
+    original = gpt_oss.GptOssModel.index_tensors
+
+    def index_tensors(self, *args, **kwargs):
+        return mxfp4_pairs_adjacent(original(self, *args, **kwargs))
+
+    gpt_oss.GptOssModel.index_tensors = index_tensors
 
 
 def main(argv: list[str]) -> int:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from toolkit import artifacts, checkpoint, layerwise, mxfp4, prompt
+from toolkit import artifacts, checkpoint, layerwise, mxfp4, prompt, resources
 from toolkit.adapter import Adapter
 from toolkit.checkpoint import Checkpoint
 from toolkit.config import MergeConfig, as_dict
@@ -229,17 +229,18 @@ def run(cfg: MergeConfig, train_dir: Path, out_dir: Path, *, force: bool = False
         log.info("merge: %s already holds this merge; nothing to do (--force redoes it)", out_dir)
         return done
     # Built beside OUT and swapped in when complete: a failed or killed merge (--force too) leaves OUT as it was.
-    with artifacts.building(out_dir) as build:
-        manifest = _merge(cfg, train_manifest, adapter_dir, base, config, inputs, build)
+    with artifacts.building(out_dir) as build, resources.Usage(watch=build) as usage:
+        manifest = _merge(cfg, train_manifest, adapter_dir, base, config, inputs, build, usage)
     metrics, figures = manifest["metrics"], manifest["metrics"]["parity"]
     log.info("merge: adapter folded into %s in %.0fs, %.1f MB %s, logits: %.0f%% of the adapter's effect kept, "
-             "top-1 %.0f%% as base+adapter -> %s", base, metrics["seconds"], metrics["weights_bytes"] / 1e6,
-             cfg.format, 100 * figures["effect_kept"], 100 * figures["top1_agreement"], out_dir)
+             "top-1 %.0f%% as base+adapter, %s -> %s", base, metrics["seconds"], metrics["weights_bytes"] / 1e6,
+             cfg.format, 100 * figures["effect_kept"], 100 * figures["top1_agreement"],
+             resources.summary(metrics["resources"]), out_dir)
     return manifest
 
 
 def _merge(cfg: MergeConfig, train_manifest: dict[str, Any], adapter_dir: Path, base: str, config: dict[str, Any],
-           inputs: list[Path], out_dir: Path) -> dict[str, Any]:
+           inputs: list[Path], out_dir: Path, usage: resources.Usage) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
@@ -287,6 +288,7 @@ def _merge(cfg: MergeConfig, train_manifest: dict[str, Any], adapter_dir: Path, 
     size = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
     return artifacts.write_manifest(
         out_dir, stage="merge", config=config, inputs=inputs, metrics={"parity": figures, "seconds": round(elapsed, 1),
-                                                                       "weights_bytes": size},
+                                                                       "weights_bytes": size,
+                                                                       "resources": usage.figures()},
         upstream=train_manifest, extra={"base_model": base, "adapter": str(adapter_dir)},
     )

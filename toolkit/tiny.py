@@ -166,6 +166,7 @@ def write_released_layout(out_dir: Path, config, produce, max_shard_size: int, p
     files = checkpoint.write_shards(out_dir, entries, tensor, max_shard_bytes=max_shard_size, progress=progress)
     data = config.to_dict()
     data["quantization_config"] = fp4.quantization_config()
+    data["architectures"] = data.get("architectures") or ["GptOssForCausalLM"]  # llama.cpp's converter needs it
     data["dtype"] = "bfloat16"
     (out_dir / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return files

@@ -328,8 +328,10 @@ def run(cfg: TrainConfig, data_dir: Path, out_dir: Path, *, force: bool = False,
 
 def _train(cfg: TrainConfig, data_dir: Path, out_dir: Path, config: dict[str, Any], inputs: list[Path], state: Any,
            resume: bool, callbacks: list[Any] | tuple[Any, ...]) -> dict[str, Any]:
-    from toolkit import lora
+    from toolkit import lora, resources
     from toolkit.tracking import plot_loss
+
+    usage = resources.Usage()
 
     prep_sha256 = artifacts.sha256_file(data_dir / artifacts.MANIFEST)
     checkpoint = _check_resume(out_dir, config, prep_sha256, state.is_main_process) if resume else None
@@ -390,6 +392,7 @@ def _train(cfg: TrainConfig, data_dir: Path, out_dir: Path, config: dict[str, An
         "tokens_per_second": round((trainer.state.num_input_tokens_seen - tokens_before) / runtime, 1),
         "steady_tokens_per_second": steady_tokens_per_second(trainer.state.log_history, resumed_from),
         "peak_gpu_memory_gib": peaks,
+        "resources": usage.figures(),
         "runtime_seconds": round(runtime, 2),
         "processes": state.num_processes,
         "parallelism": _parallelism(trainer, state.num_processes),
