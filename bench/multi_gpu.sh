@@ -71,7 +71,7 @@ for run in ${RUNS:-single fsdp zero3}; do
     zero3)  timeout "$RUN_TIMEOUT" "${launch[@]}" --config_file toolkit/configs/accelerate/deepspeed-zero3.yaml \
               -m toolkit train "${train_args[@]}" --out "$RUNS_DIR/zero3" ;;
     merge-*) name=${run#merge-}
-            timeout "$MERGE_TIMEOUT" python3 -m toolkit merge "$RUNS_DIR/$name" --device cuda --force \
+            timeout "$MERGE_TIMEOUT" python3 -m toolkit merge "$RUNS_DIR/$name" --force \
               --out "$RUNS_DIR/merged-$name" \
               && cp "$RUNS_DIR/merged-$name/manifest.json" "$KEEP/merge-$name.manifest.json" \
               && rm -f "$RUNS_DIR/merged-$name"/*.safetensors ;;

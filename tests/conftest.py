@@ -25,6 +25,14 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_mxfp4(tmp_path_factory) -> Path:
+    """The tiny gpt-oss as openai/gpt-oss-20b ships: MXFP4 experts, bf16 rest, 3 shards with an index."""
+    from toolkit.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny-mxfp4") / "model", seed=0, mxfp4=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_real_tokenizer(tmp_path_factory) -> Path:
     """The same architecture with the real o200k_harmony tokenizer (201,088 tokens, hidden 32)."""
     from toolkit.tiny import build_tiny

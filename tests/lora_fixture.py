@@ -12,16 +12,20 @@ from pathlib import Path
 from toolkit import artifacts
 from toolkit.config import PrepConfig, as_dict
 
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
-def make_train_dir(base: Path, out_dir: Path, seed: int = 1, r: int = 4) -> Path:
+
+def make_train_dir(base: Path, out_dir: Path, seed: int = 1, r: int = 4, **lora_kwargs) -> Path:
+    """`lora_kwargs` override the LoraConfig (default: attention modules and both expert tensors, all layers)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                      target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
+    settings = {"r": r, "lora_alpha": 2 * r, "target_modules": ATTENTION, "target_parameters": EXPERTS,
+                "task_type": "CAUSAL_LM", **lora_kwargs}
+    model = get_peft_model(model, LoraConfig(**settings))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -46,3 +46,25 @@ def test_every_shipped_preset_loads():
         assert path.read_text(encoding="utf-8").startswith("#"), f"{name}: must start with the command that uses it"
         for section in config.SECTIONS:
             config.build(section, name)
+
+
+def test_gpu_memory_cap_is_checked():
+    from toolkit.config import build
+    from toolkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="gpu_memory_gib: expected 0 or more"):
+        build("train", "tiny-cpu", ["train.gpu_memory_gib=-1"])
+    with pytest.raises(ConfigError, match="gpu_memory_gib: a GPU memory cap on the CPU"):
+        build("train", "tiny-cpu", ["train.gpu_memory_gib=24"])
+    assert build("train", "gpt-oss-20b-qlora", ["train.gpu_memory_gib=24"]).gpu_memory_gib == 24
+
+
+def test_gpu_memory_cap_without_a_gpu_is_a_clear_error():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this checks the message on a machine without CUDA")
+    from toolkit.errors import ConfigError
+    from toolkit.memory import cap_gpu_memory
+
+    with pytest.raises(ConfigError, match="no CUDA GPU to cap"):
+        cap_gpu_memory(24)

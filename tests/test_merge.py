@@ -1,4 +1,8 @@
-"""`toolkit merge` on the tiny gpt-oss: the adapter (attention + expert LoRA) really lands in the weights."""
+"""`toolkit merge` on the tiny gpt-oss: the adapter (attention + expert LoRA) really lands in the weights.
+
+The float32 `tiny_model` base (dense output) and the MXFP4 `tiny_mxfp4` base in the released layout (bf16 and
+mxfp4 output), each against peft's own `merge_and_unload` (the reference, used nowhere else).
+"""
 
 from __future__ import annotations
 
@@ -127,28 +131,6 @@ def test_check_parity_judges_16_bit_merges_against_the_adapters_effect():
         merge.check_parity(base, adapted, rounded, merge.DEFAULT_ATOL["float32"], merge.DEFAULT_RTOL["float32"])
 
 
-def test_mxfp4_base_is_dequantized(monkeypatch):
-    """A gpt-oss MXFP4 checkpoint is loaded with Mxfp4Config(dequantize=True) (no weights needed to check)."""
-    import torch
-    import transformers
-
-    seen = {}
-    config_obj = transformers.GptOssConfig(quantization_config={"quant_method": "mxfp4"})
-    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: config_obj)
-
-    class Stop(Exception):
-        pass
-
-    def fake_load(name, **kwargs):
-        seen.update(kwargs)
-        raise Stop
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_load)
-    with pytest.raises(Stop):
-        merge.load_base("openai/gpt-oss-20b", torch.bfloat16, "cpu")
-    assert seen["quantization_config"].dequantize is True and seen["dtype"] is torch.bfloat16
-
-
 def test_missing_adapter_is_a_clear_error(tmp_path):
     artifacts.write_manifest(tmp_path, stage="train", config={})
     with pytest.raises(ArtifactError, match="no adapter_config.json"):
@@ -177,3 +159,271 @@ def test_vocab_files_the_tokenizer_does_not_save_are_copied(tmp_path):
     copy_vocab_files(str(base), out)  # never overwrites what the merge wrote itself
     assert (out / "tokenizer.model").read_bytes() == b"\x0a\x03sp!"
     copy_vocab_files("org/hub-model", tmp_path / "none")  # a hub id: nothing to copy, no error
+
+
+# --- the streamed merge of gpt-oss' MXFP4 release (tiny_mxfp4), against peft's merge_and_unload ---
+EXPERT_TENSORS = [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")]
+
+
+def build(**values):
+    return config.build("merge", None, [], **values)
+
+
+def lowrank_train_dir(base: Path, out_dir: Path) -> Path:
+    """An adapter made the way `toolkit train` makes it with train.lowrank_experts: toolkit.lora, one SGD step
+    through the low-rank grouped-GEMM forward (B given values first: a fresh LoRA's B = 0)."""
+    import torch
+
+    from toolkit import lora
+    from toolkit.config import PrepConfig, as_dict
+
+    sets = {"base_model": str(base), "dtype": "float32", "experts_implementation": "grouped_mm",
+            "lowrank_experts": True, "expert_layers": "all"}
+    cfg = config.build("train", "tiny-cpu", [f"train.{k}={json.dumps(v)}" for k, v in sets.items()])
+    model = lora.attach_lora(lora.load_base(cfg), cfg)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=generator)
+    model(input_ids=ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.grad is not None:
+                param -= 0.5 * param.grad
+    model.save_pretrained(out_dir)
+    prep = {"stage": "prep", "config": as_dict(PrepConfig()), "upstream": None}
+    artifacts.write_manifest(out_dir, stage="train", config={"base_model": str(base)}, upstream=prep)
+    return out_dir
+
+
+ADAPTERS = {  # name -> LoraConfig overrides of lora_fixture.make_train_dir, or "lowrank"
+    "attention+experts": {},
+    "experts-layer-1": {"target_modules": [], "target_parameters": ["layers.1.mlp.experts.gate_up_proj",
+                                                                    "layers.1.mlp.experts.down_proj"]},
+    "attention-layer-0-rslora": {"target_modules": ["q_proj", "o_proj"], "target_parameters": None,
+                                 "layers_to_transform": [0], "use_rslora": True},
+    "lowrank_experts": "lowrank",
+}
+
+
+@pytest.fixture(scope="module", params=list(ADAPTERS))
+def mxfp4_adapter(request, tiny_model, tiny_mxfp4, tmp_path_factory) -> tuple[str, Path]:
+    folder = tmp_path_factory.mktemp("adapter") / "train"
+    if ADAPTERS[request.param] == "lowrank":  # trained on the float32 copy: the adapter depends on shapes only
+        lowrank_train_dir(tiny_model, folder)
+    else:
+        make_train_dir(tiny_mxfp4, folder, **ADAPTERS[request.param])
+    return request.param, folder
+
+
+def peft_merged(base: Path, adapter: Path) -> dict:
+    """The reference: transformers dequantizes the MXFP4 base, peft merges in float32."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=Mxfp4Config(dequantize=True))
+    model = PeftModel.from_pretrained(model.to(torch.float32), str(adapter)).merge_and_unload()
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+def dense(folder: Path) -> dict:
+    import torch
+
+    from toolkit.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(folder)
+    return {name: ckpt.param(name, torch.float32) for name in ckpt.param_names()}
+
+
+def test_streamed_merge_equals_peft_for_every_kind_of_target(mxfp4_adapter, tiny_mxfp4, tmp_path):
+    import torch
+
+    kind, train = mxfp4_adapter
+    manifest = merge.run(build(dtype="float32", base_model=str(tiny_mxfp4)), train, tmp_path / "out")
+    merged, reference, base = dense(tmp_path / "out"), peft_merged(tiny_mxfp4, train), dense(tiny_mxfp4)
+    assert merged.keys() == base.keys() == reference.keys()
+    targets = json.loads((train / "adapter_config.json").read_text())
+    changed = {name for name in merged if not torch.equal(merged[name], base[name])}
+    for name in merged:
+        torch.testing.assert_close(merged[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
+    expected = {n for n in merged if not torch.equal(reference[n], base[n])}
+    assert changed == expected and changed, kind  # exactly the adapter's targets moved, nothing else
+    experts_changed = changed & set(EXPERT_TENSORS)
+    assert bool(experts_changed) == bool(targets["target_parameters"]), kind
+    assert manifest["metrics"]["parity"]["max_abs_diff_merged_vs_adapter"] < 1e-3
+
+
+def test_expert_lora_reaches_the_merged_experts(tiny_mxfp4, tmp_path):
+    """Fails if expert LoRA is dropped (as a merge that leaves packed tensors untouched does): every expert tensor
+    the adapter targets moves by exactly scale * (its B @ A per expert), in bf16 output too."""
+    import torch
+    from safetensors.torch import load_file
+
+    train = make_train_dir(tiny_mxfp4, tmp_path / "train", target_modules=[])
+    merge.run(build(base_model=str(tiny_mxfp4)), train, tmp_path / "out")  # bf16, the default for this base
+    merged, base = dense(tmp_path / "out"), dense(tiny_mxfp4)
+    lora = load_file(str(train / "adapter_model.safetensors"))
+    for layer in (0, 1):
+        for key, name in ((f"layers.{layer}.mlp.experts.base_layer", "gate_up_proj"),
+                          (f"layers.{layer}.mlp.experts", "down_proj")):
+            a = lora[f"base_model.model.model.{key}.lora_A.weight"].reshape(4, 4, -1)  # [E, r, in]
+            b = lora[f"base_model.model.model.{key}.lora_B.weight"].reshape(-1, 4, 4)  # [out, r, E]
+            delta = 2.0 * torch.einsum("ore,eri->eio", b, a)  # peft's layout, alpha / r = 2
+            param = f"model.layers.{layer}.mlp.experts.{name}"
+            moved = merged[param] - base[param]
+            assert moved.abs().max() > 0.5 * delta.abs().max(), param
+            torch.testing.assert_close(moved, delta, atol=2e-2, rtol=0)  # bf16 rounding of the merged weight
+
+
+@pytest.fixture(scope="module")
+def mxfp4_merge(tiny_mxfp4, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """--format mxfp4 of an adapter on attention and on layer 0's experts only."""
+    root = tmp_path_factory.mktemp("mxfp4-merge")
+    train = make_train_dir(tiny_mxfp4, root / "train", target_parameters=["layers.0.mlp.experts.gate_up_proj",
+                                                                          "layers.0.mlp.experts.down_proj"])
+    return train, root / "out", merge.run(build(format="mxfp4"), train, root / "out")
+
+
+def test_mxfp4_output_keeps_the_released_layout(tiny_mxfp4, mxfp4_merge):
+    import torch
+
+    from toolkit import mxfp4
+    from toolkit.checkpoint import Checkpoint
+
+    train, out, manifest = mxfp4_merge
+    written, base = Checkpoint(out), Checkpoint(tiny_mxfp4)
+    assert set(written.weight_map) == set(base.weight_map)  # blocks/scales where the release has them
+    assert written.config["quantization_config"]["quant_method"] == "mxfp4"
+    assert {written.header(n)[0] for n in written.weight_map if not mxfp4.param_name_of(n)} == {"BF16"}
+    for name in EXPERT_TENSORS:
+        same = all(torch.equal(w, b) for w, b in zip(written.packed(name), base.packed(name)))
+        assert same == name.startswith("model.layers.1."), name  # untouched experts: the base's bytes
+    reference = peft_merged(tiny_mxfp4, train)
+    for name in EXPERT_TENSORS[:2]:  # layer 0: the float32 merge, re-quantized
+        expected = mxfp4.dequantize_param(*mxfp4.quantize_param(reference[name]))
+        got = written.param(name, torch.float32)
+        assert (got == expected).float().mean() > 0.999, name  # a midpoint tie may round the other way
+    parity = manifest["metrics"]["parity"]
+    assert parity["format"] == "mxfp4" and 0 < parity["effect_kept"] <= 1 and parity["effect_cosine"] > 0.5
+    assert 0 <= parity["top1_agreement"] <= 1 and parity["positions"] == parity["prompt_tokens"] > 10
+
+
+def test_mxfp4_output_loads_in_transformers(mxfp4_merge):
+    import torch
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    from toolkit import layerwise
+
+    out = mxfp4_merge[1]
+    ids = [5, 17, 99, 300, 42, 7, 8, 600]
+    model = AutoModelForCausalLM.from_pretrained(out, quantization_config=Mxfp4Config(dequantize=True))
+    with torch.no_grad():
+        logits = model.to(torch.float32)(input_ids=torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(logits, layerwise.logits(out, [ids])[0], atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_output_of_the_mxfp4_base_is_dense(tiny_mxfp4, mxfp4_merge, tmp_path):
+    from toolkit.checkpoint import Checkpoint
+
+    manifest = merge.run(build(), mxfp4_merge[0], tmp_path / "out")
+    written = Checkpoint(tmp_path / "out")
+    assert "quantization_config" not in written.config and written.config["dtype"] == "bfloat16"
+    assert set(written.weight_map) == set(Checkpoint(tiny_mxfp4).param_names())
+    assert {written.header(n)[0] for n in written.weight_map} == {"BF16"}
+    parity = manifest["metrics"]["parity"]
+    assert parity["effect_kept"] > mxfp4_merge[2]["metrics"]["parity"]["effect_kept"]  # MXFP4 rounds more
+
+
+def test_parity_check_catches_a_broken_merge_and_writes_nothing(tiny_mxfp4, mxfp4_merge, tmp_path, monkeypatch):
+    """The written weights get 3x the LoRA scale (the reference forward does not): refused, nothing left."""
+    import dataclasses
+
+    from toolkit import merge_plan
+
+    original = merge_plan.MergePlan._dense
+
+    def tripled(self, name):
+        target = self.adapter.targets.get(name)
+        if target is None:
+            return original(self, name)
+        self.adapter.targets[name] = dataclasses.replace(target, scale=3 * target.scale)
+        try:
+            return original(self, name)
+        finally:
+            self.adapter.targets[name] = target
+
+    monkeypatch.setattr(merge_plan.MergePlan, "_dense", tripled)
+    with pytest.raises(ArtifactError, match="merge check failed: merged logits differ from base\\+adapter") as err:
+        merge.run(build(dtype="float32"), mxfp4_merge[0], tmp_path / "out")
+    assert "\n" not in str(err.value)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_dropped_expert_lora_is_an_error(tiny_mxfp4, mxfp4_merge, tmp_path, monkeypatch):
+    """A writer that copies the expert stacks without their LoRA is stopped before anything is kept."""
+    from toolkit import merge_plan
+
+    original = merge_plan.MergePlan._packed
+    monkeypatch.setattr(merge_plan.MergePlan, "_packed", lambda self, name: self.base.packed(name) or
+                        original(self, name))
+    with pytest.raises(ArtifactError, match="did not apply the LoRA of .*experts"):
+        merge.run(build(format="mxfp4"), mxfp4_merge[0], tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_unsupported_adapters_are_refused_in_one_line(tiny_mxfp4, mxfp4_merge, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    for case in ("dora", "missing-layer"):
+        train = tmp_path / case
+        shutil.copytree(mxfp4_merge[0], train)
+        if case == "dora":
+            settings = json.loads((train / "adapter_config.json").read_text())
+            (train / "adapter_config.json").write_text(json.dumps({**settings, "use_dora": True}))
+            expected = "use_dora = true is not supported"
+        else:  # a LoRA on a layer this base does not have (another base's adapter)
+            weights = load_file(str(train / "adapter_model.safetensors"))
+            weights = {k.replace("layers.1.self_attn", "layers.7.self_attn"): v for k, v in weights.items()}
+            save_file(weights, str(train / "adapter_model.safetensors"))
+            expected = "tensors do not match adapter_config.json"
+        with pytest.raises(ArtifactError, match=expected) as err:
+            merge.run(build(), train, tmp_path / f"out-{case}")
+        assert "\n" not in str(err.value)
+        assert not (tmp_path / f"out-{case}" / artifacts.MANIFEST).exists()
+
+
+def test_non_moe_base_merges_and_refuses_mxfp4(tiny_model, tmp_path):
+    """A dense (Llama) base: the streamed merge equals peft's; --format mxfp4 has no experts to pack."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    llama.save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    train = make_train_dir(tmp_path / "llama", tmp_path / "train", target_parameters=None)
+    with pytest.raises(ArtifactError, match="no MoE expert tensors"):
+        merge.run(build(format="mxfp4"), train, tmp_path / "out-mxfp4")
+    merge.run(build(), train, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"  # auto: the base's
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "llama"),
+                                          str(train)).merge_and_unload().state_dict()
+    merged = dense(tmp_path / "out")
+    assert merged.keys() == reference.keys()
+    for name in merged:
+        torch.testing.assert_close(merged[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_cli_merge_format_mxfp4(mxfp4_merge, tmp_path):
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(main, ["merge", str(mxfp4_merge[0]), "--out", str(out), "--format", "mxfp4"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["config"]["format"] == "mxfp4"

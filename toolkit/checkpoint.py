@@ -66,12 +66,11 @@ class Checkpoint:
             from safetensors import safe_open
 
             with safe_open(str(self.folder / SINGLE), "pt") as fh:
-                self.weight_map = {name: SINGLE for name in fh.keys()}
+                self.weight_map = {name: SINGLE for name in fh.keys()}  # noqa: SIM118 (a safe_open handle)
         else:
             raise ArtifactError(f"{self.folder}: no {INDEX} or {SINGLE}. Pass a folder holding a safetensors model.")
         config = self.folder / "config.json"
         self.config: dict[str, Any] = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
-        self._handles: dict[str, Any] = {}
 
     @property
     def is_mxfp4(self) -> bool:
@@ -80,20 +79,33 @@ class Checkpoint:
     def shards(self) -> list[str]:
         return sorted(set(self.weight_map.values()))
 
-    def _handle(self, shard: str):
+    def tensor(self, name: str):
+        """One stored tensor, copied out of its shard.
+
+        The shard is opened for this one read and closed again: safetensors memory-maps the file, and pages
+        touched through an open map count in the process's resident memory until it is closed, so a cached
+        handle would grow to the whole shard.
+        """
         from safetensors import safe_open
 
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.folder / shard), "pt")
-        return self._handles[shard]
-
-    def tensor(self, name: str):
-        """One stored tensor, read from its shard (memory-mapped file; only this tensor is copied)."""
         try:
             shard = self.weight_map[name]
         except KeyError:
             raise ArtifactError(f"{self.folder}: no tensor {name!r} in the checkpoint") from None
-        return self._handle(shard).get_tensor(name)
+        with safe_open(str(self.folder / shard), "pt") as fh:
+            return fh.get_tensor(name).clone()
+
+    def header(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """(safetensors dtype, shape) of one stored tensor, from its shard's header (nothing is read)."""
+        try:
+            shard = self.weight_map[name]
+        except KeyError:
+            raise ArtifactError(f"{self.folder}: no tensor {name!r} in the checkpoint") from None
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / shard), "pt") as fh:
+            view = fh.get_slice(name)
+            return view.get_dtype(), tuple(view.get_shape())
 
     def param_names(self) -> list[str]:
         """Parameter names in transformers' naming: each blocks/scales pair counts once, under its parameter."""
@@ -106,12 +118,21 @@ class Checkpoint:
                 names.append(base)
         return names
 
-    def param(self, name: str, dtype=None):
-        """A parameter in transformers' layout; an MXFP4 expert parameter is dequantized to `dtype`."""
+    def param(self, name: str, dtype=None, device=None):
+        """A parameter in transformers' layout; an MXFP4 expert parameter is dequantized to `dtype`.
+
+        `device`: where to put it; packed MXFP4 tensors travel packed (a quarter of the bytes) and are
+        dequantized there.
+        """
         blocks, scales = mxfp4.packed_names(name)
         if blocks in self.weight_map:
-            return mxfp4.dequantize_param(self.tensor(blocks), self.tensor(scales), dtype)
+            packed = self.tensor(blocks), self.tensor(scales)
+            if device is not None:
+                packed = tuple(t.to(device) for t in packed)
+            return mxfp4.dequantize_param(*packed, dtype)
         tensor = self.tensor(name)
+        if device is not None:
+            tensor = tensor.to(device)
         return tensor if dtype is None else tensor.to(dtype)
 
     def packed(self, name: str) -> tuple[Any, Any] | None:
@@ -131,7 +152,7 @@ class Checkpoint:
         return self.weight_map.get(param) or self.weight_map[mxfp4.packed_names(param)[0]]
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between reads; kept so callers can treat this like a file."""
 
 
 @dataclass(frozen=True)

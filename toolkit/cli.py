@@ -134,13 +134,15 @@ def prep(corpus: Path, out_dir: Path | None, run: str | None, config, overrides,
               "safetensors shards with an index, quantization_config in config.json.")
 @click.option("--size", type=click.Choice(["tiny", "20b"]), default="tiny", show_default=True,
               help="20b: a full-size random gpt-oss-20b (~13 GB, MXFP4 layout, real tokenizer; benchmarks).")
+@click.option("--tokenizer", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="With --size 20b: copy this saved o200k_harmony tokenizer instead of building it.")
 @handle_errors
-def tiny(out_dir: Path, seed: int, real_tokenizer: bool, mxfp4: bool, size: str) -> None:
+def tiny(out_dir: Path, seed: int, real_tokenizer: bool, mxfp4: bool, size: str, tokenizer: Path | None) -> None:
     """Write a tiny random gpt-oss (real architecture) for tests and the CPU demo."""
     from toolkit.tiny import build_gpt_oss_20b, build_tiny
 
     if size == "20b":
-        click.echo(str(build_gpt_oss_20b(out_dir, seed=seed)))
+        click.echo(str(build_gpt_oss_20b(out_dir, seed=seed, tokenizer=tokenizer)))
         return
     click.echo(str(build_tiny(out_dir, seed=seed, real_tokenizer=real_tokenizer, mxfp4=mxfp4)))
 
@@ -191,15 +193,16 @@ def train(data_dir: Path | None, out_dir: Path | None, run: str | None, resume: 
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output folder (default export/RUN/merge).")
 @click.option("--run", "run", help="Run name (default: the most recent run under export/).")
 @click.option("--base-model", help="Base model folder or hub id (default: the one the train manifest names).")
+@click.option("--format", "format", type=click.Choice(["bf16", "mxfp4"]),
+              help="bf16: dense weights; mxfp4: MoE experts as MXFP4 (gpt-oss' released layout), the rest dense.")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
-              help="Weights dtype (auto: bfloat16 on CUDA, float32 on CPU).")
-@click.option("--device", help="auto, cuda or cpu.")
+              help="Dense weights' dtype (auto: the base's own).")
 @click.option("--json", "as_json", is_flag=True, help="Print the output folder and the merge check as JSON.")
 @config_options
 @handle_errors
 def merge(train_dir: Path | None, out_dir: Path | None, run: str | None, config, overrides, force, as_json,
           **options) -> None:
-    """Fold the LoRA adapter of TRAIN_DIR (default export/RUN/train) into its base -> safetensors."""
+    """Fold the LoRA adapter of TRAIN_DIR (default export/RUN/train) into its base -> safetensors (CPU, streamed)."""
     from toolkit import config as cfgmod
     from toolkit import merge as merge_mod
 

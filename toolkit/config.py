@@ -153,6 +153,8 @@ class TrainConfig:
     logging_steps: int = _help("Log train loss every N steps (metrics.jsonl, TensorBoard).", 10)
     report_to: str = _help("tensorboard (local, in OUT/tensorboard) or none.", "tensorboard")
     seed: int = _help("Seed of LoRA init, data order and dropout.", 42)
+    gpu_memory_gib: float = _help("Cap this process's GPU memory at N GiB (0: no cap), e.g. 24 to prove on a large "
+                                  "card that a run fits a 24 GB one: past the cap it fails with out-of-memory.", 0.0)
 
     def problems(self) -> list[str]:
         choices = {
@@ -167,7 +169,7 @@ class TrainConfig:
         out += [f"train.{k}: expected a positive number, found {getattr(self, k)}"
                 for k in positive if getattr(self, k) <= 0]
         non_negative = ("max_steps", "eval_steps", "save_steps", "save_total_limit", "max_eval_examples",
-                        "max_train_examples", "weight_decay", "warmup_ratio")
+                        "max_train_examples", "weight_decay", "warmup_ratio", "gpu_memory_gib")
         out += [f"train.{k}: expected 0 or more, found {getattr(self, k)}" for k in non_negative if getattr(self, k) < 0]
         if not 0.0 <= self.lora_dropout < 1.0:
             out.append(f"train.lora_dropout: expected 0 <= x < 1, found {self.lora_dropout}")
@@ -200,6 +202,8 @@ class TrainConfig:
             out.append(f"train.packing / train.padding_free need a FlashAttention kernel that reads the per-example "
                        f"positions (e.g. attn_implementation = \"kernels-community/vllm-flash-attn3\") or "
                        f"flex_attention, found {self.attn_implementation!r}")
+        if self.gpu_memory_gib and self.device == "cpu":
+            out.append("train.gpu_memory_gib: a GPU memory cap on the CPU; set it to 0")
         if self.mode == "qlora" and self.device == "cpu":
             out.append("train.mode qlora needs CUDA (bitsandbytes 4-bit); use mode lora on the CPU")
         if self.mode == "qlora" and self.dtype == "float32":
@@ -217,20 +221,24 @@ class MergeConfig:
     section: ClassVar[str] = "merge"
 
     base_model: str | None = _help("Base model folder or hub id (default: the one the train manifest names).", None)
-    dtype: str = _help("auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32.", "auto")
-    device: str = _help("auto (CUDA when present), cuda or cpu.", "auto")
+    format: str = _help("bf16: every tensor dense in merge.dtype; mxfp4: MoE expert tensors re-quantized to MXFP4 "
+                        "in gpt-oss' released layout (~13 GB for gpt-oss-20b), the rest in merge.dtype.", "bf16")
+    dtype: str = _help("Dense tensors: auto (the base's own dtype, bfloat16 for gpt-oss' MXFP4 release), bfloat16, "
+                       "float16 or float32.", "auto")
     parity_text: str = _help("Source sentence of the Harmony prompt used to check the merge.",
                              "今天天氣真好，我們去公園散步。")
     parity_atol: float | None = _help("Largest allowed |merged - (base+adapter)| next-token logit "
-                                      "(default: 1e-3 float32, 0.1 float16, 0.25 bfloat16).", None)
+                                      "(default: 1e-3 float32, 0.1 float16, 0.25 bfloat16 and mxfp4).", None)
     parity_rtol: float | None = _help("...or up to this share of the adapter's own effect on that logit, whichever is "
-                                      "larger (default: 0 float32, 0.25 in 16 bits).", None)
-    max_shard_size: str = _help("Largest safetensors shard.", "5GB")
+                                      "larger (default: 0 float32, 0.25 in 16 bits, 0.5 mxfp4).", None)
+    max_shard_size: str = _help("Largest safetensors shard (written a tensor at a time: costs no memory).", "5GB")
 
     def problems(self) -> list[str]:
         out = []
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             out.append(f"merge.dtype: expected auto, bfloat16, float16 or float32, found {self.dtype!r}")
+        if self.format not in ("bf16", "mxfp4"):
+            out.append(f"merge.format: expected bf16 or mxfp4, found {self.format!r}")
         if self.parity_atol is not None and self.parity_atol <= 0:
             out.append(f"merge.parity_atol: expected a positive number, found {self.parity_atol}")
         if self.parity_rtol is not None and not 0 <= self.parity_rtol < 1:

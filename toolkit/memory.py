@@ -1,5 +1,8 @@
 """GPU memory savers for `toolkit train` that need no change to the model's code.
 
+`cap_gpu_memory(gib)` makes this process's CUDA allocator refuse to hold more than `gib` GiB, so a run on
+a large card behaves as on a consumer one (an out-of-memory error past the cap) and proves a preset fits it.
+
 `offload_input_embeddings(model)` keeps the input embedding table in CPU memory (gpt-oss: 201,088 x 2880
 bf16 = 1.1 GiB, a twelfth of a 4-bit gpt-oss-20b): each step looks up its few thousand rows on the CPU
 and copies them to the GPU. The table is frozen (LoRA does not train it), so nothing else needs it on
@@ -38,3 +41,20 @@ def keep_table_on(embedding: Any, home: Any, device: Any) -> int:
     embedding.register_forward_pre_hook(to_home)
     embedding.register_forward_hook(to_device)
     return weight.numel() * weight.element_size()
+
+
+def cap_gpu_memory(gib: float, device: int | None = None) -> float:
+    """Cap the caching allocator of `device` (default: the current one) at `gib` GiB; returns the fraction set."""
+    import torch
+
+    from toolkit.errors import ConfigError
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"train.gpu_memory_gib {gib}: torch sees no CUDA GPU to cap; set it to 0")
+    device = torch.cuda.current_device() if device is None else device
+    total = torch.cuda.get_device_properties(device).total_memory
+    if gib * 2**30 > total:
+        raise ConfigError(f"train.gpu_memory_gib {gib}: more than this GPU has ({total / 2**30:.1f} GiB)")
+    fraction = gib * 2**30 / total
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction

@@ -1,33 +1,52 @@
-"""`toolkit merge TRAIN_DIR --out DIR`: fold a LoRA adapter into its base model's weights.
+"""`toolkit merge TRAIN_DIR --out DIR [--format bf16|mxfp4]`: fold a LoRA adapter into its base model's weights.
 
-The base named by the train manifest is loaded in 16 bits (float32 on CPU; gpt-oss MXFP4 experts are
-dequantized), the adapter (attention and expert LoRA) applied and merged with peft's `merge_and_unload`,
-and the result saved as safetensors beside the tokenizer and chat template. Before the manifest is
-written the merge is checked on a Harmony prompt built exactly as in training: the merged model's
-next-token logits must equal base+adapter within tolerance and differ from the bare base.
+The base checkpoint named by the train manifest is streamed tensor by tensor (`toolkit.checkpoint`; MXFP4
+expert stacks dequantized one expert at a time), the adapter's delta added in float32 (`toolkit.adapter`:
+attention LoRA, expert LoRA through peft's `target_parameters`), the sum cast and written straight into the
+output shards (`toolkit.merge_plan`). No GPU; host memory holds about one tensor, never the model.
+`--format mxfp4` writes the expert stacks back as MXFP4 in gpt-oss' released layout, the rest in bf16.
+
+The merge is checked on a Harmony prompt built exactly as in training, by three layer-by-layer forwards
+(`toolkit.layerwise`, one decoder layer in memory at a time): the bare base, base+adapter (the float32
+delta added to the base as it is read) and the written folder. The merged next-token logits must equal
+base+adapter within tolerance and differ from the bare base, and the manifest records how much of the
+adapter's effect on all prompt positions the merged weights keep. The output is written into a hidden
+staging folder and moved in only when the check passed: a failed merge leaves no weights and no manifest.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from toolkit import artifacts, prompt
+from toolkit import artifacts, checkpoint, layerwise, mxfp4, prompt
+from toolkit.adapter import Adapter
+from toolkit.checkpoint import Checkpoint
 from toolkit.config import MergeConfig, as_dict
-from toolkit.errors import ArtifactError, ConfigError
+from toolkit.errors import ArtifactError
+from toolkit.merge_plan import MergePlan
 
 log = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
-# Largest allowed |merged - (base+adapter)| logit: max(atol, rtol * the adapter's own effect). A 16-bit merge
-# rounds every merged weight once; through gpt-oss-20b's 24 layers that moved logits by 1.6-1.8 where the adapter
-# moved them by 10.5 (bf16, random full-size weights, bench/results/multi_gpu-2026-11-25-h100x2.md), so 16-bit
-# merges are also judged relative to the effect. A lost or mis-scaled adapter misses by about its whole effect.
-DEFAULT_ATOL = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.1}
-DEFAULT_RTOL = {"float32": 0.0, "bfloat16": 0.25, "float16": 0.25}
+STAGING = ".merge-partial"
+BASE_FILES = ("generation_config.json",)  # copied beside the merged weights when the base has them
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
+# Largest allowed |merged - (base+adapter)| next-token logit: max(atol, rtol * the adapter's own effect), the
+# reference being a float32 forward of the base plus the float32 delta. A 16-bit merge rounds every merged
+# weight once; through gpt-oss-20b's 24 layers that moved logits by 1.6-1.8 where the adapter moved them by 10.5
+# (bf16, random full-size weights, bench/results/multi_gpu-2026-11-25-h100x2.md), so 16-bit merges are also
+# judged relative to the effect. A lost or mis-scaled adapter misses by about its whole effect. MXFP4 rounds each
+# merged expert weight to one of 8 magnitudes of its block's scale: an expert delta below half a step is lost (the
+# attention part stays bf16), so half of the whole effect is allowed. On the tiny gpt-oss MXFP4 missed by 0.09 of
+# the effect (20 tiny-cpu training steps) to 0.41 (a random expert-only adapter); a merge that drops the expert
+# LoRA or scales it wrong misses by about the expert part of the effect or more.
+DEFAULT_ATOL = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.1, "mxfp4": 0.25}
+DEFAULT_RTOL = {"float32": 0.0, "bfloat16": 0.25, "float16": 0.25, "mxfp4": 0.5}
 
 
 def find_adapter(train_dir: Path) -> Path:
@@ -52,47 +71,38 @@ def base_model_of(train_manifest: dict[str, Any], adapter_dir: Path, override: s
     return str(name)
 
 
-def resolve_dtype(name: str, device: str):
-    import torch
+def local_folder(base: str) -> Path:
+    """The base checkpoint's folder: a local path, else its files in the Hugging Face cache (downloaded if missing)."""
+    if Path(base).is_dir():
+        return Path(base)
+    from huggingface_hub import snapshot_download
 
-    if name == "auto":
-        name = "bfloat16" if device.startswith("cuda") else "float32"
-    return name, getattr(torch, name)
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("merge.device: cuda was asked for but no CUDA device is visible. Use --device cpu.")
-    return name
+    try:
+        return Path(snapshot_download(base, allow_patterns=HUB_FILES))
+    except Exception as exc:  # noqa: BLE001 (offline, unknown repo, gated: all mean the same to the user)
+        raise ArtifactError(f"{base}: not a local folder, and the hub gave no copy ({type(exc).__name__}). "
+                            "Pass --base-model PATH to a downloaded checkpoint.") from None
 
 
-def load_base(base: str, dtype: Any, device: str):
-    """The base model in `dtype`; gpt-oss MXFP4 checkpoints are dequantized on load."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(base)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    quant = getattr(config, "quantization_config", None)
-    quant_method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-    if str(quant_method).lower().endswith("mxfp4"):
-        from transformers import Mxfp4Config
-
-        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
-        log.info("merge: %s is MXFP4; dequantizing to %s", base, dtype)
-    model = AutoModelForCausalLM.from_pretrained(base, device_map=device, **kwargs)
-    model.eval()
-    return model
+def resolve_dtype(name: str, base: Checkpoint) -> str:
+    """merge.dtype; auto is the base's own dtype (bfloat16 for gpt-oss' MXFP4 release: its dense tensors)."""
+    if name != "auto":
+        return name
+    stored = base.config.get("dtype") or base.config.get("torch_dtype")
+    return stored if stored in ("bfloat16", "float16", "float32") else "bfloat16"
 
 
-def next_token_logits(model, input_ids) -> Any:
-    import torch
-
-    with torch.no_grad():
-        return model(input_ids=input_ids).logits[0, -1].float().cpu()
+def output_config(base: Checkpoint, fmt: str, dtype_name: str) -> dict[str, Any]:
+    """The base's config.json for the merged weights: mxfp4 keeps (or gains) the MXFP4 quantization_config."""
+    data = dict(base.config)
+    if fmt == "mxfp4":
+        data["quantization_config"] = data.get("quantization_config") if base.is_mxfp4 else mxfp4.quantization_config()
+    else:
+        data.pop("quantization_config", None)
+    data["dtype"] = dtype_name
+    if "torch_dtype" in data:
+        data["torch_dtype"] = dtype_name
+    return data
 
 
 # Files a fast tokenizer's save_pretrained does not write but llama.cpp's converter reads: without
@@ -119,7 +129,8 @@ def parity_prompt(train_manifest: dict[str, Any], tokenizer, text: str) -> tuple
     return spec.render_prompt(text, tokenizer), source
 
 
-def check_parity(base_logits, adapted_logits, merged_logits, atol: float, rtol: float = 0.0) -> dict[str, Any]:
+def check_parity(base_logits, adapted_logits, merged_logits, atol: float, rtol: float = 0.0,
+                 mxfp4_output: bool = False) -> dict[str, Any]:
     """Figures of the merge check; raises ArtifactError unless merged == base+adapter != bare base.
 
     merged and base+adapter may differ by max(atol, rtol * the adapter's effect on the logits).
@@ -144,6 +155,13 @@ def check_parity(base_logits, adapted_logits, merged_logits, atol: float, rtol: 
             "merge check failed: the adapter had no effect (base+adapter logits equal the base's), e.g. an "
             "untrained LoRA. Check that the train folder holds a trained adapter; nothing was written."
         )
+    if to_adapted > allowed and mxfp4_output:
+        raise ArtifactError(
+            f"merge check failed: the MXFP4 merge's logits differ from base+adapter by {to_adapted:.3g} (> "
+            f"{allowed:.3g}; the adapter itself moves them by {effect:.3g}): MXFP4 rounding of the merged experts (or "
+            "a wrong merge) lost too much of the adapter. --format bf16 keeps it (or allow more with "
+            "merge.parity_rtol); nothing was written."
+        )
     if to_adapted > allowed:
         raise ArtifactError(
             f"merge check failed: merged logits differ from base+adapter by {to_adapted:.3g} (> {allowed:.3g}; the "
@@ -151,43 +169,59 @@ def check_parity(base_logits, adapted_logits, merged_logits, atol: float, rtol: 
             "and report it."
         )
     if to_base <= to_adapted:
+        fix = "Merge with --format bf16 --dtype float32" if mxfp4_output else "Merge in float32 (--dtype float32)"
         raise ArtifactError(
             f"merge check failed: the merged model is no closer to base+adapter ({to_adapted:.3g}) than to the bare "
-            f"base ({to_base:.3g}); the adapter moves logits by only {effect:.3g}, below this dtype's rounding. "
-            "Merge in float32 (--dtype float32) to check it; nothing was written."
+            f"base ({to_base:.3g}); the adapter moves logits by only {effect:.3g}, below this format's rounding. "
+            f"{fix} to check it; nothing was written."
         )
     return figures
 
 
-def saved_tensor_names(model: Any) -> set[str]:
-    """The tensor names `save_pretrained` writes: a tied weight (e.g. Gemma's lm_head = embeddings) is saved once."""
-    names, seen = set(), set()
-    for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tuple(tensor.shape))
-        if key not in seen or tensor.numel() == 0:
-            names.add(name)
-            seen.add(key)
-    return names
+def effect_figures(base, adapted, merged) -> dict[str, Any]:
+    """How much of the adapter's effect on the logits (all prompt positions) the merged weights keep."""
+    import torch
+
+    effect, miss = adapted - base, merged - adapted
+    cosine = torch.nn.functional.cosine_similarity((merged - base).flatten(), effect.flatten(), dim=0)
+    return {
+        "positions": int(base.shape[0]),
+        "effect_kept": 1.0 - float(miss.norm() / effect.norm()),  # 1 - |merged - adapted| / |adapted - base|
+        "effect_cosine": float(cosine),  # of (merged - base) with (adapted - base)
+        "norm_merged_vs_base": float((merged - base).norm()),
+        "norm_adapter_vs_base": float(effect.norm()),
+        "top1_agreement": float((merged.argmax(-1) == adapted.argmax(-1)).float().mean()),  # merged vs base+adapter
+        "top1_agreement_base": float((base.argmax(-1) == adapted.argmax(-1)).float().mean()),  # what the adapter left
+    }
 
 
-def check_saved_keys(out_dir: Path, expected: set[str]) -> None:
-    """The saved checkpoint holds exactly the base model's tensor names (no LoRA or base_layer leftovers)."""
-    from safetensors import safe_open
+def check_saved_params(folder: Path, base: Checkpoint, plan: MergePlan) -> None:
+    """The written checkpoint holds exactly the planned tensors, i.e. the base model's parameters."""
+    written = Checkpoint(folder)
+    if set(written.weight_map) != {e.name for e in plan.entries} or set(written.param_names()) != set(
+            base.param_names()):
+        extra = sorted(set(written.param_names()) - set(base.param_names()))[:5]
+        missing = sorted(set(base.param_names()) - set(written.param_names()))[:5]
+        raise ArtifactError(f"{folder}: saved tensors differ from the base model's (extra {extra}, missing {missing}).")
 
-    found: set[str] = set()
-    for shard in sorted(out_dir.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as fh:
-            found |= set(fh.keys())
-    if found != expected:
-        extra, missing = sorted(found - expected)[:5], sorted(expected - found)[:5]
-        raise ArtifactError(f"{out_dir}: saved tensors differ from the base model's (extra {extra}, missing {missing}).")
+
+def _write(out: Path, base: Checkpoint, plan: MergePlan, cfg: MergeConfig, dtype_name: str) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(plan.entries), desc="merge", unit="tensor", disable=None)
+    checkpoint.write_shards(out, plan.entries, plan.produce, max_shard_bytes=checkpoint.parse_size(cfg.max_shard_size),
+                            progress=lambda entry: bar.update())
+    bar.close()
+    artifacts.atomic_write_json(out / "config.json", output_config(base, cfg.format, dtype_name))
+    for name in BASE_FILES:
+        if (base.folder / name).is_file():
+            shutil.copyfile(base.folder / name, out / name)
 
 
 def run(cfg: MergeConfig, train_dir: Path, out_dir: Path, *, force: bool = False) -> dict[str, Any]:
-    """Merge the adapter of `train_dir` into its base and write the merged model to `out_dir`."""
+    """Merge the adapter of `train_dir` into its base, tensor by tensor, and write the merged model to `out_dir`."""
     import torch
-    from peft import PeftModel
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     train_dir, out_dir = Path(train_dir), Path(out_dir)
     train_manifest = artifacts.read_manifest(train_dir, stage="train")
@@ -200,36 +234,49 @@ def run(cfg: MergeConfig, train_dir: Path, out_dir: Path, *, force: bool = False
         return done
 
     started = time.monotonic()
-    device = resolve_device(cfg.device)
-    dtype_name, dtype = resolve_dtype(cfg.dtype, device)
+    base_dir = local_folder(base)
+    ckpt = Checkpoint(base_dir)
+    dtype_name = resolve_dtype(cfg.dtype, ckpt)
+    model_config = AutoConfig.from_pretrained(base_dir)
+    if getattr(model_config, "quantization_config", None) is not None:
+        del model_config.quantization_config  # the architecture only: weights come from the checkpoint reader
+    adapter = Adapter(adapter_dir, model_config)
+    plan = MergePlan(ckpt, adapter, cfg.format, getattr(torch, dtype_name))
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir if (adapter_dir / "tokenizer_config.json").is_file()
-                                              else base)
+                                              else base_dir)
     text, prompt_source = parity_prompt(train_manifest, tokenizer, cfg.parity_text)
-    input_ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
 
-    log.info("merge: loading %s (%s on %s)", base, dtype_name, device)
-    model = load_base(base, dtype, device)
-    expected_keys = saved_tensor_names(model)
-    base_logits = next_token_logits(model, input_ids)
-    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    adapted_logits = next_token_logits(model, input_ids)
-    log.info("merge: folding the adapter into the base weights")
-    model = model.merge_and_unload()
-    merged_logits = next_token_logits(model, input_ids)
-    atol = cfg.parity_atol if cfg.parity_atol is not None else DEFAULT_ATOL[dtype_name]
-    rtol = cfg.parity_rtol if cfg.parity_rtol is not None else DEFAULT_RTOL[dtype_name]
-    figures = check_parity(base_logits, adapted_logits, merged_logits, atol, rtol)
-    figures.update(prompt_tokens=int(input_ids.shape[1]), prompt_source=prompt_source, dtype=dtype_name)
+    log.info("merge: reference logits of %s and of base+adapter, layer by layer (%d prompt tokens)", base, len(ids))
+    base_logits = layerwise.logits(base_dir, [ids], config=model_config)[0]
+    adapted_logits = layerwise.logits(base_dir, [ids], config=model_config, transform=adapter.transform)[0]
+    if torch.equal(base_logits, adapted_logits):
+        check_parity(base_logits[-1], adapted_logits[-1], adapted_logits[-1], 1.0)  # raises "no effect"
 
-    if getattr(model.config, "quantization_config", None) is not None:  # weights are plain 16-bit now
-        del model.config.quantization_config
-    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=cfg.max_shard_size)
-    tokenizer.save_pretrained(out_dir)
-    copy_vocab_files(base, out_dir)
-    check_saved_keys(out_dir, expected_keys)
-    del model
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    log.info("merge: folding %d LoRA tensors into %s (%s, %s) tensor by tensor", len(adapter.targets), base,
+             cfg.format, dtype_name)
+    stage = out_dir / STAGING
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        adapter.applied.clear()
+        _write(stage, ckpt, plan, cfg, dtype_name)
+        adapter.check_all_applied()
+        tokenizer.save_pretrained(stage)
+        copy_vocab_files(str(base_dir), stage)
+        check_saved_params(stage, ckpt, plan)
+        merged_logits = layerwise.logits(stage, [ids])[0]
+        kind = "mxfp4" if cfg.format == "mxfp4" else dtype_name
+        atol = cfg.parity_atol if cfg.parity_atol is not None else DEFAULT_ATOL[kind]
+        rtol = cfg.parity_rtol if cfg.parity_rtol is not None else DEFAULT_RTOL[kind]
+        figures = check_parity(base_logits[-1], adapted_logits[-1], merged_logits[-1], atol, rtol,
+                               mxfp4_output=cfg.format == "mxfp4")
+        figures.update(effect_figures(base_logits, adapted_logits, merged_logits), prompt_tokens=len(ids),
+                       prompt_source=prompt_source, dtype=dtype_name, format=cfg.format)
+        for path in sorted(stage.iterdir()):
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        adapter.close()
 
     elapsed = time.monotonic() - started
     size = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
@@ -238,6 +285,7 @@ def run(cfg: MergeConfig, train_dir: Path, out_dir: Path, *, force: bool = False
                                                         "weights_bytes": size},
         upstream=train_manifest, extra={"base_model": base, "adapter": str(adapter_dir)},
     )
-    log.info("merge: adapter folded into %s in %.0fs, %.1f MB, logits diff vs base+adapter %.2g -> %s",
-                base, elapsed, size / 1e6, figures["max_abs_diff_merged_vs_adapter"], out_dir)
+    log.info("merge: adapter folded into %s in %.0fs, %.1f MB %s, logits: %.0f%% of the adapter's effect kept, "
+             "top-1 %.0f%% as base+adapter -> %s", base, elapsed, size / 1e6, cfg.format,
+             100 * figures["effect_kept"], 100 * figures["top1_agreement"], out_dir)
     return manifest

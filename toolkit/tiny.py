@@ -135,7 +135,8 @@ def write_released_layout(out_dir: Path, config, produce, max_shard_size: int, p
     import torch
     from transformers import GptOssForCausalLM
 
-    from toolkit import checkpoint, mxfp4 as fp4
+    from toolkit import checkpoint
+    from toolkit import mxfp4 as fp4
 
     with torch.device("meta"):
         skeleton = GptOssForCausalLM(config)
@@ -177,9 +178,9 @@ def gpt_oss_20b_config(tokenizer=None):
     layers = 24
     ids = {}
     if tokenizer is not None:
-        ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                   eos_token_id=[tokenizer.convert_tokens_to_ids("<|return|>"),
-                                 tokenizer.convert_tokens_to_ids("<|call|>")])
+        ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+               "eos_token_id": [tokenizer.convert_tokens_to_ids("<|return|>"),
+                                tokenizer.convert_tokens_to_ids("<|call|>")]}
     return GptOssConfig(
         num_hidden_layers=layers, num_local_experts=32, num_experts_per_tok=4, hidden_size=2880,
         intermediate_size=2880, head_dim=64, num_attention_heads=64, num_key_value_heads=8, vocab_size=201088,
@@ -188,11 +189,14 @@ def gpt_oss_20b_config(tokenizer=None):
     )
 
 
-def build_gpt_oss_20b(out_dir: Path, seed: int = 0, max_shard_size: int = 4_000_000_000) -> Path:
+def build_gpt_oss_20b(out_dir: Path, seed: int = 0, max_shard_size: int = 4_000_000_000,
+                      tokenizer: Path | None = None, config=None) -> Path:
     """A random gpt-oss-20b in the released MXFP4 layout (~13 GB) with the real tokenizer, tensor by tensor.
 
     Cost (speed, memory) depends on shapes, not values: this stands in for the released weights where they
     cannot be downloaded. Dense weights ~N(0, 0.02); expert blocks are random FP4 codes with scales 2**-8..2**-6.
+    `tokenizer`: a saved o200k_harmony tokenizer folder to copy (default: build it, which needs the `tokens` extra).
+    `config`: another GptOssConfig (tests write a small one the same way).
     """
     import hashlib
 
@@ -202,8 +206,14 @@ def build_gpt_oss_20b(out_dir: Path, seed: int = 0, max_shard_size: int = 4_000_
     from toolkit.tokenizer import build_hf_tokenizer
 
     out_dir = Path(out_dir)
-    tok = build_hf_tokenizer(out_dir)
-    config = gpt_oss_20b_config(tok)
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+        tok.save_pretrained(out_dir)
+    else:
+        tok = build_hf_tokenizer(out_dir)
+    config = config or gpt_oss_20b_config(tok)
 
     def generator(name: str):
         digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()

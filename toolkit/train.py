@@ -295,6 +295,11 @@ def run(cfg: TrainConfig, data_dir: Path, out_dir: Path, *, force: bool = False,
         if checkpoint is None and (out_dir / METRICS_FILE).exists():
             (out_dir / METRICS_FILE).unlink()
 
+    if cfg.gpu_memory_gib:
+        from toolkit.memory import cap_gpu_memory
+
+        log.info("train: GPU memory capped at %.1f GiB (%.1f%% of the card)", cfg.gpu_memory_gib,
+                 100 * cap_gpu_memory(cfg.gpu_memory_gib, state.local_process_index))
     model = lora.attach_lora(lora.load_base(cfg, model_config), cfg)
     targets = lora.lora_targets(model)
     log.info("train: %d train / %d dev examples, %s format, LoRA on %d modules + %d expert tensors",

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Issue 17: gpt-oss-20b at full size, stage by stage, on a random checkpoint in the released MXFP4 layout
+# (`toolkit tiny --size 20b`, ~13.7 GB, deterministic: the same bytes on every machine). From the repository root.
+#
+# On the lent GPU machine (training; one call of ~9 minutes):
+#   carry: [".gpu17/w1", ".gpu17/tok", ".gpu17/prep"]
+#   command: STAGES="model qlora qlora2048 lora pack" bash bench/full_size.sh
+# On a machine without a GPU (merge, export, eval, serve: no accelerator needed), with the adapter that came back
+# unpacked into $RUNS/qlora:
+#   STAGES="model merge-mxfp4 export eval serve merge-bf16" bash bench/full_size.sh
+#
+# What the GPU machine lacks travels in the git-ignored .gpu17/ (built here, ~62 MB):
+#   w1/  wheels (pip download --no-deps, cp312 manylinux, as the device README says): transformers==5.24.0
+#        peft==0.21.2 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 bitsandbytes==0.50.2
+#        liger-kernel==0.8.5
+#   tok/ the o200k_harmony tokenizer (python -c "from toolkit.tokenizer import build_hf_tokenizer;
+#        build_hf_tokenizer('.gpu17/tok')", then gzip tokenizer.json)
+#   prep/ toolkit prep corpora/zh-nan-moe-sample/sample.tsv --config gpt-oss-20b-qlora --out .gpu17/prep
+# Every stage runs under bench/measure.py: one JSON line each in $OUT/stages.jsonl (wall time, peak host RSS,
+# disk written and its high-water mark, GPU memory in use); everything printed goes to $OUT/log.
+set -o pipefail
+OUT=${OUT:-bench/out}
+MODEL=${MODEL:-/tmp/g20b}
+RUNS=${RUNS:-/tmp/full}
+STEPS=${STEPS:-20}
+CAP=${CAP:-24}   # GiB: the consumer-GPU budget the qlora runs are held to
+mkdir -p "$OUT" "$RUNS"
+exec > >(tee -a "$OUT/log") 2>&1
+if [ -d .gpu17/w1 ] && [ ! -d /tmp/site/trl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .gpu17/w1/*.whl || exit 1
+fi
+if [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site:$PWD; else export PYTHONPATH=$PWD; fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONFAULTHANDLER=1
+PY=${PY:-python3}
+date -u
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no GPU"
+$PY -c "import importlib.metadata as md; print({n: md.version(n) for n in ['torch', 'transformers', 'peft', 'trl', \
+'accelerate']})"
+measure() { $PY bench/measure.py --log "$OUT/stages.jsonl" "$@"; }
+train_args=(.gpu17/prep --max-steps "$STEPS" --force --json --set "train.base_model=\"$MODEL\""
+  --set train.packing=true --set train.grad_accum=4 --set train.logging_steps=1 --set train.eval_steps=0
+  --set train.save_steps=0)
+
+for stage in ${STAGES:-model qlora qlora2048 lora pack}; do
+  echo "=== $stage $(date -u +%T)"
+  case $stage in
+    model)
+      if [ ! -f "$MODEL/model.safetensors.index.json" ]; then
+        [ -f .gpu17/tok/tokenizer.json ] || gunzip -k .gpu17/tok/tokenizer.json.gz
+        measure --name model --out-dir "$MODEL" -- $PY -m toolkit tiny "$MODEL" --size 20b --tokenizer .gpu17/tok
+      fi ;;
+    qlora)
+      measure --name "qlora-1024-cap$CAP" --out-dir "$RUNS/qlora" -- $PY -m toolkit train "${train_args[@]}" \
+        --config gpt-oss-20b-qlora --out "$RUNS/qlora" --set "train.gpu_memory_gib=$CAP" ;;
+    qlora2048)
+      measure --name "qlora-2048-cap$CAP" --out-dir "$RUNS/qlora2048" -- $PY -m toolkit train "${train_args[@]}" \
+        --config gpt-oss-20b-qlora --out "$RUNS/qlora2048" --set "train.gpu_memory_gib=$CAP" \
+        --set train.max_length=2048 ;;
+    lora)
+      measure --name lora-2048 --out-dir "$RUNS/lora" -- $PY -m toolkit train "${train_args[@]}" \
+        --config gpt-oss-20b-lora --out "$RUNS/lora" ;;
+    pack)  # the qlora adapter and every manifest, in parts small enough to come back from the GPU machine
+      tar czf "$RUNS/pack.tgz" -C "$RUNS" --exclude='checkpoints' --exclude='tensorboard' \
+        $(cd "$RUNS" && ls -d qlora qlora2048 lora 2>/dev/null)
+      split -b 15m -d "$RUNS/pack.tgz" "$OUT/pack.tgz.part" ;;
+    merge-mxfp4|merge-bf16)
+      format=${stage#merge-}
+      CUDA_VISIBLE_DEVICES= measure --name "$stage" --out-dir "$RUNS/$stage" -- $PY -m toolkit merge \
+        "$RUNS/qlora" --out "$RUNS/$stage" --format "$format" --force --json ;;
+    export)
+      measure --name export --out-dir "$RUNS/export" -- $PY -m toolkit export "$RUNS/merge-mxfp4" \
+        --out "$RUNS/export" --config gpt-oss-20b-qlora --force --json ;;
+    eval)
+      measure --name eval-20 --out-dir "$RUNS/eval" -- $PY -m toolkit eval ../shared/eval/zh-nan.heldout.tsv \
+        --model "$RUNS/export" --backend llama-cpp --limit 20 --out "$RUNS/eval" --json ;;
+    serve)
+      measure --name serve-1 -- $PY bench/serve_once.py "$RUNS/export" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
+cp "$OUT/stages.jsonl" "$RUNS/" 2>/dev/null
+date -u
