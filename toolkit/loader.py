@@ -4,21 +4,22 @@
 to 16 bits in host RAM (~42 GB for gpt-oss-20b) before qlora can quantize it. Here the model is built on
 the meta device (buffers such as RoPE frequencies stay real), and `stream_weights` reads the checkpoint
 shard by shard, tensor by tensor (`toolkit.checkpoint`: each MXFP4 expert tensor dequantized on its own,
-straight to the parameter's dtype), handing each to a placement policy `place(module, name, tensor)`
-that puts it where it belongs before the next one is read:
+straight to the parameter's dtype; each read opens and closes its shard, so no memory map lingers), and
+hands each to a placement policy `place(module, name, tensor)` that puts it where it belongs before the
+next one is read:
 
 - `sixteen_bit(device)`: the tensor as it is, on `device` (lora on a GPU; the CPU tests);
 - `nf4(model, device, compute_dtype)`: qlora. Every `nn.Linear` but `lm_head` is swapped for a
   bitsandbytes `Linear4bit` up front (still on meta) and its weight is quantized to NF4 on `device` as it
   arrives; a 3-D expert parameter goes to `device` and is quantized there at once with
   `replace_parameter_4bit`; everything else (embeddings, lm_head, router, norms, sinks, biases) stays
-  16-bit. The modules and parameter layouts are those of `toolkit.lora.quantize_4bit_` (today's
+  16-bit. The modules and parameter layouts are those of `toolkit.lora.quantize_4bit_` (the
   from_pretrained-then-quantize path), so LoRA, the low-rank experts and training see no difference.
 
 Host RAM holds one tensor beyond the model (plus, for an MXFP4 tensor, its packed bytes and a slice of
-float32 work), and each shard is unmapped once read; GPU memory holds what the loaded model holds plus one
-16-bit tensor on its way to NF4, as before. A checkpoint whose names differ from the model's (another
-layout that transformers converts while loading) raises `NotStreamable` before any tensor is read.
+dequantizing work); GPU memory holds what the loaded model holds plus one 16-bit tensor on its way to
+NF4, as before. A checkpoint whose names differ from the model's (another layout that transformers
+converts while loading) raises `NotStreamable` before any tensor is read.
 """
 
 from __future__ import annotations
@@ -117,22 +118,20 @@ def _shard(ckpt: Any, name: str) -> str:
     return ckpt.weight_map.get(name) or ckpt.weight_map[mxfp4.packed_names(name)[0]]
 
 
-def stream_weights(model: Any, ckpt: Any, place: Place, *, progress: Callable[[str], None] | None = None) -> int:
+def stream_weights(model: Any, ckpt: Any, place: Place, *, dequantize_on: Any = None,
+                   progress: Callable[[str], None] | None = None) -> int:
     """Fill the meta-device `model` from `ckpt`, one tensor at a time, through `place`; returns the count.
 
-    Each tensor is read (MXFP4 dequantized) in the dtype of the model's own parameter, checked against its
+    Each tensor is read in the dtype of the model's own parameter (an MXFP4 one dequantized on the CPU, or
+    on `dequantize_on`: its packed bytes travel there, a quarter of the 16-bit size), checked against its
     shape and handed to `place` before the next is read. Tied weights are tied again at the end.
     """
     names = plan(model, ckpt)
     targets = _targets(model)
-    current = None
     for name in names:
-        shard = _shard(ckpt, name)
-        if shard != current:
-            ckpt.close()  # unmap the shard read before: its pages leave the process' RSS
-            current = shard
         module, attr, old = targets[name]
-        tensor = ckpt.param(name, old.dtype)
+        packed = mxfp4.packed_names(name)[0] in ckpt.weight_map
+        tensor = ckpt.param(name, old.dtype, device=dequantize_on if packed else None)
         if tuple(tensor.shape) != tuple(old.shape):
             raise ArtifactError(f"{ckpt.folder}: {name} has shape {tuple(tensor.shape)}, the model's config.json "
                                 f"expects {tuple(old.shape)}. Check that config.json belongs to these weights.")
@@ -231,12 +230,15 @@ def nf4(model: Any, device: Any, compute_dtype: Any, keep_on_cpu: frozenset[int]
 
 
 def load(folder: str | Path, config: Any, dtype: Any, device: Any, *, quantize: bool = False,
-         offload_embeddings: bool = False, model_kwargs: dict[str, Any] | None = None):
+         offload_embeddings: bool = False, dequantize_on_device: bool = False,
+         model_kwargs: dict[str, Any] | None = None):
     """The causal LM of the safetensors folder `folder`, streamed to `device` (`quantize`: qlora's NF4).
 
     `offload_embeddings`: the input embedding table is read straight into CPU memory and stays there
-    (toolkit.memory), unless it is tied to the LM head. Raises NotStreamable before reading any tensor when
-    the folder cannot be streamed.
+    (toolkit.memory), unless it is tied to the LM head. `dequantize_on_device`: MXFP4 experts travel packed
+    and are dequantized on `device` (much faster on a GPU, a quarter of the bytes over PCIe, but the
+    dequantizing slices add a few hundred MB to the GPU's loading peak); off, the CPU dequantizes them, as
+    from_pretrained does. Raises NotStreamable before reading any tensor when the folder cannot be streamed.
     """
     from tqdm import tqdm
 
@@ -250,7 +252,8 @@ def load(folder: str | Path, config: Any, dtype: Any, device: Any, *, quantize: 
     names = plan(model, ckpt)  # NotStreamable here, before any tensor is read
     bar = tqdm(total=len(names), desc="Loading weights (streamed)", unit="tensor", leave=False)
     try:
-        stream_weights(model, ckpt, place, progress=lambda name: bar.update())
+        stream_weights(model, ckpt, place, dequantize_on=device if dequantize_on_device else None,
+                       progress=lambda name: bar.update())
     finally:
         bar.close()
     left = [name for name, param in model.named_parameters() if param.device.type == "meta"]

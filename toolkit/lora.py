@@ -239,6 +239,18 @@ def _layer_count(model: Any) -> int:
     return int(config.num_hidden_layers)
 
 
+def _param_names(model: Any) -> tuple[list[str], list[str]]:
+    """(every parameter's name, the 4-bit parametrized ones) with `X.parametrizations.P.original` read as `X.P`."""
+    names, quantized = [], []
+    for name, _ in model.named_parameters():
+        owner, marker, rest = name.partition(".parametrizations.")
+        if marker and rest.endswith(".original"):
+            name = f"{owner}.{rest.removesuffix('.original')}"
+            quantized.append(name)
+        names.append(name)
+    return names, quantized
+
+
 def lora_config(cfg: TrainConfig, model: Any):
     """peft LoraConfig for `model`: attention modules on `attention_layers`, experts on `expert_layers`."""
     from peft import LoraConfig
@@ -249,13 +261,22 @@ def lora_config(cfg: TrainConfig, model: Any):
                 for i in getattr(cfg, key) if i >= n_layers]
     if problems:
         raise ConfigError("; ".join(problems))
-    param_names = [name for name, _ in model.named_parameters()]
+    param_names, quantized = _param_names(model)
     experts = [e for e in cfg.lora_experts if any(n.endswith(f".{e}") for n in param_names)]
     if cfg.lora_experts and not experts:
         log.info("%s has no parameters named %s: LoRA on attention only", cfg.base_model, cfg.lora_experts)
     if cfg.expert_layers != "all":
         # peft matches target_parameters by name suffix and ignores layers_to_transform for them
         experts = [f"layers.{i}.{e}" for i in cfg.expert_layers for e in experts]
+    if quantized:
+        # peft matches a parametrized (4-bit) tensor only by its full name, never by a suffix
+        experts = [n for n in quantized if any(n.endswith(f".{e}") for e in experts)]
+        owners = [n.rsplit(".", 1)[0] for n in experts]
+        if not cfg.lowrank_experts and len(set(owners)) < len(owners):
+            raise ConfigError(f"train.mode qlora: LoRA on {len(owners) // len(set(owners))} 4-bit expert tensors of "
+                              "one module, and peft's own expert LoRA then applies only one of them. Set "
+                              "train.lowrank_experts=true (with train.experts_implementation=grouped_mm), or "
+                              "give train.lora_experts one tensor.")
     if experts and cfg.lora_dropout:
         raise ConfigError(f"train.lora_dropout {cfg.lora_dropout}: peft's LoRA on expert parameters "
                           "(target_parameters) has no dropout. Set train.lora_dropout=0 or train.lora_experts=[].")
