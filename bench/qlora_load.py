@@ -2,6 +2,7 @@
 
     python bench/qlora_load.py MODEL_DIR                      # qlora, streamed (the GPU machine)
     python bench/qlora_load.py MODEL_DIR --old                # ... and today's from_pretrained path (~42 GB RAM)
+    python bench/qlora_load.py MODEL_DIR --dequantize-on-device   # MXFP4 experts dequantized on the GPU
     python bench/qlora_load.py MODEL_DIR --mode lora --device cuda
     python bench/qlora_load.py --sizes 2x512,4x1024,8x1024 --old   # CPU: random MXFP4 gpt-oss of growing size
 
@@ -46,7 +47,7 @@ def current_rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def load_once(model_dir: str, mode: str, device: str, old: bool) -> dict:
+def load_once(model_dir: str, mode: str, device: str, old: bool, on_device: bool = False) -> dict:
     """One load in this process; the figures as a dict."""
     import torch
 
@@ -64,13 +65,14 @@ def load_once(model_dir: str, mode: str, device: str, old: bool) -> dict:
     elif old:
         model = lora.load_pretrained(cfg, model_config, lora.resolve_device(cfg))
     else:
-        model = lora.load_streamed(cfg, model_config, lora.resolve_device(cfg))
+        model = lora.load_streamed(cfg, model_config, lora.resolve_device(cfg), dequantize_on_device=on_device)
         if model is None:
             raise SystemExit(f"{model_dir}: not streamable (see the warning above)")
     seconds = time.monotonic() - started
     cuda = torch.cuda.is_available() and device == "cuda"
     return {
-        "model": model_dir, "mode": mode, "device": device, "path": "from_pretrained" if old else "streamed",
+        "model": model_dir, "mode": mode, "device": device,
+        "path": "from_pretrained" if old else "streamed" + (", dequantized on device" if on_device else ""),
         "rss_before_gib": round(rss_before / GIB, 3), "peak_rss_gib": round(peak_rss_bytes() / GIB, 3),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / GIB, 3) if cuda else None,
         "gpu_after_gib": round(torch.cuda.memory_allocated() / GIB, 3) if cuda else None,
@@ -78,8 +80,9 @@ def load_once(model_dir: str, mode: str, device: str, old: bool) -> dict:
     }
 
 
-def run_child(model_dir: str, mode: str, device: str, old: bool) -> dict:
-    cmd = [sys.executable, __file__, model_dir, "--child", "--mode", mode, "--device", device] + (["--old"] if old else [])
+def run_child(model_dir: str, mode: str, device: str, old: bool, on_device: bool = False) -> dict:
+    cmd = [sys.executable, __file__, model_dir, "--child", "--mode", mode, "--device", device]
+    cmd += (["--old"] if old else []) + (["--dequantize-on-device"] if on_device else [])
     print(f"qlora_load: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
@@ -140,13 +143,15 @@ def main() -> None:
     parser.add_argument("--mode", default="qlora", choices=["qlora", "lora"])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu", "meta"])
     parser.add_argument("--old", action="store_true", help="also time from_pretrained (holds the 16-bit model in RAM)")
+    parser.add_argument("--dequantize-on-device", action="store_true",
+                        help="streamed: MXFP4 experts travel packed and are dequantized on the GPU")
     parser.add_argument("--sizes", help="LxH,... random MXFP4 gpt-oss models to write and load (implies --device meta)")
     parser.add_argument("--shard-mb", type=int, default=100, help="shard size of the --sizes models")
     parser.add_argument("--json", type=Path, help="write the rows here too")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(load_once(args.model_dir, args.mode, args.device, args.old)))
+        print(json.dumps(load_once(args.model_dir, args.mode, args.device, args.old, args.dequantize_on_device)))
         return
     rows = []
     with tempfile.TemporaryDirectory(prefix="qlora_load-") as tmp:
@@ -164,7 +169,7 @@ def main() -> None:
             parser.error("give MODEL_DIR or --sizes")
         mode = "lora" if device == "meta" else args.mode  # the config refuses qlora without CUDA; unused there
         for model_dir in dirs:
-            rows.append(run_child(model_dir, mode, device, False))
+            rows.append(run_child(model_dir, mode, device, False, args.dequantize_on_device and device == "cuda"))
             if args.old:  # without a GPU: from_pretrained onto the CPU, qlora's first step before
                 rows.append(run_child(model_dir, mode, "cpu" if device == "meta" else device, True))
     print(table(rows))

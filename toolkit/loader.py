@@ -137,11 +137,35 @@ def stream_weights(model: Any, ckpt: Any, place: Place, *, dequantize_on: Any = 
                                 f"expects {tuple(old.shape)}. Check that config.json belongs to these weights.")
         place(module, attr, tensor)
         del tensor
+        release_freed_memory()
         if progress is not None:
             progress(name)
     ckpt.close()
     model.tie_weights()
     return len(names)
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc; elsewhere nothing).
+
+    glibc keeps freed blocks below its mmap threshold, which rises to 32 MB once large blocks are freed, so
+    reading tensor after tensor grows the heap: measured on a random 16-layer gpt-oss read to nothing, peak
+    RSS 1.37 GB without this and a flat 0.76 GB with it (`bench/qlora_load.py`).
+    """
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
 
 
 def assign(module: Any, name: str, tensor: Any, requires_grad: bool | None = None) -> None:

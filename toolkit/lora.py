@@ -159,14 +159,19 @@ def _target_device(device: str) -> str:
     return f"cuda:{PartialState().local_process_index}"
 
 
-def load_streamed(cfg: TrainConfig, config: Any, device: str):
-    """`cfg.base_model` read tensor by tensor onto `device` (qlora: NF4), or None when it cannot be streamed."""
+def load_streamed(cfg: TrainConfig, config: Any, device: str, *, dequantize_on_device: bool = False):
+    """`cfg.base_model` read tensor by tensor onto `device` (qlora: NF4), or None when it cannot be streamed.
+
+    `dequantize_on_device`: MXFP4 experts dequantized on the GPU (see toolkit.loader.load; off by default,
+    so the GPU's loading peak stays what it was).
+    """
     from toolkit import loader
 
     try:
         folder = loader.local_folder(cfg.base_model)
         model = loader.load(folder, config, torch_dtype(cfg), _target_device(device), quantize=cfg.mode == "qlora",
-                            offload_embeddings=cfg.offload_embeddings, model_kwargs=kernel_kwargs(cfg))
+                            offload_embeddings=cfg.offload_embeddings, dequantize_on_device=dequantize_on_device,
+                            model_kwargs=kernel_kwargs(cfg))
     except loader.NotStreamable as exc:
         cost = ": the whole model passes through host RAM in 16 bits" if cfg.mode == "qlora" else ""
         log.warning("train.base_model %s is not streamed (%s); loading it with from_pretrained%s",
