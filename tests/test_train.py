@@ -294,6 +294,14 @@ def test_qlora_fails_fast_without_cuda(prep_dir, tmp_path, monkeypatch):
     # with a GPU but without bitsandbytes the message says what to install
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda: True)
+    real_version = lora.importlib.metadata.version
+
+    def version(name):  # bitsandbytes absent even where it is installed (its CPU backend runs the qlora tests)
+        if name == "bitsandbytes":
+            raise lora.importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(lora.importlib.metadata, "version", version)
     with pytest.raises(ExternalToolError, match=r"bitsandbytes >= 0.48.*toolkit\[qlora\]"):
         lora.check_preconditions(cfg)
 

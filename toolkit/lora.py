@@ -7,12 +7,16 @@ LoRA goes on the attention projections (`nn.Linear`, peft `target_modules`) and 
 which gpt-oss stores as 3-D parameters (`mlp.experts.gate_up_proj` [E, H, 2I] and `down_proj`
 [E, I, H]); peft reaches those only through `target_parameters`, one low-rank delta per expert.
 
-`qlora` loads the weights in 16 bits on the CPU (gpt-oss' MXFP4 experts dequantized with
-`Mxfp4Config(dequantize=True)`), then quantizes to bitsandbytes NF4 while moving to the GPU:
-every `nn.Linear` but `lm_head` (attention projections) becomes `bnb.nn.Linear4bit`, and every 3-D
-expert parameter is quantized in place with `bitsandbytes.nn.parametrize.replace_parameter_4bit`
-(bitsandbytes >= 0.48), since bitsandbytes' own loader only handles `nn.Linear` and gpt-oss' experts
-are ~19B of its 21B parameters. Embeddings, `lm_head`, router, norms and attention sinks stay 16-bit.
+`qlora` quantizes to bitsandbytes NF4 tensor by tensor on the way from the checkpoint to the GPU
+(toolkit.loader: a meta-device model, gpt-oss' MXFP4 experts dequantized one tensor at a time, so host
+RAM never holds the 16-bit model): every `nn.Linear` but `lm_head` (attention projections) becomes
+`bnb.nn.Linear4bit`, and every 3-D expert parameter is quantized with
+`bitsandbytes.nn.parametrize.replace_parameter_4bit` (bitsandbytes >= 0.48), since bitsandbytes' own
+loader only handles `nn.Linear` and gpt-oss' experts are ~19B of its 21B parameters. Embeddings,
+`lm_head`, router, norms and attention sinks stay 16-bit. `lora` on one GPU streams the same way, in
+16 bits. A checkpoint that cannot be streamed (not safetensors, or names transformers converts while
+loading) goes through `from_pretrained` as before: for qlora, the 16-bit model in host RAM first, then
+`quantize_4bit_`.
 """
 
 from __future__ import annotations
@@ -134,10 +138,52 @@ def kernel_kwargs(cfg: TrainConfig) -> dict[str, str]:
 
 
 def load_base(cfg: TrainConfig, config: Any | None = None):
-    """The base causal LM in `cfg.dtype` (qlora: NF4 on the GPU); call `check_preconditions` first."""
+    """The base causal LM in `cfg.dtype` (qlora: NF4 on the GPU); call `check_preconditions` first.
+
+    qlora, and lora on one GPU, stream the checkpoint (toolkit.loader); lora on the CPU or under FSDP /
+    DeepSpeed, and checkpoints that cannot be streamed, load with transformers' `from_pretrained`.
+    """
+    config = config if config is not None else model_config(cfg)
+    device = resolve_device(cfg)
+    model = None
+    if cfg.mode == "qlora" or device == "cuda" and _distributed_backend() is None:
+        model = load_streamed(cfg, config, device)
+    return model if model is not None else load_pretrained(cfg, config, device)
+
+
+def _target_device(device: str) -> str:
+    if device != "cuda":
+        return device
+    from accelerate import PartialState
+
+    return f"cuda:{PartialState().local_process_index}"
+
+
+def load_streamed(cfg: TrainConfig, config: Any, device: str, *, dequantize_on_device: bool = False):
+    """`cfg.base_model` read tensor by tensor onto `device` (qlora: NF4), or None when it cannot be streamed.
+
+    `dequantize_on_device`: MXFP4 experts dequantized on the GPU (see toolkit.loader.load; off by default,
+    so the GPU's loading peak stays what it was).
+    """
+    from toolkit import loader
+
+    try:
+        folder = loader.local_folder(cfg.base_model)
+        model = loader.load(folder, config, torch_dtype(cfg), _target_device(device), quantize=cfg.mode == "qlora",
+                            offload_embeddings=cfg.offload_embeddings, dequantize_on_device=dequantize_on_device,
+                            model_kwargs=kernel_kwargs(cfg))
+    except loader.NotStreamable as exc:
+        cost = ": the whole model passes through host RAM in 16 bits" if cfg.mode == "qlora" else ""
+        log.warning("train.base_model %s is not streamed (%s); loading it with from_pretrained%s",
+                    cfg.base_model, exc, cost)
+        return None
+    return model
+
+
+def load_pretrained(cfg: TrainConfig, config: Any, device: str):
+    """transformers' from_pretrained (qlora: in 16 bits on the CPU, then `quantize_4bit_` on the GPU)."""
     from transformers import AutoModelForCausalLM
 
-    config = config if config is not None else model_config(cfg)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(cfg), **kernel_kwargs(cfg)}
     quant = getattr(config, "quantization_config", None)
     quant_method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
@@ -146,7 +192,6 @@ def load_base(cfg: TrainConfig, config: Any | None = None):
 
         # Training needs plain tensors: MXFP4 kernels are inference-only. 16-bit experts take ~39 GiB for 20b.
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
-    device = resolve_device(cfg)
     if cfg.mode == "qlora":
         kwargs["device_map"] = "cpu"  # quantized below while moving to the GPU, so 16-bit weights never fit there
     elif device == "cuda" and _distributed_backend() is None:
@@ -158,7 +203,7 @@ def load_base(cfg: TrainConfig, config: Any | None = None):
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"train.base_model {cfg.base_model!r}: cannot load the weights ({exc}).") from exc
     if cfg.mode == "qlora":
-        quantize_4bit_(model, "cuda", compute_dtype=torch_dtype(cfg))
+        quantize_4bit_(model, _target_device(device), compute_dtype=torch_dtype(cfg))
     if cfg.offload_embeddings:
         from toolkit.memory import offload_input_embeddings
 
@@ -168,18 +213,17 @@ def load_base(cfg: TrainConfig, config: Any | None = None):
 
 def quantize_4bit_(model: Any, device: str, compute_dtype: Any) -> dict[str, int]:
     """Quantize `model` in place to NF4 on `device`: nn.Linear (not lm_head) and 3-D expert parameters."""
-    import bitsandbytes as bnb
     import torch
     from bitsandbytes.nn.parametrize import replace_parameter_4bit
+
+    from toolkit.loader import linear_4bit, params_4bit
 
     counts = {"linear": 0, "experts": 0}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.Linear) and name != "lm_head":
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
-                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True, module=q)
+                q = linear_4bit(child, compute_dtype)
+                q.weight = params_4bit(child.weight.data, q)
                 if child.bias is not None:
                     q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
                 setattr(parent, name, q.to(device))  # Params4bit quantizes when it reaches the GPU
@@ -200,6 +244,18 @@ def _layer_count(model: Any) -> int:
     return int(config.num_hidden_layers)
 
 
+def _param_names(model: Any) -> tuple[list[str], list[str]]:
+    """(every parameter's name, the 4-bit parametrized ones) with `X.parametrizations.P.original` read as `X.P`."""
+    names, quantized = [], []
+    for name, _ in model.named_parameters():
+        owner, marker, rest = name.partition(".parametrizations.")
+        if marker and rest.endswith(".original"):
+            name = f"{owner}.{rest.removesuffix('.original')}"
+            quantized.append(name)
+        names.append(name)
+    return names, quantized
+
+
 def lora_config(cfg: TrainConfig, model: Any):
     """peft LoraConfig for `model`: attention modules on `attention_layers`, experts on `expert_layers`."""
     from peft import LoraConfig
@@ -210,13 +266,22 @@ def lora_config(cfg: TrainConfig, model: Any):
                 for i in getattr(cfg, key) if i >= n_layers]
     if problems:
         raise ConfigError("; ".join(problems))
-    param_names = [name for name, _ in model.named_parameters()]
+    param_names, quantized = _param_names(model)
     experts = [e for e in cfg.lora_experts if any(n.endswith(f".{e}") for n in param_names)]
     if cfg.lora_experts and not experts:
         log.info("%s has no parameters named %s: LoRA on attention only", cfg.base_model, cfg.lora_experts)
     if cfg.expert_layers != "all":
         # peft matches target_parameters by name suffix and ignores layers_to_transform for them
         experts = [f"layers.{i}.{e}" for i in cfg.expert_layers for e in experts]
+    if quantized:
+        # peft matches a parametrized (4-bit) tensor only by its full name, never by a suffix
+        experts = [n for n in quantized if any(n.endswith(f".{e}") for e in experts)]
+        owners = [n.rsplit(".", 1)[0] for n in experts]
+        if not cfg.lowrank_experts and len(set(owners)) < len(owners):
+            raise ConfigError(f"train.mode qlora: LoRA on {len(owners) // len(set(owners))} 4-bit expert tensors of "
+                              "one module, and peft's own expert LoRA then applies only one of them. Set "
+                              "train.lowrank_experts=true (with train.experts_implementation=grouped_mm), or "
+                              "give train.lora_experts one tensor.")
     if experts and cfg.lora_dropout:
         raise ConfigError(f"train.lora_dropout {cfg.lora_dropout}: peft's LoRA on expert parameters "
                           "(target_parameters) has no dropout. Set train.lora_dropout=0 or train.lora_experts=[].")
