@@ -42,7 +42,9 @@ train_args=(.gpu17/prep --max-steps "$STEPS" --force --json --set "train.base_mo
   --set train.packing=true --set train.grad_accum=4 --set train.logging_steps=1 --set train.eval_steps=0
   --set train.save_steps=0)
 
+cp "$OUT/stages.jsonl" "$RUNS/" 2>/dev/null
 for stage in ${STAGES:-model qlora qlora2048 lora pack}; do
+  cp "$OUT/stages.jsonl" "$RUNS/" 2>/dev/null
   echo "=== $stage $(date -u +%T)"
   case $stage in
     model)
@@ -60,9 +62,9 @@ for stage in ${STAGES:-model qlora qlora2048 lora pack}; do
     lora)
       measure --name lora-2048 --out-dir "$RUNS/lora" -- $PY -m toolkit train "${train_args[@]}" \
         --config gpt-oss-20b-lora --out "$RUNS/lora" ;;
-    pack)  # the qlora adapter and every manifest, in parts small enough to come back from the GPU machine
-      tar czf "$RUNS/pack.tgz" -C "$RUNS" --exclude='checkpoints' --exclude='tensorboard' \
-        $(cd "$RUNS" && ls -d qlora qlora2048 lora 2>/dev/null)
+    pack)  # the qlora adapter whole, the other runs' manifests and logs; in parts that can come back (16 MB a file)
+      (cd "$RUNS" && tar czf pack.tgz --exclude='checkpoints' --exclude='tensorboard' \
+        $(ls -d qlora 2>/dev/null) $(ls qlora2048/*.json* lora/*.json* 2>/dev/null) stages.jsonl 2>/dev/null)
       split -b 15m -d "$RUNS/pack.tgz" "$OUT/pack.tgz.part" ;;
     merge-mxfp4|merge-bf16)
       format=${stage#merge-}
