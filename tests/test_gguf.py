@@ -467,3 +467,20 @@ def test_mxfp4_export_resources_and_disk_high_water_mark(exported_mxfp4, mxfp4_m
     assert res["peak_rss_bytes"] >= res["peak_rss_bytes_at_start"] > 0
     assert res["children_peak_rss_bytes"] > 0  # the converter subprocess
     assert res["gpu"] is None and res["wall_seconds"] > 0
+
+
+@pytest.mark.llama
+def test_mixed_mxfp4_merge_exports_dense_adapted_experts(tiny_mxfp4, converter, tmp_path):
+    """merge --format mxfp4 keeps the experts it changed dense (modules_to_not_convert); llama.cpp's converter reads
+    the layout per tensor: MXFP4 for the untouched layer, the outtype for the adapted one, and the file verifies."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+    from toolkit import merge
+
+    train = make_train_dir(tiny_mxfp4, tmp_path / "train", target_parameters=["layers.0.mlp.experts.gate_up_proj",
+                                                                             "layers.0.mlp.experts.down_proj"])
+    merge.run(config.build("merge", None, [], format="mxfp4"), train, tmp_path / "merged")
+    manifest = gguf.run(export_cfg(quants=["MXFP4_MOE"], ollama_gguf="MXFP4_MOE"), tmp_path / "merged",
+                        tmp_path / "export")
+    (mx,) = manifest["metrics"]["files"]
+    assert mx["tensor_types"]["MXFP4"] == 3  # layer 1's gate, up and down; layer 0's are F32 like the rest
+    assert mx["passed"] and mx["criterion"] == "rel_diff_last <= 0.02"

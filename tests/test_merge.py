@@ -301,11 +301,12 @@ def test_expert_lora_reaches_the_merged_experts(tiny_mxfp4, tmp_path):
 
 @pytest.fixture(scope="module")
 def mxfp4_merge(tiny_mxfp4, tmp_path_factory) -> tuple[Path, Path, dict]:
-    """--format mxfp4 of an adapter on attention and on layer 0's experts only."""
+    """--format mxfp4 with requantize_adapted (the released layout exactly) of an adapter on attention and on layer
+    0's experts only."""
     root = tmp_path_factory.mktemp("mxfp4-merge")
     train = make_train_dir(tiny_mxfp4, root / "train", target_parameters=["layers.0.mlp.experts.gate_up_proj",
                                                                           "layers.0.mlp.experts.down_proj"])
-    return train, root / "out", merge.run(build(format="mxfp4"), train, root / "out")
+    return train, root / "out", merge.run(build(format="mxfp4", requantize_adapted=True), train, root / "out")
 
 
 def test_mxfp4_output_keeps_the_released_layout(tiny_mxfp4, mxfp4_merge):
@@ -344,6 +345,37 @@ def test_mxfp4_output_loads_in_transformers(mxfp4_merge):
     with torch.no_grad():
         logits = model.to(torch.float32)(input_ids=torch.tensor([ids])).logits[0]
     torch.testing.assert_close(logits, layerwise.logits(out, [ids])[0], atol=1e-4, rtol=1e-4)
+
+
+def test_mxfp4_output_keeps_the_adapted_experts_dense_by_default(tiny_mxfp4, mxfp4_merge, tmp_path):
+    """The default mxfp4 merge: layer 0's changed experts dense bf16 (named in modules_to_not_convert), layer 1's
+    the base's own blocks; the weights are those of the bf16 merge, so no adapter effect is lost to FP4 rounding."""
+    import torch
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    from toolkit import layerwise
+    from toolkit.checkpoint import Checkpoint
+
+    train = mxfp4_merge[0]
+    manifest = merge.run(build(format="mxfp4"), train, tmp_path / "mixed")
+    dense_merge = merge.run(build(), train, tmp_path / "bf16")
+    written, base, bf16 = Checkpoint(tmp_path / "mixed"), Checkpoint(tiny_mxfp4), Checkpoint(tmp_path / "bf16")
+    assert written.config["quantization_config"]["modules_to_not_convert"][-1] == "model.layers.0.mlp.experts"
+    for name in EXPERT_TENSORS:
+        if name.startswith("model.layers.0."):
+            assert written.packed(name) is None and written.header(name)[0] == "BF16"
+        else:
+            assert all(torch.equal(w, b) for w, b in zip(written.packed(name), base.packed(name)))
+        assert torch.equal(written.param(name, torch.float32), bf16.param(name, torch.float32)), name
+    parity, reference = manifest["metrics"]["parity"], dense_merge["metrics"]["parity"]
+    assert parity["dense_expert_modules"] == ["model.layers.0.mlp.experts"] and parity["requantized_experts"] == []
+    assert parity["effect_kept"] == pytest.approx(reference["effect_kept"], abs=1e-6)
+    assert parity["effect_kept"] > mxfp4_merge[2]["metrics"]["parity"]["effect_kept"]  # re-quantizing loses some
+    ids = [5, 17, 99, 300, 42, 7, 8, 600]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "mixed", quantization_config=Mxfp4Config(dequantize=True))
+    with torch.no_grad():
+        logits = model.to(torch.float32)(input_ids=torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(logits, layerwise.logits(tmp_path / "mixed", [ids])[0], atol=1e-4, rtol=1e-4)
 
 
 def test_bf16_output_of_the_mxfp4_base_is_dense(tiny_mxfp4, mxfp4_merge, tmp_path):
@@ -391,7 +423,7 @@ def test_dropped_expert_lora_is_an_error(tiny_mxfp4, mxfp4_merge, tmp_path, monk
     monkeypatch.setattr(merge_plan.MergePlan, "_packed", lambda self, name: self.base.packed(name) or
                         original(self, name))
     with pytest.raises(ArtifactError, match="did not apply the LoRA of .*experts"):
-        merge.run(build(format="mxfp4"), mxfp4_merge[0], tmp_path / "out")
+        merge.run(build(format="mxfp4", requantize_adapted=True), mxfp4_merge[0], tmp_path / "out")
     assert not (tmp_path / "out").exists()  # built beside OUT: nothing is left after a failed check
 
 

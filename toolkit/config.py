@@ -233,6 +233,10 @@ class MergeConfig:
     base_model: str | None = _help("Base model folder or hub id (default: the one the train manifest names).", None)
     format: str = _help("bf16: every tensor dense in merge.dtype; mxfp4: MoE expert tensors re-quantized to MXFP4 "
                         "in gpt-oss' released layout (~13 GB for gpt-oss-20b), the rest in merge.dtype.", "bf16")
+    requantize_adapted: bool = _help("With format mxfp4: also re-quantize the expert stacks the adapter changed (the "
+                                     "released layout exactly). Off: those stay dense in merge.dtype (+1.4 GB per "
+                                     "gpt-oss-20b layer), since a LoRA delta smaller than half an FP4 step rounds "
+                                     "back to the base weight.", False)
     dtype: str = _help("Dense tensors: auto (the base's own dtype, bfloat16 for gpt-oss' MXFP4 release), bfloat16, "
                        "float16 or float32.", "auto")
     parity_text: str = _help("Source sentence of the Harmony prompt used to check the merge.",

@@ -90,11 +90,15 @@ def resolve_dtype(name: str, base: Checkpoint) -> str:
     return stored if stored in ("bfloat16", "float16", "float32") else "bfloat16"
 
 
-def output_config(base: Checkpoint, fmt: str, dtype_name: str) -> dict[str, Any]:
-    """The base's config.json for the merged weights: mxfp4 keeps (or gains) the MXFP4 quantization_config."""
+def output_config(base: Checkpoint, fmt: str, dtype_name: str, dense_modules: list[str] = ()) -> dict[str, Any]:
+    """The base's config.json for the merged weights: mxfp4 keeps (or gains) the MXFP4 quantization_config, whose
+    `modules_to_not_convert` also names the experts modules kept dense."""
     data = dict(base.config)
     if fmt == "mxfp4":
-        data["quantization_config"] = data.get("quantization_config") if base.is_mxfp4 else mxfp4.quantization_config()
+        quant = dict(data.get("quantization_config") if base.is_mxfp4 else mxfp4.quantization_config())
+        keep = list(quant.get("modules_to_not_convert") or [])
+        quant["modules_to_not_convert"] = keep + [m for m in dense_modules if m not in keep]
+        data["quantization_config"] = quant
     else:
         data.pop("quantization_config", None)
     data["dtype"] = dtype_name
@@ -210,7 +214,7 @@ def _write(out: Path, base: Checkpoint, plan: MergePlan, cfg: MergeConfig, dtype
     checkpoint.write_shards(out, plan.entries, plan.produce, max_shard_bytes=checkpoint.parse_size(cfg.max_shard_size),
                             progress=lambda entry: bar.update())
     bar.close()
-    artifacts.atomic_write_json(out / "config.json", output_config(base, cfg.format, dtype_name))
+    artifacts.atomic_write_json(out / "config.json", output_config(base, cfg.format, dtype_name, plan.dense_modules))
     for name in BASE_FILES:
         if (base.folder / name).is_file():
             shutil.copyfile(base.folder / name, out / name)
@@ -252,7 +256,10 @@ def _merge(cfg: MergeConfig, train_manifest: dict[str, Any], adapter_dir: Path, 
     if getattr(model_config, "quantization_config", None) is not None:
         del model_config.quantization_config  # the architecture only: weights come from the checkpoint reader
     adapter = Adapter(adapter_dir, model_config)
-    plan = MergePlan(ckpt, adapter, cfg.format, getattr(torch, dtype_name))
+    plan = MergePlan(ckpt, adapter, cfg.format, getattr(torch, dtype_name), cfg.requantize_adapted)
+    if plan.dense_modules:
+        log.info("merge: %d experts modules the adapter changes stay dense %s (merge.requantize_adapted=false)",
+                 len(plan.dense_modules), dtype_name)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir if (adapter_dir / "tokenizer_config.json").is_file()
                                               else base_dir)
     text, prompt_source = parity_prompt(train_manifest, tokenizer, cfg.parity_text)
@@ -274,13 +281,14 @@ def _merge(cfg: MergeConfig, train_manifest: dict[str, Any], adapter_dir: Path, 
         copy_vocab_files(str(base_dir), out_dir)
         check_saved_params(out_dir, ckpt, plan)
         merged_logits = layerwise.logits(out_dir, [ids])[0]
-        kind = "mxfp4" if cfg.format == "mxfp4" else dtype_name
+        kind = "mxfp4" if plan.requantized else dtype_name  # else every changed tensor is dense: as exact as bf16
         atol = cfg.parity_atol if cfg.parity_atol is not None else DEFAULT_ATOL[kind]
         rtol = cfg.parity_rtol if cfg.parity_rtol is not None else DEFAULT_RTOL[kind]
         figures = check_parity(base_logits[-1], adapted_logits[-1], merged_logits[-1], atol, rtol,
-                               mxfp4_output=cfg.format == "mxfp4")
+                               mxfp4_output=bool(plan.requantized))
         figures.update(effect_figures(base_logits, adapted_logits, merged_logits), prompt_tokens=len(ids),
-                       prompt_source=prompt_source, dtype=dtype_name, format=cfg.format)
+                       prompt_source=prompt_source, dtype=dtype_name, format=cfg.format,
+                       dense_expert_modules=plan.dense_modules, requantized_experts=plan.requantized)
     finally:
         adapter.close()
 

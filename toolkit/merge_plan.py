@@ -5,9 +5,11 @@
 stack dequantized one expert at a time), plus the adapter's delta (`toolkit.adapter`), cast to `dtype`.
 Formats:
 - `bf16`: every floating tensor dense in `dtype` (the MXFP4 expert stacks too).
-- `mxfp4`: gpt-oss' released layout: the expert stacks as MXFP4 `*_blocks`/`*_scales` (re-quantized one
-  expert at a time; a stack the adapter does not change is copied verbatim from an MXFP4 base), the rest in
-  `dtype`.
+- `mxfp4`: gpt-oss' released layout: the expert stacks as MXFP4 `*_blocks`/`*_scales` (a stack the adapter
+  does not change is copied verbatim from an MXFP4 base), the rest in `dtype`. The experts modules the
+  adapter changes stay dense in `dtype` (named in `modules_to_not_convert`, which transformers and llama.cpp
+  read per module) unless `requantize_adapted`: then they are re-quantized one expert at a time, and a
+  delta smaller than half an FP4 step rounds back to the base weight.
 Memory: one output tensor, the base tensor it comes from (packed, when MXFP4) and one expert in float32.
 """
 
@@ -25,8 +27,13 @@ FORMATS = ("bf16", "mxfp4")
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 
 
+def module_of(param: str) -> str:
+    """`model.layers.7.mlp.experts.gate_up_proj` -> `model.layers.7.mlp.experts`."""
+    return param.rpartition(".")[0]
+
+
 class MergePlan:
-    def __init__(self, base: Checkpoint, adapter: Adapter, fmt: str, dtype: Any):
+    def __init__(self, base: Checkpoint, adapter: Adapter, fmt: str, dtype: Any, requantize_adapted: bool = True):
         self.base, self.adapter, self.fmt, self.dtype = base, adapter, fmt, dtype
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.stored_dtypes: dict[str, str] = {}
@@ -39,7 +46,12 @@ class MergePlan:
             else:
                 self.stored_dtypes[name], self.shapes[name] = base.header(name)
         self.names = sorted(self.shapes, key=lambda n: (order[self._shard_of(n)], n))  # read each shard once
-        self.packed_out = {n for n in self.names if fmt == "mxfp4" and (self.is_packed(n) or expert_param(n))}
+        experts = {n for n in self.names if fmt == "mxfp4" and (self.is_packed(n) or expert_param(n))}
+        # a module is converted whole (transformers swaps the experts module, llama.cpp reads its tensors as a set)
+        self.dense_modules = sorted({module_of(n) for n in experts if n in adapter.targets}) if (
+            not requantize_adapted) else []
+        self.packed_out = {n for n in experts if module_of(n) not in self.dense_modules}
+        self.requantized = sorted(n for n in self.packed_out if n in adapter.targets)
         self._check()
         self._pair: tuple[str, tuple[Any, Any]] | None = None
 
@@ -61,7 +73,7 @@ class MergePlan:
         if self.fmt not in FORMATS:
             raise ArtifactError(f"merge.format: expected one of {', '.join(FORMATS)}, found {self.fmt!r}")
         if self.fmt == "mxfp4":
-            if not self.packed_out:
+            if not self.packed_out and not self.dense_modules:
                 raise ArtifactError(f"{self.base.folder}: no MoE expert tensors (mlp.experts.gate_up_proj/down_proj) "
                                     "to store as MXFP4. Use --format bf16.")
             for name in self.packed_out:
