@@ -26,11 +26,13 @@ STEPS=${STEPS:-20}
 CAP=${CAP:-24}   # GiB: the consumer-GPU budget the qlora runs are held to
 mkdir -p "$OUT" "$RUNS"
 exec > >(tee -a "$OUT/log") 2>&1
-if [ -d .gpu17/w1 ] && [ ! -d /tmp/site/trl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .gpu17/w1/*.whl || exit 1
-fi
-if [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site:$PWD; else export PYTHONPATH=$PWD; fi
+for w in w1 w2 w3; do
+  if [ -d .gpu17/$w ] && [ ! -f /tmp/site/.$w ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .gpu17/$w/*.whl && touch /tmp/site/.$w || exit 1
+  fi
+done
+if [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site:/tmp/site-llama:$PWD; else export PYTHONPATH=$PWD; fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONFAULTHANDLER=1
 PY=${PY:-python3}
 date -u
@@ -62,20 +64,37 @@ for stage in ${STAGES:-model qlora qlora2048 lora pack}; do
     lora)
       measure --name lora-2048 --out-dir "$RUNS/lora" -- $PY -m toolkit train "${train_args[@]}" \
         --config gpt-oss-20b-lora --out "$RUNS/lora" ;;
+    llama-bg)  # llama-cpp-python (CPU) from the trimmed pinned sdist, built in the background (setsid: it outlives
+               # this call while the machine stays warm); `llama-wait` waits for it
+      if [ ! -f /tmp/site-llama/llama_cpp/__init__.py ]; then
+        mkdir -p /tmp/llama-src && tar xJf .gpu17/w2/llama_cpp_python-*-trimmed.tar.xz -C /tmp/llama-src
+        CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) setsid nohup \
+          python3 -m pip install --no-index --no-deps --no-build-isolation --target /tmp/site-llama \
+          /tmp/llama-src/llama_cpp_python-* > /tmp/llama-build.log 2>&1 && touch /tmp/llama-built &
+      fi ;;
+    llama-wait)
+      for _ in $(seq 600); do [ -f /tmp/llama-built ] || [ -f /tmp/site-llama/llama_cpp/__init__.py ] && break; sleep 1; done
+      tail -3 /tmp/llama-build.log; $PY -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)" ;;
     pack)  # the qlora adapter whole, the other runs' manifests and logs; in parts that can come back (16 MB a file)
       (cd "$RUNS" && tar czf pack.tgz --exclude='checkpoints' --exclude='tensorboard' \
         $(ls -d qlora 2>/dev/null) $(ls qlora2048/*.json* lora/*.json* 2>/dev/null) stages.jsonl 2>/dev/null)
       split -b 15m -d "$RUNS/pack.tgz" "$OUT/pack.tgz.part" ;;
     merge-mxfp4|merge-bf16)
       format=${stage#merge-}
-      CUDA_VISIBLE_DEVICES= measure --name "$stage" --out-dir "$RUNS/$stage" -- $PY -m toolkit merge \
-        "$RUNS/qlora" --out "$RUNS/$stage" --format "$format" --force --json ;;
+      CUDA_VISIBLE_DEVICES= measure --name "$stage" --out-dir "$RUNS/$stage" --out-dir "$RUNS/.$stage.partial" -- \
+        $PY -m toolkit merge \
+        "${ADAPTER:-$RUNS/qlora}" --out "$RUNS/$stage" --format "$format" --force --json ;;
     export)
-      measure --name export --out-dir "$RUNS/export" -- $PY -m toolkit export "$RUNS/merge-mxfp4" \
-        --out "$RUNS/export" --config gpt-oss-20b-qlora --force --json ;;
+      [ -d .gpu17/conv ] && export TOOLKIT_LLAMA_CPP=$PWD/.gpu17/conv
+      measure --name export --out-dir "$RUNS/export" --out-dir "$RUNS/.export.partial" -- $PY -m toolkit export \
+        "$RUNS/merge-mxfp4" --out "$RUNS/export" --config gpt-oss-20b-qlora --force --json \
+        --set "export.quants=[\"MXFP4_MOE\", \"Q4_K_M\"]" ;;
     eval)
-      measure --name eval-20 --out-dir "$RUNS/eval" -- $PY -m toolkit eval ../shared/eval/zh-nan.heldout.tsv \
-        --model "$RUNS/export" --backend llama-cpp --limit 20 --out "$RUNS/eval" --json ;;
+      test=../shared/eval/zh-nan.heldout.tsv; [ -f $test ] || test=corpora/zh-nan-moe-sample/sample.tsv
+      measure --name eval-20 --out-dir "$RUNS/eval" -- $PY -m toolkit eval $test --model "$RUNS/export" \
+        --backend llama-cpp --limit 20 --max-new-tokens "${NEW_TOKENS:-64}" --out "$RUNS/eval" --force --json ;;
+    drop-base)  # export, eval and serve need only the merge: room on a 64 GB disk
+      rm -rf "$MODEL" ;;
     serve)
       measure --name serve-1 -- $PY bench/serve_once.py "$RUNS/export" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
