@@ -480,3 +480,27 @@ def test_cli_merge_format_mxfp4(mxfp4_merge, tmp_path):
     result = CliRunner().invoke(main, ["merge", str(mxfp4_merge[0]), "--out", str(out), "--format", "mxfp4"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "manifest.json").read_text())["config"]["format"] == "mxfp4"
+
+
+def test_nested_expert_adapters_saved_in_the_other_order_merge_the_same(tiny_mxfp4, mxfp4_merge, tmp_path):
+    """A qlora run (4-bit, parametrized experts) nests gate_up_proj's and down_proj's ParamWrappers the other way
+    round than peft does on the plain model: the merge pairs them by shape, and merges exactly the same."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from toolkit.checkpoint import Checkpoint
+
+    train = tmp_path / "swapped"
+    shutil.copytree(mxfp4_merge[0], train)
+    weights = load_file(str(train / "adapter_model.safetensors"))
+    outer, inner = ".mlp.experts.lora_", ".mlp.experts.base_layer.lora_"
+    swapped = {k.replace(outer, "@").replace(inner, outer).replace("@", inner): v for k, v in weights.items()}
+    assert any(swapped[k].shape != weights[k].shape for k in weights)  # gate_up and down traded places
+    save_file(swapped, str(train / "adapter_model.safetensors"))
+    merge.run(build(), mxfp4_merge[0], tmp_path / "plain")
+    merge.run(build(), train, tmp_path / "other-order")
+    want, got = Checkpoint(tmp_path / "plain"), Checkpoint(tmp_path / "other-order")
+    for name in want.param_names():
+        assert torch.equal(got.param(name), want.param(name)), name

@@ -137,12 +137,57 @@ class Adapter:
             if target.param in self.targets:
                 raise ArtifactError(f"{self.folder / CONFIG}: two LoRA layers on {target.param}; not supported.")
             self.targets[target.param] = target
+        self._match_nested_by_shape()
         consumed = {f"{t.key}.lora_{ab}.weight" for t in self.targets.values() for ab in "AB"}
         if consumed != stored:  # every adapter tensor becomes part of a delta, or the merge stops here
             raise ArtifactError(f"{weights}: tensors no delta uses: {sorted(stored - consumed)[:3]}; missing: "
                                 f"{sorted(consumed - stored)[:3]}.")
         self.applied: set[str] = set()
         self._cached: tuple[str, Any] | None = None
+
+    def _factor_shapes(self, key: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (tuple(self._file.get_slice(f"{key}.lora_A.weight").get_shape()),
+                tuple(self._file.get_slice(f"{key}.lora_B.weight").get_shape()))
+
+    def _match_nested_by_shape(self) -> None:
+        """Pair nested parameter adapters with their tensors by the factors' shapes.
+
+        Several `target_parameters` on one module (gpt-oss' experts: gate_up_proj and down_proj) are nested
+        ParamWrappers saved as `experts.lora_*` and `experts.base_layer.lora_*`; which is which follows the order
+        peft wrapped them in, and that order differs between a 4-bit (parametrized) training model and the plain
+        model here. The stored shapes decide: B has the tensor's output size, A its input size.
+        """
+        import itertools
+
+        groups: dict[str, list[Target]] = {}
+        for target in self.targets.values():
+            if target.experts:
+                groups.setdefault(target.param.rpartition(".")[0], []).append(target)
+        for group in (g for g in groups.values() if len(g) > 1):
+            keys = [t.key for t in group]
+            found = {key: self._factor_shapes(key) for key in keys}
+
+            def fits(target: Target, key: str) -> bool:
+                (a_rows, a_in), (b_out, b_cols) = found[key]
+                _, first, second = target.shape  # [E, in, out], or [E, out, in] when peft swapped them
+                size_in, size_out = (second, first) if target.swapped else (first, second)
+                return a_in == size_in and b_out == size_out and a_rows == b_cols and a_rows % target.experts == 0
+
+            matches = [order for order in itertools.permutations(keys)
+                       if all(fits(t, k) for t, k in zip(group, order))]
+            if not matches:
+                raise ArtifactError(f"{self.folder / WEIGHTS}: the LoRA factors of {group[0].param.rpartition('.')[0]} "
+                                    f"fit none of its tensors' shapes ({', '.join(f'{k}: {v}' for k, v in found.items())})")
+            if tuple(keys) in matches:
+                continue
+            if len(matches) > 1:
+                raise ArtifactError(f"{self.folder / WEIGHTS}: the nested LoRA factors of "
+                                    f"{group[0].param.rpartition('.')[0]} fit several of its tensors (equal shapes) "
+                                    "and are saved in another order than peft nests them here: cannot tell which "
+                                    "is which.")
+            log.info("adapter: %s: nested LoRA pairs matched to their tensors by shape", group[0].param)
+            for target, key in zip(group, matches[0]):
+                self.targets[target.param] = Target(**{**target.__dict__, "key": key})
 
     def factors(self, name: str):
         """(lhs, rhs) in float32 with delta = scale * lhs @ rhs: 2-D [out, r] @ [r, in]; experts [E, ., r] @ [E, r, .]."""
