@@ -290,7 +290,7 @@ def test_pipeline_prep_train_merge_export_register(tiny_model, sample_tsv, conve
     overrides = [f"train.base_model={tiny_model}", "train.max_steps=4", "train.eval_steps=0", "train.save_steps=0"]
     train.run(config.build("train", "tiny-cpu", overrides), prep, tmp_path / "train")
     merged = merge.run(config.build("merge"), tmp_path / "train", tmp_path / "merge")
-    assert merged["metrics"]["parity"]["max_abs_diff_merged_vs_adapter"] < 1e-4
+    assert merged["metrics"]["parity"]["max_abs_diff_merged_vs_expected"] < 1e-4
     assert merged["metrics"]["parity"]["max_abs_diff_merged_vs_base"] > 1e-4  # training moved the weights
 
     exported = gguf.run(export_cfg(name="zh-nan-tiny"), tmp_path / "merge", tmp_path / "export")

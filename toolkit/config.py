@@ -241,10 +241,10 @@ class MergeConfig:
                        "float16 or float32.", "auto")
     parity_text: str = _help("Source sentence of the Harmony prompt used to check the merge.",
                              "今天天氣真好，我們去公園散步。")
-    parity_atol: float | None = _help("Largest allowed |merged - (base+adapter)| next-token logit "
-                                      "(default: 1e-3 float32, 0.1 float16, 0.25 bfloat16 and mxfp4).", None)
+    parity_atol: float | None = _help("Largest allowed |merged - expected| next-token logit, expected being "
+                                      "base+adapter with the changed tensors rounded as stored (default 1e-3).", None)
     parity_rtol: float | None = _help("...or up to this share of the adapter's own effect on that logit, whichever is "
-                                      "larger (default: 0 float32, 0.25 in 16 bits, 0.5 mxfp4).", None)
+                                      "larger (default 0.01).", None)
     max_shard_size: str = _help("Largest safetensors shard (written a tensor at a time: costs no memory).", "5GB")
 
     def problems(self) -> list[str]:

@@ -98,6 +98,15 @@ class MergePlan:
                 out.append(Entry(name, dense if float_like else stored, shape))
         return out
 
+    def as_stored(self, name: str, tensor):
+        """`toolkit.layerwise` transform: base + the adapter's delta, rounded as the output stores that tensor."""
+        import torch
+
+        merged = self.adapter.add_to(name, tensor) if name in self.adapter.targets else tensor
+        if name in self.requantized:
+            return mxfp4.dequantize_param(*mxfp4.quantize_param(merged), torch.float32)
+        return merged.to(self.dtype).to(torch.float32)
+
     def produce(self, entry: Entry):
         """The tensor of one planned entry (a blocks/scales pair is computed once, at its first half)."""
         param = mxfp4.param_name_of(entry.name)
