@@ -24,17 +24,17 @@ MODEL=${MODEL:-/tmp/g20b}
 RUNS=${RUNS:-/tmp/full}
 STEPS=${STEPS:-20}
 CAP=${CAP:-24}   # GiB: the consumer-GPU budget the qlora runs are held to
+PY=${PY:-python3}
 mkdir -p "$OUT" "$RUNS"
 exec > >(tee -a "$OUT/log") 2>&1
-for w in w1 w2 w3; do
-  if [ -d .gpu17/$w ] && [ ! -f /tmp/site/.$w ]; then
+for w in w1 w2 w3; do  # the GPU machine's missing packages (a machine with its own venv: PY=.venv/bin/python)
+  if [ "$PY" = python3 ] && [ -d .gpu17/$w ] && [ ! -f /tmp/site/.$w ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       .gpu17/$w/*.whl && touch /tmp/site/.$w || exit 1
   fi
 done
-if [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site:/tmp/site-llama:$PWD; else export PYTHONPATH=$PWD; fi
+if [ "$PY" = python3 ] && [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site:/tmp/site-llama:$PWD; else export PYTHONPATH=$PWD; fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONFAULTHANDLER=1
-PY=${PY:-python3}
 date -u
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no GPU"
 $PY -c "import importlib.metadata as md; print({n: md.version(n) for n in ['torch', 'transformers', 'peft', 'trl', \

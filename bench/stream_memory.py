@@ -141,23 +141,17 @@ def load_today(paths: dict[str, Path], work: Path) -> None:
 
 
 def load_streamed(paths: dict[str, Path], work: Path) -> None:
-    """Stand-in for the streamed QLoRA placement: a meta-device model, each tensor read, dequantized and cast
-    to bf16, then handed off (on the GPU machine: quantized to NF4 on the device; here it is simply dropped)."""
+    """The streamed QLoRA loading of `toolkit.loader` (meta-device model, each tensor read, dequantized to bf16 and
+    placed before the next is read), with a placement that drops each tensor: it stands in for the NF4 quantization
+    on the GPU, which takes it off the host at once."""
     import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from toolkit.checkpoint import Checkpoint
+    from toolkit import loader
 
     config = AutoConfig.from_pretrained(paths["base"])
-    del config.quantization_config
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    for name, tensor in Checkpoint(paths["base"]).params(torch.bfloat16):
-        if tuple(tensor.shape) != expected[name]:
-            raise ValueError(f"{name}: {tuple(tensor.shape)} != {expected[name]}")
-        del tensor
+    model = loader.empty_model(config, torch.bfloat16)
+    loader.stream_weights(model, loader.open_checkpoint(paths["base"]), lambda module, name, tensor: None)
 
 
 def merge_peft(paths: dict[str, Path], work: Path) -> None:
