@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -20,16 +19,8 @@ import threading
 import time
 from pathlib import Path
 
-
-def folder_bytes(folder: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except FileNotFoundError:  # renamed or removed while we looked
-                pass
-    return total
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from toolkit.resources import folder_bytes
 
 
 def gpu_used_mib() -> int | None:
