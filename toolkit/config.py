@@ -422,9 +422,22 @@ class ServeConfig:
     copy_bias: float = _help("Greedy decoding with this bonus added to the logit of every token of the source sentence "
                                "(0 = off; transformers and llama-cpp). Between close languages it keeps names, numbers "
                                "and shared words that a small model would drop or paraphrase.", 0.0)
+    source_codes: list[str] = _help("LibreTranslate language codes of the model's source language; the first is the "
+                                    "one GET /languages lists ([] = the prep column, with zh-Hant beside zh and "
+                                    "nan-Hant beside nan).", [])
+    target_codes: list[str] = _help("LibreTranslate language codes of the model's target language (as source_codes).",
+                                    [])
 
     def problems(self) -> list[str]:
         out = []
+        for name in ("source_codes", "target_codes"):
+            bad = [c for c in getattr(self, name) if not re.fullmatch(r"[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*", c)]
+            if bad:
+                out.append(f"serve.{name}: expected language codes such as zh or nan-Hant, found {bad[0]!r}")
+        shared = {c.lower() for c in self.source_codes} & {c.lower() for c in self.target_codes}
+        if shared:
+            out.append(f"serve.source_codes and serve.target_codes share {min(shared)!r}: a code names one "
+                       "language")
         if self.backend is not None and self.backend not in EVAL_BACKENDS:
             out.append(f"serve.backend: expected one of {', '.join(EVAL_BACKENDS)}, found {self.backend!r}")
         if not 0 <= self.port <= 65535:

@@ -1,7 +1,8 @@
 """`toolkit serve [MODEL] --backend B --host 127.0.0.1 --port 8000`: a FastAPI translation endpoint.
 
 `POST /translate` translates one text or a batch with the prompt the model was trained with (the
-`PromptSpec` of its manifests), either way between the two languages of training. `GET /health` says
+`PromptSpec` of its manifests), either way between the two languages of training; it also speaks
+LibreTranslate's API (toolkit/libretranslate.py: `q`/`source`/`target`, `GET /languages`). `GET /health` says
 whether the backend answers, `GET /v1/models` names the model, `/docs` is the OpenAPI page.
 
 Backends block (llama.cpp, transformers, an Ollama HTTP call), so they run on a pool of
@@ -35,7 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from toolkit import artifacts, backends
+from toolkit import artifacts, backends, libretranslate
 from toolkit.config import PrepConfig, ServeConfig
 from toolkit.errors import ArtifactError, ConfigError
 from toolkit.prompt import PromptSpec, find_prep_manifest
@@ -231,18 +232,22 @@ def create_app(translator: backends.Translator, spec: PromptSpec, settings: Serv
     app = FastAPI(title="toolkit translate", version="1", lifespan=lifespan, max_body_size=max_body,
                   description=f"{spec.source_name} <-> {spec.target_name} with {model_name}")
     app.state.gate, app.state.counts = gate, counts
+    app.add_middleware(libretranslate.Dispatch)  # inside the access log, which so logs the path the client used
     app.add_middleware(_AccessLog, counts=counts)
 
     unauthorized = {"detail": "missing or wrong API key (send X-API-Key or Authorization: Bearer)"}
 
-    def authorized(request: Request) -> bool:
+    def key_matches(given: str | None) -> bool:
         if api_key is None:
             return True
+        return given is not None and hmac.compare_digest(given.encode(), api_key.encode())
+
+    def authorized(request: Request) -> bool:
         given = request.headers.get("x-api-key")
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if given is None and scheme.lower() == "bearer":
             given = token.strip()
-        return given is not None and hmac.compare_digest(given.encode(), api_key.encode())
+        return key_matches(given)
 
     async def check_key(request: Request) -> None:
         if not authorized(request):
@@ -264,25 +269,8 @@ def create_app(translator: backends.Translator, spec: PromptSpec, settings: Serv
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return _error(500, "internal error; the server log has the details")
 
-    @app.post("/translate", response_model=TranslateResponse, response_model_exclude_none=True,
-              dependencies=[Depends(check_key)],
-              responses={401: {}, 413: {}, 422: {}, 429: {}, 503: {}, 504: {}})
-    async def translate(body: TranslateRequest) -> Any:
-        started = time.perf_counter()
-        texts = body.items()
-        if len(texts) > settings.max_texts:
-            raise HTTPException(413, f"{len(texts)} texts: at most {settings.max_texts} per request")
-        too_long = [i for i, t in enumerate(texts) if len(t) > settings.max_chars]
-        if too_long:
-            raise HTTPException(413, f"text {too_long[0]} has {len(texts[too_long[0]])} characters: "
-                                     f"at most {settings.max_chars}")
-        try:
-            chosen = choose_spec(spec, codes, body.source_lang, body.target_lang)
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from None
-        options = {k: v for k, v in (("reasoning_language", body.reasoning_language),
-                                     ("reasoning_effort", body.reasoning_effort)) if v is not None}
-        chosen = dataclasses.replace(chosen, **options)
+    async def translate_texts(texts: list[str], chosen: PromptSpec) -> tuple[float, list[backends.Translation], float]:
+        """(start, results, end) of one backend call through the gate; HTTPException for every failure."""
 
         def call() -> tuple[float, list[backends.Translation], float]:
             begun = time.perf_counter()
@@ -304,6 +292,28 @@ def create_app(translator: backends.Translator, spec: PromptSpec, settings: Serv
         if len(results) != len(texts):
             log.error("backend %s returned %d results for %d texts", translator.name, len(results), len(texts))
             raise HTTPException(503, "translation backend returned a wrong number of results")
+        return begun, results, ended
+
+    @app.post("/translate", response_model=TranslateResponse, response_model_exclude_none=True,
+              dependencies=[Depends(check_key)],
+              responses={401: {}, 413: {}, 422: {}, 429: {}, 503: {}, 504: {}})
+    async def translate(body: TranslateRequest) -> Any:
+        started = time.perf_counter()
+        texts = body.items()
+        if len(texts) > settings.max_texts:
+            raise HTTPException(413, f"{len(texts)} texts: at most {settings.max_texts} per request")
+        too_long = [i for i, t in enumerate(texts) if len(t) > settings.max_chars]
+        if too_long:
+            raise HTTPException(413, f"text {too_long[0]} has {len(texts[too_long[0]])} characters: "
+                                     f"at most {settings.max_chars}")
+        try:
+            chosen = choose_spec(spec, codes, body.source_lang, body.target_lang)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        options = {k: v for k, v in (("reasoning_language", body.reasoning_language),
+                                     ("reasoning_effort", body.reasoning_effort)) if v is not None}
+        chosen = dataclasses.replace(chosen, **options)
+        begun, results, ended = await translate_texts(texts, chosen)
         out = [TranslationOut(text=r.text, analysis=r.analysis if body.include_reasoning else None,
                               complete=r.complete, tokens=r.tokens) for r in results]
         timings = Timings(queue_ms=round((begun - started) * 1e3, 2), backend_ms=round((ended - begun) * 1e3, 2),
@@ -330,6 +340,8 @@ def create_app(translator: backends.Translator, spec: PromptSpec, settings: Serv
                        "max_new_tokens": settings.max_new_tokens},
         }]}
 
+    libretranslate.add_routes(app, spec, libretranslate.codes_for(settings, codes), settings, translate_texts,
+                              lambda request, given: authorized(request) or key_matches(given))
     return app
 
 
