@@ -79,8 +79,8 @@ class Checkpoint:
     def shards(self) -> list[str]:
         return sorted(set(self.weight_map.values()))
 
-    def tensor(self, name: str):
-        """One stored tensor, copied out of its shard.
+    def tensor(self, name: str, dtype=None):
+        """One stored tensor, copied out of its shard (converted to `dtype` on the way, when given).
 
         The shard is opened for this one read and closed again: safetensors memory-maps the file, and pages
         touched through an open map count in the process's resident memory until it is closed, so a cached
@@ -93,7 +93,8 @@ class Checkpoint:
         except KeyError:
             raise ArtifactError(f"{self.folder}: no tensor {name!r} in the checkpoint") from None
         with safe_open(str(self.folder / shard), "pt") as fh:
-            return fh.get_tensor(name).clone()
+            stored = fh.get_tensor(name)  # a view of the mapped file: converting copies it once
+            return stored.clone() if dtype is None or dtype == stored.dtype else stored.to(dtype)
 
     def header(self, name: str) -> tuple[str, tuple[int, ...]]:
         """(safetensors dtype, shape) of one stored tensor, from its shard's header (nothing is read)."""
@@ -130,9 +131,9 @@ class Checkpoint:
             if device is not None:
                 packed = tuple(t.to(device) for t in packed)
             return mxfp4.dequantize_param(*packed, dtype)
-        tensor = self.tensor(name)
-        if device is not None:
-            tensor = tensor.to(device)
+        if device is None:
+            return self.tensor(name, dtype)
+        tensor = self.tensor(name).to(device)
         return tensor if dtype is None else tensor.to(dtype)
 
     def packed(self, name: str) -> tuple[Any, Any] | None:

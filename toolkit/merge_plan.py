@@ -105,7 +105,9 @@ class MergePlan:
         merged = self.adapter.add_to(name, tensor) if name in self.adapter.targets else tensor
         if name in self.requantized:
             return mxfp4.dequantize_param(*mxfp4.quantize_param(merged), torch.float32)
-        return merged.to(self.dtype).to(torch.float32)
+        for part in merged.view(-1, merged.shape[-1]).split(4096):  # in place, a slice at a time: no second copy
+            part.copy_(part.to(self.dtype))
+        return merged
 
     def produce(self, entry: Entry):
         """The tensor of one planned entry (a blocks/scales pair is computed once, at its first half)."""
