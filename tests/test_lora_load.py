@@ -76,9 +76,9 @@ class CountingCheckpoint(Checkpoint):
         self.handed.append(weakref.ref(tensor))
         return tensor
 
-    def tensor(self, name):
+    def tensor(self, name, dtype=None):
         self.reads.append(name)
-        return super().tensor(name)
+        return super().tensor(name, dtype)
 
 
 def test_streaming_holds_one_tensor_at_a_time(tiny_mxfp4):
