@@ -1,6 +1,6 @@
 """Start `toolkit serve MODEL` on a free loopback port, send it one translation request, print the answer, stop it.
 
-    python bench/serve_once.py EXPORT_DIR [--text 你好] [--timeout 600]
+    python bench/serve_once.py EXPORT_DIR [--text 你好] [--timeout 600] [toolkit serve options]
 
 One JSON line on stdout: the URL, the seconds until the server answered /health, the request's status, latency and
 body. Exits non-zero when the server does not come up or the request fails.
@@ -21,10 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model")
     parser.add_argument("--text", default="我今天下晡欲去市場買菜。")
     parser.add_argument("--timeout", type=float, default=600.0)
-    parser.add_argument("serve_args", nargs="*", help="more `toolkit serve` options")
-    args = parser.parse_args(argv)
+    args, serve_args = parser.parse_known_args(argv)  # anything else is a `toolkit serve` option
     started = time.monotonic()
-    server = subprocess.Popen([sys.executable, "-m", "toolkit", "serve", args.model, "--port", "0", *args.serve_args],
+    server = subprocess.Popen([sys.executable, "-m", "toolkit", "serve", args.model, "--port", "0", *serve_args],
                               stdout=subprocess.PIPE, text=True)
     try:
         url = server.stdout.readline().strip()  # the server prints its URL first
