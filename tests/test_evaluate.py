@@ -14,7 +14,7 @@ from toolkit.cli import main
 from toolkit.config import EvalConfig
 from toolkit.errors import ArtifactError, DataError
 
-HELDOUT = Path("/work/shared/eval/zh-nan.heldout.tsv")
+HELDOUT = Path(__file__).resolve().parents[2] / "shared" / "eval" / "zh-nan.heldout.tsv"  # ../shared beside the repo
 FILES = {"predictions.jsonl", "scores.json", "report.md", "scores.png", "manifest.json"}
 PAIRS = [("一朵花", "一蕊花"), ("形容人多嘴雜。", "十喙九尻川。"), ("今天天氣很好。", "今仔日天氣真好。"),
          ("他們要來。", "𪜶欲來。"), ("這是一本書。", "這是一本冊。"), ("我不知道。", "我毋知。"), ("謝謝你。", "多謝你。")]

@@ -14,7 +14,7 @@ import sacrebleu
 
 from toolkit import metrics
 
-HELDOUT = Path("/work/shared/eval/zh-nan.heldout.tsv")
+HELDOUT = Path(__file__).resolve().parents[2] / "shared" / "eval" / "zh-nan.heldout.tsv"  # ../shared beside the repo
 
 # Fixed strings: Han with an Extension B character (𪜶), Latin in Han, an empty hypothesis.
 REFS = ["今仔日天氣真好。", "伊講𪜶欲來。", "我來矣。", "Cheney宣佈了後，全體參眾議員徛起來拍噗仔致敬。", "這是一本冊。"]
