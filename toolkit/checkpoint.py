@@ -145,15 +145,18 @@ class Checkpoint:
 
     def params(self, dtype=None) -> Iterator[tuple[str, Any]]:
         """Every parameter, shard by shard (MXFP4 pairs dequantized one at a time)."""
-        order = {shard: i for i, shard in enumerate(self.shards())}
-        for name in sorted(self.param_names(), key=lambda n: (order[self._shard_of(n)], n)):
+        for name in self.in_shard_order(self.param_names()):
             yield name, self.param(name, dtype)
 
-    def _shard_of(self, param: str) -> str:
+    def shard_of(self, param: str) -> str:
+        """The shard holding a parameter (an MXFP4 one: the shard of its blocks)."""
         return self.weight_map.get(param) or self.weight_map[mxfp4.packed_names(param)[0]]
 
-    def close(self) -> None:
-        """Nothing stays open between reads; kept so callers can treat this like a file."""
+    def in_shard_order(self, params) -> list[str]:
+        """`params` sorted shard after shard (then by name), so a pass reads each shard once, front to back."""
+        order = {shard: i for i, shard in enumerate(self.shards())}
+        return sorted(params, key=lambda n: (order[self.shard_of(n)], n))
+
 
 
 @dataclass(frozen=True)

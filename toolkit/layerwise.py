@@ -134,7 +134,6 @@ def streamed_model(folder: str | Path, dtype: Any = None, transform: Transform |
     for prefix, layer in layers:
         layer.register_forward_pre_hook(lambda m, args, p=prefix: _load(m, p, ckpt, dtype, transform))
         layer.register_forward_hook(lambda m, args, out: _unload(m))
-    model.checkpoint = ckpt
     return model
 
 
@@ -150,5 +149,4 @@ def logits(folder: str | Path, rows: list[list[int]], *, dtype: Any = None, tran
     mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask).logits.float()
-    model.checkpoint.close()
     return [out[i, : len(row)].clone() for i, row in enumerate(rows)]

@@ -110,12 +110,7 @@ def plan(model: Any, ckpt: Any) -> list[str]:
         raise NotStreamable(f"its tensor names are not {type(model).__name__}'s: missing {missing[:3]}"
                             f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
                             f"{'...' if len(unexpected) > 3 else ''}")
-    shards = ckpt.shards()
-    return sorted((n for n in stored if n in targets), key=lambda n: (shards.index(_shard(ckpt, n)), n))
-
-
-def _shard(ckpt: Any, name: str) -> str:
-    return ckpt.weight_map.get(name) or ckpt.weight_map[mxfp4.packed_names(name)[0]]
+    return ckpt.in_shard_order(n for n in stored if n in targets)
 
 
 def stream_weights(model: Any, ckpt: Any, place: Place, *, dequantize_on: Any = None,
@@ -140,7 +135,6 @@ def stream_weights(model: Any, ckpt: Any, place: Place, *, dequantize_on: Any = 
         release_freed_memory()
         if progress is not None:
             progress(name)
-    ckpt.close()
     model.tie_weights()
     return len(names)
 

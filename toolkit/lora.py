@@ -28,6 +28,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from toolkit import mxfp4
 from toolkit.config import TrainConfig
 from toolkit.errors import ArtifactError, ConfigError, ExternalToolError
 
@@ -185,9 +186,7 @@ def load_pretrained(cfg: TrainConfig, config: Any, device: str):
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": torch_dtype(cfg), **kernel_kwargs(cfg)}
-    quant = getattr(config, "quantization_config", None)
-    quant_method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-    if quant_method == "mxfp4":
+    if mxfp4.is_mxfp4(config):
         from transformers import Mxfp4Config
 
         # Training needs plain tensors: MXFP4 kernels are inference-only. 16-bit experts take ~39 GiB for 20b.

@@ -37,7 +37,6 @@ class MergePlan:
         self.base, self.adapter, self.fmt, self.dtype = base, adapter, fmt, dtype
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.stored_dtypes: dict[str, str] = {}
-        order = {shard: i for i, shard in enumerate(base.shards())}
         for name in base.param_names():
             blocks, _ = mxfp4.packed_names(name)
             if blocks in base.weight_map:
@@ -45,7 +44,7 @@ class MergePlan:
                 self.shapes[name], self.stored_dtypes[name] = (experts, groups * mxfp4.BLOCK, rows), "U8"
             else:
                 self.stored_dtypes[name], self.shapes[name] = base.header(name)
-        self.names = sorted(self.shapes, key=lambda n: (order[self._shard_of(n)], n))  # read each shard once
+        self.names = base.in_shard_order(self.shapes)
         experts = {n for n in self.names if fmt == "mxfp4" and (self.is_packed(n) or expert_param(n))}
         # a module is converted whole (transformers swaps the experts module, llama.cpp reads its tensors as a set)
         self.dense_modules = sorted({module_of(n) for n in experts if n in adapter.targets}) if (
@@ -54,9 +53,6 @@ class MergePlan:
         self.requantized = sorted(n for n in self.packed_out if n in adapter.targets)
         self._check()
         self._pair: tuple[str, tuple[Any, Any]] | None = None
-
-    def _shard_of(self, name: str) -> str:
-        return self.base.weight_map.get(name) or self.base.weight_map[mxfp4.packed_names(name)[0]]
 
     def is_packed(self, name: str) -> bool:
         return self.stored_dtypes[name] == "U8" and mxfp4.packed_names(name)[0] in self.base.weight_map
@@ -119,7 +115,6 @@ class MergePlan:
         else:
             self._pair = None
             tensor = self._dense(entry.name)
-        self.base.close()
         return tensor
 
     def _experts(self, name: str):
