@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17: gpt-oss-20b at full size, stage by stage, on a random checkpoint in the released MXFP4 layout
-# (`toolkit tiny --size 20b`, ~13.7 GB, deterministic: the same bytes on every machine). From the repository root.
+# (`toolkit tiny --size 20b --init $INIT`, ~13.7 GB, deterministic: the same bytes on every machine; INIT=scaled,
+# the default, is not chaotic, so the merge and export logit checks judge the conversion). From the repository root.
 #
 # On the lent GPU machine (training; one call of ~9 minutes):
 #   carry: [".gpu17/w1", ".gpu17/tok", ".gpu17/prep"]
@@ -52,7 +53,8 @@ for stage in ${STAGES:-model qlora qlora2048 lora pack}; do
     model)
       if [ ! -f "$MODEL/model.safetensors.index.json" ]; then
         [ -f .gpu17/tok/tokenizer.json ] || gunzip -k .gpu17/tok/tokenizer.json.gz
-        measure --name model --out-dir "$MODEL" -- $PY -m toolkit tiny "$MODEL" --size 20b --tokenizer .gpu17/tok
+        measure --name model --out-dir "$MODEL" -- $PY -m toolkit tiny "$MODEL" --size 20b --tokenizer .gpu17/tok \
+          --init "${INIT:-scaled}"
       fi ;;
     qlora)
       measure --name "qlora-1024-cap$CAP" --out-dir "$RUNS/qlora" -- $PY -m toolkit train "${train_args[@]}" \

@@ -180,3 +180,36 @@ def test_full_size_writer_on_a_small_config(tiny_model_real_tokenizer, tmp_path)
                               max_shard_size=20_000_000)
     for shard in checkpoint.Checkpoint(out).shards():  # deterministic: the same bytes on any machine
         assert (out / shard).read_bytes() == (again / shard).read_bytes()
+
+
+def test_full_size_writer_inits(tiny_model_real_tokenizer, tmp_path):
+    """`--init scaled` (default) keeps the residual stream in charge; `uniform` draws every weight alike."""
+    import math
+
+    from transformers import GptOssConfig
+
+    from toolkit import mxfp4
+    from toolkit.tiny import build_gpt_oss_20b
+
+    small = GptOssConfig(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, hidden_size=64,
+                         intermediate_size=64, head_dim=16, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=1024, layer_types=["sliding_attention", "full_attention"])
+    stds = {}
+    for init in ("scaled", "uniform"):
+        ckpt = checkpoint.Checkpoint(build_gpt_oss_20b(tmp_path / init, tokenizer=tiny_model_real_tokenizer,
+                                                       config=small, init=init))
+        stds[init] = {name: float(ckpt.tensor(name, torch.float32).std()) for name in
+                      ("model.embed_tokens.weight", "model.layers.0.self_attn.o_proj.weight",
+                       "model.layers.0.self_attn.q_proj.weight")}
+        for proj in ("gate_up_proj", "down_proj"):
+            blocks, scales = mxfp4.packed_names(f"model.layers.0.mlp.experts.{proj}")
+            stds[init][proj] = int(ckpt.tensor(scales, torch.uint8).min()) - 127
+    scaled, uniform = stds["scaled"], stds["uniform"]
+    assert scaled["model.embed_tokens.weight"] == pytest.approx(1.0, rel=0.05)
+    assert scaled["model.layers.0.self_attn.o_proj.weight"] == pytest.approx(0.02 / math.sqrt(4), rel=0.1)
+    assert scaled["model.layers.0.self_attn.q_proj.weight"] == pytest.approx(0.02, rel=0.1)
+    assert (scaled["gate_up_proj"], scaled["down_proj"]) == (-8, -11)  # FP4 scale exponents
+    assert all(uniform[n] == pytest.approx(0.02, rel=0.1) for n in list(uniform)[:3])
+    assert (uniform["gate_up_proj"], uniform["down_proj"]) == (-8, -8)
+    with pytest.raises(ValueError, match="init must be one of"):
+        build_gpt_oss_20b(tmp_path / "bad", tokenizer=tiny_model_real_tokenizer, config=small, init="wild")

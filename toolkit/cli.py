@@ -189,13 +189,17 @@ def prep(corpus: Path, out_dir: Path | None, run: str | None, config, overrides,
               help="20b: a full-size random gpt-oss-20b (~13 GB, MXFP4 layout, real tokenizer; benchmarks).")
 @click.option("--tokenizer", type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="With --size 20b: copy this saved o200k_harmony tokenizer instead of building it.")
+@click.option("--init", "init", type=click.Choice(["scaled", "uniform"]), default="scaled", show_default=True,
+              help="With --size 20b: scaled keeps the residual stream in charge as in a trained model (logit checks "
+              "mean something); uniform makes every weight N(0, 0.02), a chaotic model.")
 @handle_errors
-def tiny(out_dir: Path, seed: int, real_tokenizer: bool, mxfp4: bool, size: str, tokenizer: Path | None) -> None:
+def tiny(out_dir: Path, seed: int, real_tokenizer: bool, mxfp4: bool, size: str, tokenizer: Path | None,
+         init: str) -> None:
     """Write a tiny random gpt-oss (real architecture) for tests and the CPU demo."""
     from toolkit.tiny import build_gpt_oss_20b, build_tiny
 
     if size == "20b":
-        click.echo(str(build_gpt_oss_20b(out_dir, seed=seed, tokenizer=tokenizer)))
+        click.echo(str(build_gpt_oss_20b(out_dir, seed=seed, tokenizer=tokenizer, init=init)))
         return
     click.echo(str(build_tiny(out_dir, seed=seed, real_tokenizer=real_tokenizer, mxfp4=mxfp4)))
 

@@ -190,16 +190,28 @@ def gpt_oss_20b_config(tokenizer=None):
     )
 
 
+INITS = ("scaled", "uniform")
+
+
 def build_gpt_oss_20b(out_dir: Path, seed: int = 0, max_shard_size: int = 4_000_000_000,
-                      tokenizer: Path | None = None, config=None) -> Path:
+                      tokenizer: Path | None = None, config=None, init: str = "scaled") -> Path:
     """A random gpt-oss-20b in the released MXFP4 layout (~13 GB) with the real tokenizer, tensor by tensor.
 
     Cost (speed, memory) depends on shapes, not values: this stands in for the released weights where they
-    cannot be downloaded. Dense weights ~N(0, 0.02); expert blocks are random FP4 codes with scales 2**-8..2**-6.
+    cannot be downloaded. Expert blocks are random FP4 codes.
+    `init`: "scaled" (default) keeps the residual stream in charge, as in a trained model: embeddings ~N(0, 1),
+    the residual branches' output projections (`o_proj`, experts' `down_proj`) GPT-2's N(0, 0.02 / sqrt(2 * layers))
+    (FP4 scales 2**-11..2**-9), other dense weights ~N(0, 0.02), gate_up scales 2**-8..2**-6. Logits then move
+    smoothly with the weights and activations, so logit checks (merge, export) mean something.
+    "uniform": every dense weight ~N(0, 0.02), every FP4 scale 2**-8..2**-6: each layer rewrites the residual
+    stream, and the model is chaotic (bf16 instead of float32 activations move its logits by half their range).
     `tokenizer`: a saved o200k_harmony tokenizer folder to copy (default: build it, which needs the `tokens` extra).
     `config`: another GptOssConfig (tests write a small one the same way).
     """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, not {init!r}")
     import hashlib
+    import math
 
     import torch
     from tqdm import tqdm
@@ -220,17 +232,28 @@ def build_gpt_oss_20b(out_dir: Path, seed: int = 0, max_shard_size: int = 4_000_
         digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
+    scaled = init == "scaled"
+    residual_std = 0.02 / math.sqrt(2 * config.num_hidden_layers)
+
+    def std(name: str) -> float:
+        if scaled and name == "model.embed_tokens.weight":
+            return 1.0
+        if scaled and name.endswith("o_proj.weight"):
+            return residual_std
+        return 0.02
+
     def produce(name: str):
         shape = shapes[name]
         if name.endswith(("norm.weight", "layernorm.weight")):
             return torch.ones(shape, dtype=torch.bfloat16)
-        return (torch.randn(shape, generator=generator(name)) * 0.02).to(torch.bfloat16)
+        return (torch.randn(shape, generator=generator(name)) * std(name)).to(torch.bfloat16)
 
     def packed(name: str, shape):
         experts, cols, rows = shape
         gen = generator(name)
         blocks = torch.randint(0, 256, (experts, rows, cols // 32, 16), generator=gen, dtype=torch.uint8)
-        scales = torch.randint(119, 122, (experts, rows, cols // 32), generator=gen, dtype=torch.uint8)
+        low = 116 if scaled and "down_proj" in name else 119  # 2**(e - 127): FP4 codes' RMS ~2.9 times the scale
+        scales = torch.randint(low, low + 3, (experts, rows, cols // 32), generator=gen, dtype=torch.uint8)
         return blocks, scales
 
     from transformers import GptOssForCausalLM
