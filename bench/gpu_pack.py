@@ -94,7 +94,7 @@ class Use:
     script: str
     wheels: tuple[str, ...] = ()
     model: tuple[str, ...] = ()  # wheels kept apart (model/): read with --find-links, never installed
-    shared: tuple[str, ...] = ()  # folders under ../shared, kept as shared/...
+    shared: tuple[str, ...] = ()  # folders under ../shared, in shared.tar (unpacked there into ../shared)
     tokenizer: bool = False  # tok/: the o200k_harmony tokenizer, tokenizer.json gzipped
     prep: tuple[str, str] | None = None  # prep/: `toolkit prep CORPUS --config PRESET`
     llama: bool = False  # llama/: the trimmed llama-cpp-python sdist; conv/: its HF -> GGUF converter
@@ -276,12 +276,17 @@ def ready(use: str, carried: Path, stage: Path) -> Path:
                         f"`python bench/gpu_pack.py build {use}` and see its `calls`")
     parts, bad = missing(stage)
     if parts or bad:
-        total = len(json.loads((stage / MANIFEST).read_text(encoding="utf-8"))["parts"])
-        carry = ", ".join(f'".gpu/{use}/{p}"' for p in parts)
-        raise PackError(f"gpu pack {use}: missing part(s) {' '.join(parts) or '-'} of {total}"
-                        f"{' (files: ' + ', '.join(bad[:4]) + (' ...' if len(bad) > 4 else '') + ')' if bad else ''}"
-                        f": first make a device call carrying [{carry}] with `python3 bench/gpu_pack.py stash {use}`"
-                        " on the same warm machine")
+        manifest = json.loads((stage / MANIFEST).read_text(encoding="utf-8"))
+        coming = {q.get("of", q["path"]) for p in manifest["parts"] if p["name"] in parts for q in p["pieces"]}
+        altered = [f for f in bad if f not in coming]
+        carry = " ".join(f'[".gpu/{use}/{p}"]' for p in parts)
+        if not parts:
+            raise PackError(f"gpu pack {use}: altered on this machine: {', '.join(altered[:4])}; remove {stage} "
+                            "and stash every part again")
+        raise PackError(f"gpu pack {use}: missing part(s) {' '.join(parts)} of {len(manifest['parts'])}"
+                        + (f" (and altered here: {', '.join(altered[:4])})" if altered else "")
+                        + f": first one device call per part, carry {carry}, command `python3 bench/gpu_pack.py "
+                          f"stash {use}`, on the same warm machine")
     return stage
 
 
@@ -355,13 +360,41 @@ def wheel_of(req: str, folder: Path) -> Path:
     return found[0]
 
 
-def venv_version(name: str) -> str | None:
-    from importlib import metadata
+def shared_tar(subs: tuple[str, ...], out: Path) -> list[str]:
+    """Folders of ../shared in one plain tar (their file names need not be ASCII), the same bytes every build."""
+    import tarfile
 
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
+    shared = ROOT.parent / "shared"
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        for sub in subs:
+            if not (shared / sub).is_dir():
+                raise PackError(f"{shared / sub}: not found; the pack takes it from ../shared beside the repository")
+            for path in sorted((shared / sub).rglob("*")):
+                if path.is_file():
+                    info = tar.gettarinfo(path, arcname=str(path.relative_to(shared)))
+                    info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "", "", 0o644
+                    with open(path, "rb") as fh:
+                        tar.addfile(info, fh)
+    return list(subs)
+
+
+def venv_python() -> str:
+    """The repository's venv (the versions the toolkit is tested with), else this interpreter."""
+    venv = ROOT / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+_FREEZE: dict[str, str] = {}
+
+
+def venv_version(name: str) -> str | None:
+    if not _FREEZE:
+        out = subprocess.run([venv_python(), "-m", "pip", "freeze"], capture_output=True, text=True, check=True)
+        for line in out.stdout.splitlines():
+            if "==" in line:
+                pkg, _, version = line.partition("==")
+                _FREEZE[canonical(pkg)] = version.split("+")[0]
+    return _FREEZE.get(canonical(name))
 
 
 def gather_wheels(reqs: tuple[str, ...], cache: Path, dest: Path, extra: list[Path] = ()) -> list[str]:
@@ -427,10 +460,6 @@ def trimmed_sdist(cache: Path, dest: Path) -> Path:
     return out
 
 
-def venv_python() -> str:
-    return sys.executable
-
-
 def build(use_name: str, out_root: Path, limit: int | None) -> dict:
     use = USES[use_name]
     cache = out_root / "cache"
@@ -448,11 +477,8 @@ def build(use_name: str, out_root: Path, limit: int | None) -> dict:
         for req in use.model:
             shutil.copyfile(wheel_of(req, cache), tree / "model" / wheel_of(req, cache).name)
         info["model"] = list(use.model)
-    for sub in use.shared:
-        src = ROOT.parent / "shared" / sub
-        if not src.is_dir():
-            raise PackError(f"{src}: not found; the pack takes it from ../shared beside the repository")
-        shutil.copytree(src, tree / "shared" / sub)
+    if use.shared:
+        info["shared"] = shared_tar(use.shared, tree / "shared.tar")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     if use.tokenizer:
         subprocess.run([venv_python(), "-c", "import sys; from toolkit.tokenizer import build_hf_tokenizer; "

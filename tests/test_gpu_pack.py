@@ -115,7 +115,7 @@ def test_an_altered_part_is_refused_and_a_damaged_stage_caught(pack):
     for part in manifest["parts"]:
         gpu_pack.stash(carry(tmp_path, part["name"]), stage)
     (stage / "data" / "t.tsv").write_text("changed on the machine")
-    with pytest.raises(gpu_pack.PackError, match=r"files: data/t\.tsv"):
+    with pytest.raises(gpu_pack.PackError, match=r"altered on this machine: data/t\.tsv"):
         gpu_pack.ready("demo", tmp_path / "empty", stage)
 
 
