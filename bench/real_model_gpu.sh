@@ -23,7 +23,8 @@
 #
 #   device run (x4):  python3 bench/gpu_pack.py stash real-model      carry [".gpu/real-model/pN"], N = 1..4
 #   device run:       bash bench/real_model_gpu.sh device             carry [".gpu/real-model/p5"]
-#   (device-hf:       bash bench/real_model_gpu.sh device-hf          carry [".gpu/real-model/p5", ".gpu/real-model-hf"])
+#   (device-hf:       bash bench/real_model_gpu.sh device-hf          carry [".gpu/real-model/p5",
+#                                                                            ".gpu/real-model-hf"])
 #
 # The device modes start only once every part is on the machine (sha256 against the pack's manifest), else
 # they stop with one line naming the missing parts.
