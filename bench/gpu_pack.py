@@ -520,11 +520,14 @@ def calls(use_name: str, manifest: dict | None) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["build", "verify", "calls", "stash", "ready"])
-    parser.add_argument("use", choices=sorted(USES))
-    parser.add_argument("--root", type=Path, default=ROOT / ".gpu", help="where packs are built / carried")
+    parser.add_argument("use", help=f"one of {', '.join(USES)}")
+    parser.add_argument("--root", type=Path, default=Path(os.environ.get("GPU_PACK_ROOT", ROOT / ".gpu")),
+                        help="where packs are built / carried (default $GPU_PACK_ROOT or .gpu)")
     parser.add_argument("--stage", type=Path, default=STAGE, help="where parts gather on the GPU machine")
     parser.add_argument("--limit-mib", type=float, help="part size (default: 64 MiB less what travels anyway)")
     args = parser.parse_args(argv)
+    if args.action in ("build", "calls") and args.use not in USES:
+        parser.error(f"unknown USE {args.use!r}: expected one of {', '.join(USES)}")
     pack = args.root / args.use
     stage = args.stage / args.use
     try:

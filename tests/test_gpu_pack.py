@@ -158,3 +158,35 @@ def test_calls_end_with_the_bench_script():
     assert lines[0].startswith('carry [".gpu/real-model/p1"]') and lines[0].endswith("stash real-model")
     assert lines[-1] == 'carry [".gpu/real-model/p3"]  command: bash bench/real_model_gpu.sh device'
     assert len(lines) == 3
+
+
+def test_gpu_site_sh_starts_a_script_only_with_every_part(tmp_path):
+    """The shell glue the bench scripts source: one error line and a failed exit while a part is missing;
+    then PACK and SHARED (the ../shared folders unpacked from shared.tar) for the script."""
+    import subprocess
+    import tarfile
+
+    tree = make_tree(tmp_path / "tree", {"model/m.bin": 9000, "data/t.tsv": 4000})
+    (tmp_path / "src" / "lexicons").mkdir(parents=True)
+    (tmp_path / "src" / "lexicons" / "詞彙.csv").write_text("zh,nan\n")
+    with tarfile.open(tree / "shared.tar", "w") as tar:
+        tar.add(tmp_path / "src" / "lexicons", arcname="lexicons")
+    manifest = gpu_pack.write_parts(tree, tmp_path / "built" / "demo", 14000, {"use": "demo"})  # tar: 10 KiB
+    assert len(manifest["parts"]) == 2
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "GPU_PACK_STAGE": str(tmp_path / "stage"),
+           "GPU_PACK_ROOT": str(tmp_path / "call")}
+    script = '. bench/gpu_site.sh demo; echo "PACK=$PACK"; cat "$SHARED/lexicons/詞彙.csv"'
+
+    def call(part: str) -> subprocess.CompletedProcess:
+        shutil.rmtree(tmp_path / "call", ignore_errors=True)
+        shutil.copytree(tmp_path / "built" / "demo" / part, tmp_path / "call" / "demo" / part)
+        return subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+
+    first = call("p1")
+    assert first.returncode == 1 and "PACK=" not in first.stdout
+    assert first.stderr.strip().splitlines() == [(
+        'error: gpu pack demo: missing part(s) p2 of 2: first one device call per part, carry [".gpu/demo/p2"], '
+        "command `python3 bench/gpu_pack.py stash demo`, on the same warm machine")]
+    second = call("p2")
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.splitlines() == [f"PACK={tmp_path / 'stage' / 'demo'}", "zh,nan"]
