@@ -1,5 +1,5 @@
-"""bench/gpu_pack.py on small fake files, no network: parts under a size limit, the manifest, and the check on the
-GPU machine that refuses a missing or altered part."""
+"""bench/gpu_pack.py and bench/gpu_parts.py on small fake files, no network: parts under a size limit, the
+manifest, and the check on the GPU machine that refuses a missing or altered part."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import gpu_pack
+import gpu_parts
 
 
 def make_tree(root: Path, sizes: dict[str, int]) -> Path:
@@ -27,7 +28,7 @@ def make_tree(root: Path, sizes: dict[str, int]) -> Path:
 
 def test_parts_stay_under_the_limit_and_hold_every_file_once():
     sizes = {"model/a.whl": 90, "model/b.whl": 95, "wheels/c.whl": 30, "wheels/d.whl": 8, "data/e.tsv": 5}
-    parts = gpu_pack.plan_parts(sizes, 100)
+    parts = gpu_parts.plan_parts(sizes, 100)
     assert all(sum(p["bytes"] for p in part) <= 100 for part in parts)
     assert sorted(p["path"] for part in parts for p in part) == sorted(sizes)
     # 228 bytes need 3 parts of 100; largest first: b (95) + e (5), a (90) + d (8), c alone
@@ -36,19 +37,19 @@ def test_parts_stay_under_the_limit_and_hold_every_file_once():
 
 
 def test_a_file_over_the_limit_travels_as_chunks():
-    parts = gpu_pack.plan_parts({"big.bin": 250, "small": 10}, 100)
+    parts = gpu_parts.plan_parts({"big.bin": 250, "small": 10}, 100)
     chunks = sorted((p for part in parts for p in part if p.get("of") == "big.bin"), key=lambda p: p["offset"])
     assert [(c["path"], c["bytes"], c["offset"]) for c in chunks] == [
         ("big.bin.chunk000", 100, 0), ("big.bin.chunk001", 100, 100), ("big.bin.chunk002", 50, 200)]
     assert all(sum(p["bytes"] for p in part) <= 100 for part in parts)
-    with pytest.raises(gpu_pack.PackError):
-        gpu_pack.plan_parts({"a": 1}, 0)
+    with pytest.raises(gpu_parts.PackError):
+        gpu_parts.plan_parts({"a": 1}, 0)
 
 
 @pytest.fixture
 def pack(tmp_path):
     tree = make_tree(tmp_path / "tree", {"model/big.whl": 250, "wheels/w.whl": 60, "data/t.tsv": 30})
-    manifest = gpu_pack.write_parts(tree, tmp_path / ".gpu" / "demo", 100, {"use": "demo"})
+    manifest = gpu_parts.write_parts(tree, tmp_path / ".gpu" / "demo", 100, {"use": "demo"})
     return tmp_path, tree, manifest
 
 
@@ -63,14 +64,14 @@ def test_manifest_lists_each_part_and_every_part_carries_it(pack):
         carried = [f for f in folder.rglob("*") if f.is_file() and f.name != "manifest.json"]
         assert sum(f.stat().st_size for f in carried) == part["bytes"] <= 100
         for piece in part["pieces"]:
-            assert gpu_pack.sha256_file(folder / piece["path"]) == piece["sha256"]
+            assert gpu_parts.sha256_file(folder / piece["path"]) == piece["sha256"]
     assert {f["path"]: f["sha256"] for f in manifest["files"]} == {
-        str(p.relative_to(tree)): gpu_pack.sha256_file(p) for p in tree.rglob("*") if p.is_file()}
-    assert gpu_pack.verify(out) == []
+        str(p.relative_to(tree)): gpu_parts.sha256_file(p) for p in tree.rglob("*") if p.is_file()}
+    assert gpu_parts.verify(out) == []
     victim = manifest["parts"][1]
     (out / victim["name"] / victim["pieces"][0]["path"]).write_bytes(b"x")
     (out / "p1" / manifest["parts"][0]["pieces"][0]["path"]).unlink()
-    assert len(gpu_pack.verify(out)) == 2
+    assert len(gpu_parts.verify(out)) == 2
 
 
 def carry(tmp_path: Path, part: str) -> Path:
@@ -86,10 +87,10 @@ def test_parts_gather_over_calls_and_the_big_file_is_joined(pack):
     stage = tmp_path / "stage" / "demo"
     names = [p["name"] for p in manifest["parts"]]
     for name in names[:-1]:
-        assert gpu_pack.stash(carry(tmp_path, name), stage) == [name]
-    with pytest.raises(gpu_pack.PackError, match=rf"missing part\(s\) {names[-1]} of 4.*\.gpu/demo/{names[-1]}"):
-        gpu_pack.ready("demo", tmp_path / "nothing-carried", stage)
-    assert gpu_pack.ready("demo", carry(tmp_path, names[-1]), stage) == stage
+        assert gpu_parts.stash(carry(tmp_path, name), stage) == [name]
+    with pytest.raises(gpu_parts.PackError, match=rf"missing part\(s\) {names[-1]} of 4.*\.gpu/demo/{names[-1]}"):
+        gpu_parts.ready("demo", tmp_path / "nothing-carried", stage)
+    assert gpu_parts.ready("demo", carry(tmp_path, names[-1]), stage) == stage
     for path in ("model/big.whl", "wheels/w.whl", "data/t.tsv"):
         assert (stage / path).read_bytes() == (tree / path).read_bytes()
     assert not list((stage / ".chunks").rglob("*.chunk*"))
@@ -98,10 +99,10 @@ def test_parts_gather_over_calls_and_the_big_file_is_joined(pack):
 def test_ready_names_every_missing_part(pack):
     tmp_path = pack[0]
     stage = tmp_path / "stage" / "demo"
-    with pytest.raises(gpu_pack.PackError, match="no part of it on this machine"):
-        gpu_pack.ready("demo", tmp_path / "empty", stage)
-    with pytest.raises(gpu_pack.PackError) as err:
-        gpu_pack.ready("demo", carry(tmp_path, "p2"), stage)
+    with pytest.raises(gpu_parts.PackError, match="no part of it on this machine"):
+        gpu_parts.ready("demo", tmp_path / "empty", stage)
+    with pytest.raises(gpu_parts.PackError) as err:
+        gpu_parts.ready("demo", carry(tmp_path, "p2"), stage)
     assert "missing part(s) p1 p3 p4 of 4" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -111,22 +112,22 @@ def test_an_altered_part_is_refused_and_a_damaged_stage_caught(pack):
     carried = carry(tmp_path, "p1")
     piece = manifest["parts"][0]["pieces"][0]["path"]
     (carried / "p1" / piece).write_bytes(b"not what was built")
-    with pytest.raises(gpu_pack.PackError, match="altered"):
-        gpu_pack.stash(carried, stage)
+    with pytest.raises(gpu_parts.PackError, match="altered"):
+        gpu_parts.stash(carried, stage)
     for part in manifest["parts"]:
-        gpu_pack.stash(carry(tmp_path, part["name"]), stage)
+        gpu_parts.stash(carry(tmp_path, part["name"]), stage)
     (stage / "data" / "t.tsv").write_text("changed on the machine")
-    with pytest.raises(gpu_pack.PackError, match=r"altered on this machine: data/t\.tsv"):
-        gpu_pack.ready("demo", tmp_path / "empty", stage)
+    with pytest.raises(gpu_parts.PackError, match=r"altered on this machine: data/t\.tsv"):
+        gpu_parts.ready("demo", tmp_path / "empty", stage)
 
 
 def test_a_part_of_another_build_restarts_the_stage(pack):
     tmp_path, tree, _ = pack
     stage = tmp_path / "stage" / "demo"
-    gpu_pack.stash(carry(tmp_path, "p1"), stage)
+    gpu_parts.stash(carry(tmp_path, "p1"), stage)
     (tree / "data" / "t.tsv").write_bytes(b"a newer corpus")
-    gpu_pack.write_parts(tree, tmp_path / ".gpu" / "demo", 100, {"use": "demo"})
-    gpu_pack.stash(carry(tmp_path, "p2"), stage)
+    gpu_parts.write_parts(tree, tmp_path / ".gpu" / "demo", 100, {"use": "demo"})
+    gpu_parts.stash(carry(tmp_path, "p2"), stage)
     assert [p.name for p in (stage / ".parts").iterdir()] == ["p2"]
 
 
@@ -171,7 +172,7 @@ def test_gpu_site_sh_starts_a_script_only_with_every_part(tmp_path):
     (tmp_path / "src" / "lexicons" / "詞彙.csv").write_text("zh,nan\n")
     with tarfile.open(tree / "shared.tar", "w") as tar:
         tar.add(tmp_path / "src" / "lexicons", arcname="lexicons")
-    manifest = gpu_pack.write_parts(tree, tmp_path / "built" / "demo", 14000, {"use": "demo"})  # tar: 10 KiB
+    manifest = gpu_parts.write_parts(tree, tmp_path / "built" / "demo", 14000, {"use": "demo"})  # tar: 10 KiB
     assert len(manifest["parts"]) == 2
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "GPU_PACK_STAGE": str(tmp_path / "stage"),
            "GPU_PACK_ROOT": str(tmp_path / "call")}
