@@ -3,20 +3,28 @@
 # (`toolkit tiny --size 20b --init $INIT`, ~13.7 GB, deterministic: the same bytes on every machine; INIT=scaled,
 # the default, is not chaotic, so the merge and export logit checks judge the conversion). From the repository root.
 #
-# On the lent GPU machine (training; one call of ~9 minutes):
-#   carry: [".gpu17/w1", ".gpu17/tok", ".gpu17/prep"]
-#   command: STAGES="model qlora qlora2048 lora pack" bash bench/full_size.sh
+# What the GPU machine lacks travels in two git-ignored packs built here by bench/gpu_pack.py (pinned; parts
+# under the 64 MiB a device call carries; every part's sha256 checked there before a stage starts):
+#   python bench/gpu_pack.py build full-size        .gpu/full-size: transformers 5.24, peft, trl, datasets, dill,
+#                                                   multiprocess, bitsandbytes 0.50.2, liger-kernel 0.8.5; the
+#                                                   o200k_harmony tokenizer (built offline, tok/); the shipped
+#                                                   sample prepared with gpt-oss-20b-qlora (prep/)
+#   python bench/gpu_pack.py build full-size-serve  .gpu/full-size-serve: the trimmed llama-cpp-python 0.3.36 sdist
+#                                                   (built there by stage llama-bg), its HF -> GGUF converter
+#                                                   (conv/), fastapi, uvicorn, starlette, pydantic, gguf, ollama,
+#                                                   diskcache: for merge/export/eval/serve on that machine
+# On the lent GPU machine, all calls on one warm machine (`python bench/gpu_pack.py calls USE` prints them for
+# the packs built; full-size is 2 parts, 62 MiB in all, full-size-serve 1). Training (~9 minutes):
+#   carry: [".gpu/full-size/p1"]   command: python3 bench/gpu_pack.py stash full-size
+#   carry: [".gpu/full-size/p2"]   command: STAGES="model qlora qlora2048 lora pack" bash bench/full_size.sh
+# then merge/export/eval/serve there too (a stage among llama-bg export eval serve also needs full-size-serve):
+#   carry: [".gpu/full-size-serve/p1"]
+#                                  command: STAGES="llama-bg merge-mxfp4 drop-base llama-wait" bash bench/full_size.sh
+#   no carry (the packs stay):     command: STAGES="export eval serve" bash bench/full_size.sh
 # On a machine without a GPU (merge, export, eval, serve: no accelerator needed), with the adapter that came back
-# unpacked into $RUNS/qlora:
-#   STAGES="model merge-mxfp4 export eval serve merge-bf16" bash bench/full_size.sh
+# unpacked into $RUNS/qlora and the venv's Python (no pack: the tokenizer is built into $RUNS/pack/tok):
+#   PY=.venv/bin/python STAGES="model merge-mxfp4 export eval serve merge-bf16" bash bench/full_size.sh
 #
-# What the GPU machine lacks travels in the git-ignored .gpu17/ (built here, ~62 MB):
-#   w1/  wheels (pip download --no-deps, cp312 manylinux, as the device README says): transformers==5.24.0
-#        peft==0.21.2 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 bitsandbytes==0.50.2
-#        liger-kernel==0.8.5
-#   tok/ the o200k_harmony tokenizer (python -c "from toolkit.tokenizer import build_hf_tokenizer;
-#        build_hf_tokenizer('.gpu17/tok')", then gzip tokenizer.json)
-#   prep/ toolkit prep corpora/zh-nan-moe-sample/sample.tsv --config gpt-oss-20b-qlora --out .gpu17/prep
 # Every stage runs under bench/measure.py: one JSON line each in $OUT/stages.jsonl (wall time, peak host RSS,
 # disk written and its high-water mark, GPU memory in use); everything printed goes to $OUT/log.
 set -o pipefail
@@ -28,20 +36,29 @@ CAP=${CAP:-24}   # GiB: the consumer-GPU budget the qlora runs are held to
 PY=${PY:-python3}
 mkdir -p "$OUT" "$RUNS"
 exec > >(tee -a "$OUT/log") 2>&1
-for w in w1 w2 w3; do  # the GPU machine's missing packages (a machine with its own venv: PY=.venv/bin/python)
-  if [ "$PY" = python3 ] && [ -d .gpu17/$w ] && [ ! -f /tmp/site/.$w ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      .gpu17/$w/*.whl && touch /tmp/site/.$w || exit 1
+if [ "$PY" = python3 ]; then  # the GPU machine: the packs (a machine with its own venv: PY=.venv/bin/python)
+  . bench/gpu_site.sh full-size
+  TRAIN_PACK=$PACK
+  case " ${STAGES:-} " in *" llama-bg "*|*" export "*|*" eval "*|*" serve "*)
+    . bench/gpu_site.sh full-size-serve
+    SERVE_PACK=$PACK
+    export PYTHONPATH=/tmp/site-llama:$PYTHONPATH ;;
+  esac
+else
+  export PYTHONPATH=$PWD
+  TRAIN_PACK=$RUNS/pack
+  if [ ! -f "$TRAIN_PACK/tok/tokenizer.json" ]; then
+    $PY -c "import sys; from toolkit.tokenizer import build_hf_tokenizer; build_hf_tokenizer(sys.argv[1])" \
+      "$TRAIN_PACK/tok" || exit 1
   fi
-done
-if [ "$PY" = python3 ] && [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site:/tmp/site-llama:$PWD; else export PYTHONPATH=$PWD; fi
+fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONFAULTHANDLER=1
 date -u
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no GPU"
 $PY -c "import importlib.metadata as md; print({n: md.version(n) for n in ['torch', 'transformers', 'peft', 'trl', \
 'accelerate']})"
 measure() { $PY bench/measure.py --log "$OUT/stages.jsonl" "$@"; }
-train_args=(.gpu17/prep --max-steps "$STEPS" --force --json --set "train.base_model=\"$MODEL\""
+train_args=("$TRAIN_PACK/prep" --max-steps "$STEPS" --force --json --set "train.base_model=\"$MODEL\""
   --set train.packing=true --set train.grad_accum=4 --set train.logging_steps=1 --set train.eval_steps=0
   --set train.save_steps=0)
 
@@ -52,8 +69,8 @@ for stage in ${STAGES:-model qlora qlora2048 lora pack}; do
   case $stage in
     model)
       if [ ! -f "$MODEL/model.safetensors.index.json" ]; then
-        [ -f .gpu17/tok/tokenizer.json ] || gunzip -k .gpu17/tok/tokenizer.json.gz
-        measure --name model --out-dir "$MODEL" -- $PY -m toolkit tiny "$MODEL" --size 20b --tokenizer .gpu17/tok \
+        [ -f "$TRAIN_PACK/tok/tokenizer.json" ] || gunzip -k "$TRAIN_PACK/tok/tokenizer.json.gz"
+        measure --name model --out-dir "$MODEL" -- $PY -m toolkit tiny "$MODEL" --size 20b --tokenizer "$TRAIN_PACK/tok" \
           --init "${INIT:-scaled}"
       fi ;;
     qlora)
@@ -69,7 +86,7 @@ for stage in ${STAGES:-model qlora qlora2048 lora pack}; do
     llama-bg)  # llama-cpp-python (CPU) from the trimmed pinned sdist, built in the background (setsid: it outlives
                # this call while the machine stays warm); `llama-wait` waits for it
       if [ ! -f /tmp/site-llama/llama_cpp/__init__.py ]; then
-        mkdir -p /tmp/llama-src && tar xJf .gpu17/w2/llama_cpp_python-*-trimmed.tar.xz -C /tmp/llama-src
+        mkdir -p /tmp/llama-src && tar xJf "$SERVE_PACK"/llama/llama_cpp_python-*-trimmed.tar.xz -C /tmp/llama-src
         CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) setsid nohup \
           python3 -m pip install --no-index --no-deps --no-build-isolation --target /tmp/site-llama \
           /tmp/llama-src/llama_cpp_python-* > /tmp/llama-build.log 2>&1 && touch /tmp/llama-built &
@@ -87,7 +104,7 @@ for stage in ${STAGES:-model qlora qlora2048 lora pack}; do
         $PY -m toolkit merge \
         "${ADAPTER:-$RUNS/qlora}" --out "$RUNS/$stage" --format "$format" --force --json ;;
     export)
-      [ -d .gpu17/conv ] && export TOOLKIT_LLAMA_CPP=$PWD/.gpu17/conv
+      [ -n "${SERVE_PACK:-}" ] && export TOOLKIT_LLAMA_CPP=$SERVE_PACK/conv
       measure --name export --out-dir "$RUNS/export" --out-dir "$RUNS/.export.partial" -- $PY -m toolkit export \
         "$RUNS/merge-mxfp4" --out "$RUNS/export" --config gpt-oss-20b-qlora --force --json \
         --set "export.quants=[\"MXFP4_MOE\", \"Q4_K_M\"]" ;;

