@@ -121,7 +121,11 @@
   function detailOf(body) {
     const detail = body && body.detail;
     if (typeof detail === "string") return detail;
-    if (Array.isArray(detail)) return detail.map((e) => String(e.msg || "").replace(/^Value error, /, "")).join("; ");
+    // A validation error: pydantic's prefix off, and the one text the page sends is "the text", not "text 0".
+    if (Array.isArray(detail)) {
+      return detail.map((e) => String(e.msg || "").replace(/^Value error, /, "").replace(/\btext 0\b/, "the text"))
+        .join("; ");
+    }
     return "";
   }
 
