@@ -30,7 +30,7 @@ MAX_CHARS = 200
 
 
 def page_config(html: str) -> dict:
-    found = re.search(r'<script id="config" type="application/json">(.*?)</script>', html, re.S)
+    found = re.search(r'<script id="config" type="application/json">(.*?)</script>', html, re.DOTALL)
     assert found, "no config in the page"
     return json.loads(found.group(1))
 
@@ -130,7 +130,7 @@ class Browser:
 
     def only_own_requests(self, url: str) -> None:
         """Everything the page loaded or sent went to the toolkit's server: nothing from the internet."""
-        foreign = [u for u in self.requested if not (u.startswith(url + "/") or u.startswith("data:"))]
+        foreign = [u for u in self.requested if not (u.startswith((url + "/", "data:")))]
         assert self.requested and foreign == []
 
 
@@ -401,8 +401,8 @@ def _hold_the_only_worker(url: str, fake: FakeTranslator) -> None:
 @pytest.mark.parametrize("case, status, message", [
     ("busy", 429, "The server is busy with other translations. Wait a moment and try again."),
     ("broken", 503, "The translation model is not available right now. Try again later; the server’s log says why."),
-    ("slow", 504, "The translation took too long and was stopped. Try a shorter text, or try again when the "
-                  "server is less busy."),
+    ("slow", 504, ("The translation took too long and was stopped. Try a shorter text, or try again when the "
+                   "server is less busy.")),
     ("unreadable", 422, "The server could not accept this request.The server says: the text is empty"),
 ], ids=["429", "503", "504", "422"])
 def test_server_errors_in_plain_words(browser, case, status, message):
