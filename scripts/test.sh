@@ -4,6 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh all,test
+# The page tests (tests/test_webpage.py, marker `browser`) drive Debian's Chromium through Playwright (the test
+# extra); Playwright's own browser download is never used. Here they must run, not skip. The font: CJK text in
+# their screenshots (tests/artifacts/).
+if [ ! -x "${TOOLKIT_CHROMIUM:-/usr/bin/chromium}" ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq >/dev/null
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+    fonts-wqy-zenhei >/dev/null
+fi
+export TOOLKIT_REQUIRE_BROWSER=1
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python -m pytest "$@"

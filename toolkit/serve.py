@@ -3,7 +3,8 @@
 `POST /translate` translates one text or a batch with the prompt the model was trained with (the
 `PromptSpec` of its manifests), either way between the two languages of training; it also speaks
 LibreTranslate's API (toolkit/libretranslate.py: `q`/`source`/`target`, `GET /languages`). `GET /health` says
-whether the backend answers, `GET /v1/models` names the model, `/docs` is the OpenAPI page.
+whether the backend answers, `GET /v1/models` names the model, `/docs` is the OpenAPI page, and `/` is a
+translation page for people (toolkit/webpage.py).
 
 Backends block (llama.cpp, transformers, an Ollama HTTP call), so they run on a pool of
 `concurrency` worker threads; at most `queue_size` more requests wait for one and the rest get 429
@@ -36,7 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from toolkit import artifacts, backends, libretranslate
+from toolkit import artifacts, backends, libretranslate, webpage
 from toolkit.config import PrepConfig, ServeConfig
 from toolkit.errors import ArtifactError, ConfigError
 from toolkit.prompt import PromptSpec, find_prep_manifest
@@ -342,6 +343,9 @@ def create_app(translator: backends.Translator, spec: PromptSpec, settings: Serv
 
     libretranslate.add_routes(app, spec, libretranslate.codes_for(settings, codes), settings, translate_texts,
                               lambda request, given: authorized(request) or key_matches(given))
+    webpage.add_routes(app, model=model_name, backend=backend_name, max_chars=settings.max_chars,
+                       languages=[(codes[0], spec.source_name), (codes[1], spec.target_name)],
+                       default_effort=spec.reasoning_effort, key_required=api_key is not None)
     return app
 
 
