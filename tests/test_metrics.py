@@ -15,7 +15,6 @@ import sacrebleu
 
 from toolkit import metrics
 
-
 # Fixed strings: Han with an Extension B character (𪜶), Latin in Han, an empty hypothesis.
 REFS = ["今仔日天氣真好。", "伊講𪜶欲來。", "我來矣。", "Cheney宣佈了後，全體參眾議員徛起來拍噗仔致敬。", "這是一本冊。"]
 HYPS = ["今天天氣很好。", "伊講𪜶欲來。", "", "錢尼宣佈之後，全體參眾議員起立鼓掌致敬。", "這是一本書。"]
