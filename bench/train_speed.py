@@ -48,7 +48,7 @@ RECIPE = {"attn_implementation": "eager", "experts_implementation": "eager", "li
           "checkpoint_every_n_layers": 1, "packing": False, "padding_free": False, "offload_embeddings": False,
           "lowrank_experts": False}
 FAST = {**RECIPE, "attn_implementation": "flex_attention", "experts_implementation": "grouped_mm"}
-PRESET = {**FAST, "liger_kernel": True, "checkpoint_every_n_layers": 2}  # the lora preset until run 4 (see README)
+PRESET = {**FAST, "liger_kernel": True, "checkpoint_every_n_layers": 2}  # the lora preset until run 4 (bench/results/train_speed-2026-11-25-h100.md)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +192,11 @@ def corpus_dataset(examples: int, vocab: int, seed: int = 0):
     return Dataset.from_dict({"input_ids": ids, "completion_mask": masks})
 
 
+def portable(path: Path) -> str:
+    """`path` relative to the repository root (e.g. ../shared/...), so the committed file names no machine path."""
+    return os.path.relpath(Path(path).resolve(), ROOT)
+
+
 def write_lengths(prep_dir: Path, out: Path = LENGTHS_FILE, sample: int = 2048, seed: int = 0) -> Path:
     """(prompt, completion) token counts of `sample` training examples of a prep folder (real tokenizer)."""
     import random
@@ -205,7 +210,9 @@ def write_lengths(prep_dir: Path, out: Path = LENGTHS_FILE, sample: int = 2048, 
     enc = tiktoken_encoding()
     pairs = [[len(enc.encode(p[k], allowed_special="all")) for k in ("prompt", "completion")]
              for p in train.to_pairs(rows, "harmony", prep["config"])]
-    artifacts.atomic_write_json(out, {"source": str(prep_dir), "examples": len(pairs), "pairs": pairs})
+    corpus = [Path(i["path"]) for i in prep.get("inputs") or []][:1] or [Path(prep_dir)]
+    source = f"{portable(corpus[0])} -> toolkit prep -> {len(pairs)} sampled train examples, o200k_harmony token counts"
+    artifacts.atomic_write_json(out, {"source": source, "examples": len(pairs), "pairs": pairs})
     return out
 
 

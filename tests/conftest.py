@@ -9,11 +9,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_TSV = ROOT / "corpora" / "zh-nan-moe-sample" / "sample.tsv"
-SHARED = ROOT.parent / "shared"
+SHARED = ROOT.parent / "shared"  # the shared data beside the repository (not shipped)
+HELDOUT = SHARED / "eval" / "zh-nan.heldout.tsv"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def heldout() -> Path:
+    """The news held-out set of ../shared; the test is skipped (saying so) on a checkout without it."""
+    if not HELDOUT.is_file():
+        pytest.skip(f"needs the held-out set {HELDOUT.relative_to(ROOT.parent)} beside the repository")
+    return HELDOUT
 
 
 @pytest.fixture(scope="session")

@@ -110,7 +110,7 @@ def test_switches_reach_transformers_and_trl():
     lora_preset, qlora_preset = config.build("train", "gpt-oss-20b-lora"), config.build("train", "gpt-oss-20b-qlora")
     assert lora.kernel_kwargs(lora_preset) == {"attn_implementation": "flex_attention",
                                                "experts_implementation": "grouped_mm"}
-    # the measured fast path (README table): recompute every 4th layer, expert LoRA as low-rank grouped GEMMs
+    # the fast path the lora preset uses: recompute every 4th layer, expert LoRA as low-rank grouped GEMMs
     assert lora_preset.liger_kernel and train.checkpointing_kwargs(lora_preset)["every_n_layers"] == 4
     assert lora_preset.lowrank_experts and qlora_preset.lowrank_experts
     assert qlora_preset.offload_embeddings and not qlora_preset.liger_kernel  # measured: liger costs qlora 1 GiB
@@ -138,3 +138,16 @@ def test_multi_gpu_table_scales_per_gpu_throughput_against_the_single_run(tmp_pa
     assert rows[1]["scaling"] == pytest.approx(9660.8 / 12963.2, abs=1e-3)
     text = multi_gpu.table(rows)
     assert "| fsdp2 | fsdp2 | 2 | 12 | 19,322 | 9,661 | 74% | 52.9 / 52.7 |" in text
+
+
+def test_lengths_file_names_its_corpus_relative_to_the_repository(tmp_path):
+    from toolkit import corpus
+    from toolkit.config import PrepConfig
+
+    corpus.prepare(PrepConfig(), ROOT / "corpora" / "zh-nan-moe-sample" / "sample.tsv", tmp_path / "prep")
+    out = train_speed.write_lengths(tmp_path / "prep", out=tmp_path / "lengths.json", sample=16)
+    written = json.loads(out.read_text(encoding="utf-8"))
+    assert written["source"].startswith("corpora/zh-nan-moe-sample/sample.tsv -> toolkit prep -> 16 sampled")
+    assert written["examples"] == 16 and all(p > 0 and c > 0 for p, c in written["pairs"])
+    recorded = json.loads((ROOT / "bench" / "zh_nan_lengths.json").read_text(encoding="utf-8"))["source"]
+    assert not Path(recorded.split(" ")[0]).is_absolute()

@@ -14,7 +14,6 @@ from toolkit.cli import main
 from toolkit.config import EvalConfig
 from toolkit.errors import ArtifactError, DataError
 
-HELDOUT = Path(__file__).resolve().parents[2] / "shared" / "eval" / "zh-nan.heldout.tsv"  # ../shared beside the repo
 FILES = {"predictions.jsonl", "scores.json", "report.md", "scores.png", "manifest.json"}
 PAIRS = [("一朵花", "一蕊花"), ("形容人多嘴雜。", "十喙九尻川。"), ("今天天氣很好。", "今仔日天氣真好。"),
          ("他們要來。", "𪜶欲來。"), ("這是一本書。", "這是一本冊。"), ("我不知道。", "我毋知。"), ("謝謝你。", "多謝你。")]
@@ -202,9 +201,9 @@ def test_latest_model(tmp_path):
     assert evaluate.latest_model(run, "transformers") == ("transformers", run / "merge")
 
 
-def test_cli_copy_baseline_reproduces_heldout(tmp_path):
+def test_cli_copy_baseline_reproduces_heldout(tmp_path, heldout):
     out = tmp_path / "copy"
-    result = CliRunner().invoke(main, ["eval", "--baseline", "copy", str(HELDOUT), "--out", str(out),
+    result = CliRunner().invoke(main, ["eval", "--baseline", "copy", str(heldout), "--out", str(out),
                                        "--n-bootstrap", "100", "--json"])
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout.strip().splitlines()[-1])

@@ -35,9 +35,12 @@ def loss_and_grads(model_dir, **kw):
 
 def test_lowrank_experts_match_peft(tiny_model):
     import torch
+    from transformers.integrations import moe
 
+    shipped = moe._grouped_linear
     base_loss, base_grads = loss_and_grads(tiny_model)
     low_loss, low_grads = loss_and_grads(tiny_model, lowrank_experts=True)
+    assert moe._grouped_linear is shipped  # the hook lives only while an expert adapter's module runs
     assert low_loss == pytest.approx(base_loss, rel=1e-5)
     assert low_grads.keys() == base_grads.keys()
     expert = [n for n in base_grads if "experts" in n]
@@ -48,6 +51,11 @@ def test_lowrank_experts_match_peft(tiny_model):
     # and the expert adapters matter: without them the loss is another
     other_loss, _ = loss_and_grads(tiny_model, lora_experts=[])
     assert abs(other_loss - base_loss) > 1e-4
+    # and a plain peft model after the low-rank one still gets peft's own result
+    again_loss, again_grads = loss_and_grads(tiny_model)
+    assert again_loss == base_loss
+    for name in base_grads:
+        assert torch.equal(again_grads[name], base_grads[name]), name
 
 
 def test_lowrank_experts_refuse_a_kernel_that_skips_them(tiny_model):
@@ -60,8 +68,12 @@ def test_lowrank_experts_refuse_a_kernel_that_skips_them(tiny_model):
     assert any("lowrank_experts" in p for p in dataclasses.replace(cfg, experts_implementation="eager").problems())
     eager = dataclasses.replace(cfg, experts_implementation="eager")
     model = lora.attach_lora(lora.load_base(eager), eager)  # built around the config check on purpose
+    from transformers.integrations import moe
+
+    shipped = moe._grouped_linear
     with pytest.raises(RuntimeError, match="did not run through transformers' grouped GEMMs"):
         model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert moe._grouped_linear is shipped  # restored on the way out of the error too
 
 
 def test_lowrank_experts_config_check(tiny_model):

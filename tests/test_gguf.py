@@ -166,6 +166,27 @@ def test_interrupted_quantization_leaves_no_half_file(exported, merged_dir, tmp_
     assert list(tmp_path.iterdir()) == []  # the export was built beside OUT: no half file, no folder, no manifest
 
 
+@pytest.mark.llama
+def test_quantize_quiets_llama_cpp_for_the_call_only(tmp_path, monkeypatch):
+    import logging
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    logger = logging.getLogger("llama-cpp-python")
+    monkeypatch.setattr(logger, "level", logging.NOTSET)  # as llama-cpp-python leaves it on import
+    seen = []
+
+    def quantize(src, dst, params):
+        seen.append(logger.level)
+        Path(dst.decode()).write_bytes(b"GGUF")
+        return 0
+
+    monkeypatch.setattr(llama_cpp, "llama_model_quantize", quantize)
+    (tmp_path / "src.gguf").write_bytes(b"GGUF")
+    gguf.quantize(tmp_path / "src.gguf", tmp_path / "q.gguf", "Q8_0", 1)
+    assert seen == [logging.WARNING] and logger.level == logging.NOTSET
+    assert (tmp_path / "q.gguf").read_bytes() == b"GGUF"
+
+
 KILLED_EXPORT = """
 import os, shutil, signal, sys
 from pathlib import Path

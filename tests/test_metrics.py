@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,6 @@ import pytest
 import sacrebleu
 
 from toolkit import metrics
-
-HELDOUT = Path(__file__).resolve().parents[2] / "shared" / "eval" / "zh-nan.heldout.tsv"  # ../shared beside the repo
 
 # Fixed strings: Han with an Extension B character (𪜶), Latin in Han, an empty hypothesis.
 REFS = ["今仔日天氣真好。", "伊講𪜶欲來。", "我來矣。", "Cheney宣佈了後，全體參眾議員徛起來拍噗仔致敬。", "這是一本冊。"]
@@ -124,8 +123,8 @@ def test_paired_identical_systems_are_not_significant():
         assert result[key]["p_value"] == 1.0
 
 
-def test_copy_baseline_reproduces_heldout_numbers():
-    with HELDOUT.open(encoding="utf-8", newline="") as fh:
+def test_copy_baseline_reproduces_heldout_numbers(heldout):
+    with heldout.open(encoding="utf-8", newline="") as fh:
         rows = list(csv.DictReader(fh, delimiter="\t"))
     assert len(rows) == 2000
     hyps = metrics.copy_hypotheses([r["zh"] for r in rows])
@@ -169,3 +168,30 @@ def test_bootstrap_survives_zero_bleu_resamples():
     for key, result in metrics.score(hyps, refs, n_bootstrap=200).items():
         assert 0.0 <= result["mean"] <= 100.0, key
         assert result["ci"] >= 0.0, key
+
+
+def test_scoring_leaves_sacrebleu_as_it_found_it(monkeypatch):
+    import logging
+
+    monkeypatch.delenv("SACREBLEU_SEED", raising=False)
+    logger = logging.getLogger("sacrebleu")
+    monkeypatch.setattr(logger, "level", logging.DEBUG)  # a program's own choice
+    extract = sacrebleu.CHRF._extract_corpus_statistics
+    seen, corpus_score = [], metrics._corpus_score
+
+    def recording(*args):
+        seen.append((os.environ.get("SACREBLEU_SEED"), logger.level))
+        return corpus_score(*args)
+
+    monkeypatch.setattr(metrics, "_corpus_score", recording)
+    metrics.score(HYPS, REFS, keys=("chrf",))
+    assert seen == [(str(metrics.SEED), logging.WARNING)]  # pinned and quiet while scoring
+    result = metrics.paired(HYPS, HYPS[::-1], REFS, n_samples=20)
+    assert result["chrf"]["p_value"] <= 1
+    assert "SACREBLEU_SEED" not in os.environ and logger.level == logging.DEBUG
+    assert sacrebleu.CHRF._extract_corpus_statistics is extract  # the statistics cache sits on our objects only
+    assert "_extract_corpus_statistics" not in vars(sacrebleu.CHRF())
+    monkeypatch.setenv("SACREBLEU_SEED", "7")  # a user's seed wins, and stays
+    seen.clear()
+    metrics.score(HYPS, REFS, keys=("chrf",))
+    assert seen == [("7", logging.WARNING)] and os.environ["SACREBLEU_SEED"] == "7"

@@ -147,6 +147,39 @@ def test_only_the_assistant_completion_is_supervised(tiny_model, prep_dir, tmp_p
         assert supervised == f"<|channel|>final<|message|>{row['target']}<|return|>"
 
 
+def test_flex_attention_raises_the_recompile_limit_while_training_only(tiny_model, prep_dir, tmp_path, monkeypatch):
+    import dataclasses
+
+    import torch._dynamo
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer
+
+    from toolkit import lora, train
+
+    cfg = tiny_cfg(tiny_model)
+    train_ds, _, _ = train.load_datasets(cfg, prep_dir, "harmony")
+    model = lora.attach_lora(lora.load_base(cfg), cfg)
+    seen = []
+
+    def record(self, *args, **kwargs):  # stands in for SFTTrainer's own loop: what limit would it run under?
+        seen.append(torch._dynamo.config.recompile_limit)
+
+    monkeypatch.setattr(SFTTrainer, "train", record)
+    monkeypatch.setattr(SFTTrainer, "evaluate", record)
+    before = torch._dynamo.config.recompile_limit
+    assert before < train.FLEX_RECOMPILE_LIMIT  # dynamo's default (8): the limit below is ours
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    for attn, expected in (("flex_attention", train.FLEX_RECOMPILE_LIMIT), ("eager", before)):
+        # the flex config is only read here; the tiny model itself stays eager
+        flex = dataclasses.replace(cfg, attn_implementation=attn)
+        trainer = train.build_trainer(flex, model, tokenizer, "harmony", train_ds, None, tmp_path / attn)
+        assert torch._dynamo.config.recompile_limit == before  # building the trainer changes nothing
+        trainer.train()
+        trainer.evaluate()
+        assert seen == [expected, expected] and torch._dynamo.config.recompile_limit == before
+        seen.clear()
+
+
 def test_chat_template_models_supervise_the_answer_and_end_of_turn(tiny_model, prep_dir, tmp_path):
     """A non-Harmony model: the tokenizer's template renders, and the answer + its end-of-turn are supervised."""
     from toolkit import lora, train

@@ -207,8 +207,8 @@ class TrainConfig:
             out.append("train.liger_kernel: Liger's kernels are Triton (CUDA); set it to false on the CPU")
         packed_ok = "flash" in self.attn_implementation or self.attn_implementation == "flex_attention"
         if (self.packing or self.padding_free) and not packed_ok:
-            # measured: with eager attention a packed example's logits change by O(1) (it sees its neighbours);
-            # flex attention gets per-example masks from toolkit.packing (checked on the GPU by the train bench)
+            # with eager attention a packed example sees its neighbours (its logits change by O(1)); flex
+            # attention gets per-example masks from toolkit.packing
             out.append(f"train.packing / train.padding_free need a FlashAttention kernel that reads the per-example "
                        f"positions (e.g. attn_implementation = \"kernels-community/vllm-flash-attn3\") or "
                        f"flex_attention, found {self.attn_implementation!r}")

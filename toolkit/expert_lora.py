@@ -12,20 +12,25 @@ peft's, unchanged; only the training forward differs, and the result equals peft
 
 The hook: `ParamWrapper.forward` of each expert adapter is replaced (per instance) by one that registers
 its factors by the tensor's shape while its experts module runs, and transformers'
-`integrations.moe._grouped_linear` is wrapped to add the low-rank term for a registered shape. A forward
-that did not go through the grouped GEMMs (another experts kernel) is an error, never a silent no-op.
+`integrations.moe._grouped_linear` is wrapped to add the low-rank term for a registered shape, only while
+that module runs (`_grouped_linear_hooked`): outside it, transformers is as shipped, for this model and any
+other in the process. Backward needs no hook (autograd recorded the low-rank GEMMs); a recomputed
+(checkpointed) layer runs this forward again. A forward that did not go through the grouped GEMMs
+(another experts kernel) is an error, never a silent no-op.
 """
 
 from __future__ import annotations
 
 import logging
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 _ACTIVE: dict[tuple[int, ...], list[Any]] = {}  # weight shape -> [A, B, scale, uses]
-_ORIGINAL = None
+_ORIGINAL = None  # transformers' own _grouped_linear while the hook is in place
 
 
 def _grouped_linear(input, weight, offs, bias=None, is_transposed=False):
@@ -43,13 +48,24 @@ def _grouped_linear(input, weight, offs, bias=None, is_transposed=False):
     return out + scale * low
 
 
-def _install() -> None:
+@contextmanager
+def _grouped_linear_hooked() -> Iterator[None]:
+    """transformers' `_grouped_linear` wrapped by `_grouped_linear` inside the block, restored after it.
+
+    peft nests one ParamWrapper per expert tensor (gate_up_proj around down_proj around the experts), so an
+    inner adapter finds the hook already in place and leaves it to the outer one.
+    """
     global _ORIGINAL
     from transformers.integrations import moe
 
-    if _ORIGINAL is None:
-        _ORIGINAL = moe._grouped_linear
-        moe._grouped_linear = _grouped_linear
+    if moe._grouped_linear is _grouped_linear:
+        yield
+        return
+    _ORIGINAL, moe._grouped_linear = moe._grouped_linear, _grouped_linear
+    try:
+        yield
+    finally:
+        moe._grouped_linear, _ORIGINAL = _ORIGINAL, None
 
 
 def _lowrank_forward(self, x, *args, **kwargs):
@@ -64,7 +80,8 @@ def _lowrank_forward(self, x, *args, **kwargs):
                            "set train.lowrank_experts=false for this model.")
     entry = _ACTIVE[shape] = [lhs, rhs, scale, 0]
     try:
-        result = self.base_layer(x, *args, **kwargs)
+        with _grouped_linear_hooked():
+            result = self.base_layer(x, *args, **kwargs)
     finally:
         del _ACTIVE[shape]
     if entry[3] == 0:
@@ -78,7 +95,6 @@ def enable(peft_model: Any) -> int:
     """Switches every expert-tensor adapter of `peft_model` to the low-rank path; returns how many."""
     from peft.tuners.lora.layer import ParamWrapper
 
-    _install()
     count = 0
     for module in peft_model.modules():
         if isinstance(module, ParamWrapper) and getattr(module, "num_experts", 1) > 1:

@@ -36,6 +36,7 @@ from typing import Any
 from toolkit import artifacts, llamacpp, ollama, prompt, resources
 from toolkit.config import ExportConfig, as_dict
 from toolkit.errors import ArtifactError, ConfigError, ExternalToolError
+from toolkit.logs import logger_level
 
 log = logging.getLogger(__name__)
 FLOAT_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
@@ -93,17 +94,16 @@ def quantize(src: Path, dst: Path, kind: str, n_threads: int, allow_requantize: 
     if ftype is None:
         raise ExternalToolError(f"llama-cpp-python {llama_cpp.__version__} has no {QUANT_FTYPES[kind]}; "
                                 f"drop {kind} from --quant.")
-    # llama-cpp-python prints llama.cpp's log when its logger is below the message level: keep the
-    # per-tensor listing for -vv.
-    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG)
-                                                   else logging.WARNING)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = n_threads
     params.allow_requantize = allow_requantize
     log.info("export: quantizing %s -> %s%s", src.name, kind, " (requantizing its MXFP4 experts)"
              if allow_requantize and kind != MXFP4_KIND else "")
-    with artifacts.atomic_path(dst) as tmp:
+    # llama-cpp-python prints llama.cpp's log when its logger is below the message level: keep the
+    # per-tensor listing for -vv.
+    level = logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING
+    with artifacts.atomic_path(dst) as tmp, logger_level("llama-cpp-python", level):
         status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if status != 0:
             raise ExternalToolError(f"llama_model_quantize({src.name} -> {kind}) returned {status}; see the log "

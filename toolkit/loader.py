@@ -143,8 +143,8 @@ def release_freed_memory() -> None:
     """Hand the heap's free pages back to the OS (glibc; elsewhere nothing).
 
     glibc keeps freed blocks below its mmap threshold, which rises to 32 MB once large blocks are freed, so
-    reading tensor after tensor grows the heap: measured on a random 16-layer gpt-oss read to nothing, peak
-    RSS 1.37 GB without this and a flat 0.76 GB with it (`bench/qlora_load.py`).
+    reading tensor after tensor grows the heap with the model's size; trimmed after each tensor, the peak stays
+    at about one tensor (`bench/qlora_load.py` measures both).
     """
     global _TRIM
     if _TRIM is None:

@@ -14,12 +14,15 @@ import os
 import statistics
 import unicodedata
 from collections import Counter, OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import sacrebleu
 from sacrebleu.metrics.base import Metric
+
+from toolkit.logs import logger_level
 
 N_BOOTSTRAP = 1000
 SEED = 12345  # sacrebleu's default SACREBLEU_SEED: our numbers match its CLI
@@ -47,7 +50,8 @@ LABELS = {m.key: m.label for m in METRICS}
 # Sentence statistics of recent (metric, hypotheses, references): a comparison scores each system, then tests
 # it against the copy baseline and against the first system, and sacrebleu recomputes the statistics every
 # time. TER's are slow on long, wrong outputs (a base model's 500 continuations: over 2 minutes), so each
-# system's are computed once. sacrebleu does not modify the statistics it is given.
+# system's are computed once. sacrebleu does not modify the statistics it is given. The cached extractor is set on
+# each metric object made here, never on sacrebleu's classes: other users of sacrebleu in the process are untouched.
 _STATS_CACHE: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 _STATS_CACHE_SIZE = 64
 
@@ -75,22 +79,35 @@ def _metric(m: MetricDef) -> Metric:
     return metric
 
 
-def _seed_env() -> None:
-    # sacrebleu reads its bootstrap seed from the environment; pin it unless the user chose one.
-    os.environ.setdefault("SACREBLEU_SEED", str(SEED))
+@contextmanager
+def _sacrebleu_settings() -> Iterator[None]:
+    """sacrebleu's bootstrap seed pinned and its INFO log quiet for one call; both restored after.
+
+    sacrebleu reads the seed from the environment (a user's own SACREBLEU_SEED wins), and PairedTest logs every
+    step at INFO, which the CLI shows by default.
+    """
+    pinned = "SACREBLEU_SEED" not in os.environ
+    if pinned:
+        os.environ["SACREBLEU_SEED"] = str(SEED)
+    try:
+        with logger_level("sacrebleu", logging.WARNING):
+            yield
+    finally:
+        if pinned:
+            os.environ.pop("SACREBLEU_SEED", None)
 
 
 def score(hypotheses: Sequence[str], references: Sequence[str], *, n_bootstrap: int = N_BOOTSTRAP,
           keys: Sequence[str] = METRIC_KEYS) -> dict[str, Any]:
     """Each metric (`keys`) of one system: score, bootstrap mean and 95% half-interval, sacrebleu signature."""
-    _seed_env()
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
     out: dict[str, Any] = {}
-    for m in (m for m in METRICS if m.key in keys):
-        metric = _metric(m)
-        mean, ci, value = _corpus_score(metric, list(hypotheses), [list(references)], n_bootstrap)
-        out[m.key] = {"score": value, "mean": mean, "ci": ci, "signature": str(metric.get_signature())}
+    with _sacrebleu_settings():
+        for m in (m for m in METRICS if m.key in keys):
+            metric = _metric(m)
+            mean, ci, value = _corpus_score(metric, list(hypotheses), [list(references)], n_bootstrap)
+            out[m.key] = {"score": value, "mean": mean, "ci": ci, "signature": str(metric.get_signature())}
     return out
 
 
@@ -149,35 +166,33 @@ def paired_many(
     so the baseline's sentence statistics (TER's are slow) are computed once, not once per system."""
     from sacrebleu.significance import PairedTest
 
-    _seed_env()
-    # PairedTest logs every step at INFO; the CLI shows INFO by default.
-    logging.getLogger("sacrebleu").setLevel(logging.WARNING)
     names = list(systems)
     out: dict[str, dict[str, Any]] = {name: {} for name in names}
     if not names:
         return out
     named = [("baseline", list(baseline))] + [(f"system-{i}", list(systems[n])) for i, n in enumerate(names)]
-    for m in METRICS:
-        # One metric per test: PairedTest keys results by score name, and both BLEUs are "BLEU".
-        metrics: dict[str, Metric] = {m.key: _metric(m)}
-        test = PairedTest(named, metrics, [list(references)], test_type="bs", n_samples=n_samples)
-        signatures, results = test()
-        (score_name,) = [k for k in results if k != "System"]
-        base, *per_system = results[score_name]
-        for name, sys_result in zip(names, per_system, strict=True):
-            delta = float(sys_result.score - base.score)
-            # sacrebleu counts resampled differences strictly greater than the observed one, so two
-            # systems with identical scores get p = 1/(n+1), "significant"; no observed difference is p = 1.
-            p_value = 1.0 if delta == 0 else float(sys_result.p_value)
-            out[name][m.key] = {
-                "baseline": float(base.score),
-                "system": float(sys_result.score),
-                "delta": delta,
-                "p_value": p_value,
-                "mean": float(sys_result.mean),
-                "ci": float(sys_result.ci),
-                "signature": str(signatures[score_name]),
-            }
+    with _sacrebleu_settings():
+        for m in METRICS:
+            # One metric per test: PairedTest keys results by score name, and both BLEUs are "BLEU".
+            metrics: dict[str, Metric] = {m.key: _metric(m)}
+            test = PairedTest(named, metrics, [list(references)], test_type="bs", n_samples=n_samples)
+            signatures, results = test()
+            (score_name,) = [k for k in results if k != "System"]
+            base, *per_system = results[score_name]
+            for name, sys_result in zip(names, per_system, strict=True):
+                delta = float(sys_result.score - base.score)
+                # sacrebleu counts resampled differences strictly greater than the observed one, so two
+                # systems with identical scores get p = 1/(n+1), "significant"; no observed difference is p = 1.
+                p_value = 1.0 if delta == 0 else float(sys_result.p_value)
+                out[name][m.key] = {
+                    "baseline": float(base.score),
+                    "system": float(sys_result.score),
+                    "delta": delta,
+                    "p_value": p_value,
+                    "mean": float(sys_result.mean),
+                    "ci": float(sys_result.ci),
+                    "signature": str(signatures[score_name]),
+                }
     return out
 
 

@@ -1,7 +1,8 @@
 """Ollama: render the Modelfile of an export and register it with a server (`toolkit export --register`).
 
-The Modelfile comes from a template in `modelfiles/` whose `@@NAME@@` placeholders are filled here (the
-TEMPLATE body itself is Go template text full of `{{ }}`, hence the different marker). Registration goes
+The Modelfile comes from a template in `modelfiles/` (found by `toolkit.assets`) whose `@@NAME@@`
+placeholders are filled here (the TEMPLATE body itself is Go template text full of `{{ }}`, hence the
+different marker). Registration goes
 through the official `ollama` Python client the way `ollama create -f Modelfile` does: upload the GGUF
 as a blob, then `create` with `files`, `template`, `system` and `parameters` parsed from the same
 Modelfile, so the file on disk and the registered model cannot drift apart.
@@ -16,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from toolkit import assets
 from toolkit.errors import ConfigError, ExternalToolError
 from toolkit.harmony import STOP_TOKENS
 from toolkit.prompt import PromptSpec
 
 log = logging.getLogger(__name__)
-MODELFILES = Path(__file__).resolve().parent.parent / "modelfiles"
+MODELFILES = assets.folder("modelfiles")
 DEFAULT_HOST = "http://localhost:11434"
 _PLACEHOLDER = re.compile(r"@@([A-Z_]+)@@")
 

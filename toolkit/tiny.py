@@ -16,7 +16,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SAMPLE = Path(__file__).resolve().parent.parent / "corpora" / "zh-nan-moe-sample" / "sample.tsv"
+from toolkit import assets
+from toolkit.errors import DataError
+
+SAMPLE = assets.folder("corpora") / "zh-nan-moe-sample" / "sample.tsv"
 HARMONY_SPECIALS = [
     "<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>", "<|start|>", "<|end|>",
     "<|message|>", "<|call|>", "<|endofprompt|>",
@@ -28,7 +31,10 @@ def _training_text(sample: Path) -> list[str]:
     from toolkit.harmony import system_text
     from toolkit.prompt import default_spec
 
-    lines = sample.read_text(encoding="utf-8").splitlines()[1:] if sample.is_file() else []
+    if not sample.is_file():  # the tokenizer would silently differ: its merges are learnt from this text
+        raise DataError(f"{sample}: the sample corpus the tiny tokenizer is trained on is missing; reinstall the "
+                        "toolkit (its wheel ships corpora/) or run from a checkout.")
+    lines = sample.read_text(encoding="utf-8").splitlines()[1:]
     spec = default_spec()
     extra = [system_text(e) for e in ("low", "medium", "high")] + [spec.messages("x")[0]["content"],
                                                                     spec.reversed().messages("x")[0]["content"]]

@@ -24,6 +24,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PNG = "loss.png"
+FLEX_RECOMPILE_LIMIT = 64  # dynamo recompiles of flex attention allowed while training (its default: 8)
 
 
 def read_examples(path: Path, limit: int = 0) -> list[dict[str, Any]]:
@@ -152,6 +154,22 @@ def training_args(cfg: TrainConfig, out_dir: Path, fmt: str):
     )
 
 
+@contextlib.contextmanager
+def recompile_limit(cfg: TrainConfig, at_least: int = FLEX_RECOMPILE_LIMIT) -> Iterator[None]:
+    """With flex attention, dynamo's recompile limit raised to `at_least` inside the block, restored after.
+
+    Each new padded length, mask and train/eval switch can recompile flex attention; past dynamo's default
+    limit (8) it silently falls back to a slow unfused form. Other attention kernels: nothing changes.
+    """
+    if cfg.attn_implementation != "flex_attention":
+        yield
+        return
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, at_least)):
+        yield
+
+
 def build_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, fmt: str, train_ds: Any, eval_ds: Any,
                   out_dir: Path, callbacks: list[Any] | tuple[Any, ...] = ()):
     """An SFTTrainer for a model that already carries its LoRA (see `toolkit.lora.load_model`)."""
@@ -166,19 +184,19 @@ def build_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, fmt: str, train_
         from toolkit.packing import mask_packed_examples
 
         mask_packed_examples(model)  # gpt-oss builds its masks without position_ids: packed examples would mix
-    if cfg.attn_implementation == "flex_attention":
-        import torch._dynamo
-
-        # each new padded length, mask and train/eval switch can recompile flex attention; past dynamo's
-        # default limit (8) it silently falls back to a slow unfused form (seen in bench/train_speed.py)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if eval_ds is None and cfg.eval_steps:  # e.g. prep --dev-fraction 0: TRL refuses eval steps without a dev set
         log.warning("train: the prep folder has no dev examples, so no eval loss is computed")
         cfg = dataclasses.replace(cfg, eval_steps=0)
     args = training_args(cfg, out_dir, fmt)
 
     class Trainer(checkpoints.AtomicCheckpoints, SFTTrainer):
-        pass
+        def train(self, *args, **kwargs):
+            with recompile_limit(cfg):
+                return super().train(*args, **kwargs)
+
+        def evaluate(self, *args, **kwargs):
+            with recompile_limit(cfg):
+                return super().evaluate(*args, **kwargs)
 
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer)
     trainer.remove_callback(ProgressCallback)
