@@ -78,9 +78,11 @@ def test_language_names_cannot_end_the_config_script():
 
 def test_the_page_is_package_data():
     """A non-editable install carries every file of toolkit/web/ (pyproject's package-data patterns)."""
-    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["toolkit"]
-    web = sorted(p.relative_to(ROOT / "toolkit").as_posix() for p in (ROOT / "toolkit" / "web").iterdir())
-    assert web == ["web/index.html", "web/page.css", "web/page.js"]
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "toolkit.web" in setuptools["packages"]
+    patterns = setuptools["package-data"]["toolkit.web"]
+    web = sorted(p.relative_to(ROOT / "toolkit" / "web").as_posix() for p in (ROOT / "toolkit" / "web").iterdir())
+    assert web == ["index.html", "page.css", "page.js"]
     assert [f for f in web if not any(fnmatch.fnmatch(f, p) for p in patterns)] == []
 
 
