@@ -157,6 +157,21 @@ def test_direction_reverse_limit_and_columns(tsv, tmp_path):
         evaluate.run(cfg(), tmp_path / "nope.tsv", tmp_path / "bad", translator=Scripted())
 
 
+def test_report_names_the_languages_of_the_run(tsv, tmp_path):
+    from toolkit.prompt import PromptSpec
+
+    spec = PromptSpec("Dutch", "West Frisian", "Translate {src} into {tgt}.", "English")
+    evaluate.run(cfg(), tsv, tmp_path / "nl", translator=Scripted(), spec=spec)
+    report = (tmp_path / "nl" / "report.md").read_text(encoding="utf-8")
+    assert "how much Dutch and West Frisian text share" in report and "Mandarin" not in report
+    evaluate.run(cfg(direction="reverse"), tsv, tmp_path / "fy", translator=Scripted(), spec=spec)
+    assert "West Frisian and Dutch" in (tmp_path / "fy" / "report.md").read_text(encoding="utf-8")
+    evaluate.baseline(cfg(), tsv, tmp_path / "copy")  # no model, no prompt: the test set's columns
+    assert "how much zh and nan text share" in (tmp_path / "copy" / "report.md").read_text(encoding="utf-8")
+    evaluate.compare([tmp_path / "copy", tmp_path / "nl"], tmp_path / "cmp", n_bootstrap=10)
+    assert "Dutch and West Frisian" in (tmp_path / "cmp" / "report.md").read_text(encoding="utf-8")
+
+
 def test_compare_runs(tsv, tmp_path):
     evaluate.run(cfg(), tsv, tmp_path / "a" / "eval", translator=Scripted())
     evaluate.baseline(cfg(), tsv, tmp_path / "copy")

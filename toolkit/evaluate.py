@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from toolkit import artifacts, backends, metrics, resources
+from toolkit import artifacts, backends, metrics, report, resources
 from toolkit.config import EvalConfig, PrepConfig, as_dict
 from toolkit.errors import ArtifactError, DataError
 from toolkit.prompt import PromptSpec
@@ -250,11 +250,13 @@ def _start(out_dir: Path, config: dict[str, Any], force: bool) -> dict[str, Any]
 
 
 def _finish(out_dir: Path, test: TestSet, scores: dict[str, Any], config: dict[str, Any], title: str,
-            upstream: dict[str, Any] | None, inputs: list[Path], usage: resources.Usage) -> dict[str, Any]:
-    from toolkit import report
-
+            upstream: dict[str, Any] | None, inputs: list[Path], usage: resources.Usage,
+            languages: tuple[str, str] | None = None) -> dict[str, Any]:
+    """Write the scores, report and chart, then the manifest. `languages`: the (source, target) names the report
+    uses (default: the prompt's in `scores`, else the test set's columns)."""
     artifacts.atomic_write_json(out_dir / SCORES, scores)
-    artifacts.atomic_write_text(out_dir / REPORT, report.markdown(scores, title=title))
+    languages = languages or report.languages(scores, (test.source_column, test.target_column))
+    artifacts.atomic_write_text(out_dir / REPORT, report.markdown(scores, title=title, languages=languages))
     report.chart(scores, out_dir / CHART, title=title)
     manifest = artifacts.write_manifest(
         out_dir, stage="eval", config=config, inputs=inputs, upstream=upstream,
@@ -399,4 +401,5 @@ def compare(run_dirs: list[Path], out_dir: Path, *, n_bootstrap: int = metrics.N
                                                         test.references, n_samples=n_bootstrap)
     title = f"comparison of {len(runs)} runs, {len(test.sources):,} sentences of {test.path.name}"
     inputs = [f / name for f, *_ in runs for name in (PREDICTIONS, SCORES)]
-    return _finish(out_dir, test, scores, config, title, None, inputs, usage)
+    languages = next((report.languages(old, ("", "")) for *_, old in runs if old.get("prompt")), None)
+    return _finish(out_dir, test, scores, config, title, None, inputs, usage, languages)
