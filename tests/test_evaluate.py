@@ -198,25 +198,6 @@ def test_compare_runs(tsv, tmp_path):
         evaluate.compare([out, tmp_path / "a" / "eval"], tmp_path / "cmp3")
 
 
-def test_latest_model(tmp_path):
-    from toolkit import artifacts
-
-    run = tmp_path / "r1"
-    with pytest.raises(ArtifactError, match="no finished export, merge or train"):
-        evaluate.latest_model(run)
-    for stage in ("train", "merge", "export"):
-        (run / stage).mkdir(parents=True)
-    artifacts.write_manifest(run / "train", stage="train", config={})
-    assert evaluate.latest_model(run) == ("transformers", run / "train")
-    artifacts.write_manifest(run / "merge", stage="merge", config={})
-    assert evaluate.latest_model(run) == ("transformers", run / "merge")
-    for name in ("r1-f16.gguf", "r1-Q4_K_M.gguf"):
-        (run / "export" / name).write_bytes(b"GGUF")
-    artifacts.write_manifest(run / "export", stage="export", config={"ollama_gguf": "Q4_K_M"})
-    assert evaluate.latest_model(run) == ("llama-cpp", run / "export" / "r1-Q4_K_M.gguf")
-    assert evaluate.latest_model(run, "transformers") == ("transformers", run / "merge")
-
-
 def test_cli_copy_baseline_reproduces_heldout(tmp_path):
     out = tmp_path / "copy"
     result = CliRunner().invoke(main, ["eval", "--baseline", "copy", str(HELDOUT), "--out", str(out),

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from toolkit import config as cfgmod
+from toolkit import runs
 from toolkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
-STAGES = ("prep", "train", "merge", "export", "eval")
+STAGES = runs.STAGES
 
 
 def run(corpus: Path, run_dir: Path, *, config: str | Path | None = None, overrides: tuple[str, ...] = (),
@@ -39,7 +40,7 @@ def run(corpus: Path, run_dir: Path, *, config: str | Path | None = None, overri
                           "--test TEST.tsv, or keep a dev fraction (e.g. --set prep.dev_fraction=0.05).")
     if cfgs["export"].name in (None, "", "model"):  # GGUF files and the Ollama model are named after the run
         cfgs["export"] = dataclasses.replace(cfgs["export"], name=Path(run_dir).name)
-    dirs = {s: Path(run_dir) / s for s in STAGES}
+    dirs = {s: runs.stage_dir(Path(run_dir), s) for s in STAGES}
     manifests: dict[str, Any] = {}
     steps = {
         "prep": lambda: corpus_mod.prepare(cfgs["prep"], corpus, dirs["prep"], force=force),
