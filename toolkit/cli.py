@@ -362,7 +362,6 @@ def eval_(inputs: tuple[Path, ...], out_dir: Path | None, run: str | None, basel
     echo_result(manifest, out_dir, as_json)
 
 
-
 # --- serve command (owned by the serve stage) ---
 @main.command()
 @click.argument("model", required=False)
@@ -384,11 +383,11 @@ def serve(model: str | None, run: str | None, config, overrides, **options) -> N
     from toolkit import serve as serve_mod
 
     cfg = cfgmod.build("serve", config, overrides, **options)
+    serve_mod.api_key_for(cfg)  # a public bind without a key is refused before any model is looked for
     target = runs.serve_target(model, cfg.backend, run)
     if logging.getLogger().level <= logging.WARNING:  # not -q: show the per-request lines
         logging.getLogger("toolkit.serve").setLevel(logging.INFO)
     serve_mod.run(cfg, target, on_ready=click.echo)
-
 
 
 # --- fetch command (owned by toolkit.pretrained) ---

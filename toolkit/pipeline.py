@@ -47,7 +47,7 @@ def run(corpus: Path, run_dir: Path, *, config: str | Path | None = None, overri
         "train": lambda: train.run(cfgs["train"], dirs["prep"], dirs["train"], force=force, resume=not force),
         "merge": lambda: merge.run(cfgs["merge"], dirs["train"], dirs["merge"], force=force),
         "export": lambda: gguf.run(cfgs["export"], dirs["merge"], dirs["export"], force=force),
-        "eval": lambda: _evaluate(evaluate, cfgs["eval"], manifests["export"], dirs, test_file, force),
+        "eval": lambda: _evaluate(evaluate, cfgs["eval"], dirs, test_file, force),
     }
     for stage in STAGES:
         start = time.perf_counter()
@@ -58,10 +58,8 @@ def run(corpus: Path, run_dir: Path, *, config: str | Path | None = None, overri
     return manifests
 
 
-def _evaluate(evaluate, cfg, export_manifest: dict[str, Any], dirs: dict[str, Path], test_file: Path | None,
-              force: bool):
-    gguf_name = export_manifest["ollama"]["gguf"]
-    model = dirs["export"] / gguf_name
+def _evaluate(evaluate, cfg, dirs: dict[str, Path], test_file: Path | None, force: bool):
+    model = runs.export_gguf(dirs["export"])  # the one the Modelfile uses
     cfg = dataclasses.replace(cfg, backend="llama-cpp", model=str(model))
     test = Path(test_file) if test_file else dirs["prep"] / "dev.jsonl"
     return evaluate.run(cfg, test, dirs["eval"], force=force)
