@@ -251,7 +251,7 @@ def test_stage_options_take_help_type_and_choices_from_the_config():
     assert {"backend", "ollama_host", "max_new_tokens"} <= {p.name for p in main.commands["serve"].params}
 
 
-def test_eval_host_is_now_ollama_host(monkeypatch, tmp_path):
+def test_eval_host_is_now_ollama_host(monkeypatch, tmp_path, caplog):
     from toolkit import evaluate
 
     got = {}
@@ -267,4 +267,4 @@ def test_eval_host_is_now_ollama_host(monkeypatch, tmp_path):
     assert got["cfg"].ollama_host == "http://gpu:11434"
     result = CliRunner().invoke(main, [*args, "--host", "http://old:11434"])  # the old name still works
     assert result.exit_code == 0, result.output
-    assert got["cfg"].ollama_host == "http://old:11434" and "--ollama-host" in result.stderr
+    assert got["cfg"].ollama_host == "http://old:11434" and "eval --host is now --ollama-host" in caplog.text
