@@ -169,7 +169,6 @@ class TransformersTranslator:
         if path.is_dir() and adapter is None and not (path / "config.json").is_file():
             raise ArtifactError(f"{target}: expected a model folder (config.json) or a train folder "
                                 "(adapter_config.json); found neither. Pass --model.")
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = resolve_device(device)

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from toolkit import mxfp4
-from toolkit.devices import resolve_device
 from toolkit.config import TrainConfig
+from toolkit.devices import resolve_device
 from toolkit.errors import ArtifactError, ConfigError, ExternalToolError
 
 log = logging.getLogger(__name__)

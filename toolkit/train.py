@@ -289,7 +289,6 @@ def run(cfg: TrainConfig, data_dir: Path, out_dir: Path, *, force: bool = False,
     """
     from accelerate import PartialState
 
-    from toolkit import lora
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     config = as_dict(cfg)
