@@ -52,6 +52,7 @@ def load_once(model_dir: str, mode: str, device: str, old: bool, on_device: bool
     import torch
 
     from toolkit import config, loader, lora
+    from toolkit.devices import resolve_device
 
     cfg = config.build("train", "gpt-oss-20b-qlora", [f'train.base_model="{model_dir}"', f'train.mode="{mode}"',
                                                        f'train.device="{"cpu" if device == "meta" else device}"'])
@@ -63,9 +64,9 @@ def load_once(model_dir: str, mode: str, device: str, old: bool, on_device: bool
         model = loader.empty_model(model_config, lora.torch_dtype(cfg))
         loader.stream_weights(model, ckpt, lambda module, name, tensor: loader.assign(module, name, tensor.to("meta")))
     elif old:
-        model = lora.load_pretrained(cfg, model_config, lora.resolve_device(cfg))
+        model = lora.load_pretrained(cfg, model_config, resolve_device(cfg.device))
     else:
-        model = lora.load_streamed(cfg, model_config, lora.resolve_device(cfg), dequantize_on_device=on_device)
+        model = lora.load_streamed(cfg, model_config, resolve_device(cfg.device), dequantize_on_device=on_device)
         if model is None:
             raise SystemExit(f"{model_dir}: not streamable (see the warning above)")
     seconds = time.monotonic() - started

@@ -275,8 +275,8 @@ def test_copy_bias_config_checks():
     assert any("Ollama" in p for p in EvalConfig(copy_bias=2.0, backend="ollama").problems())
     assert any("Ollama" in p for p in ServeConfig(copy_bias=2.0, backend="ollama").problems())
     with pytest.raises(ConfigError, match="Ollama"):  # serve's backend can be found only at run time
-        backends.backend_options("ollama", ServeConfig(copy_bias=2.0), None)
-    assert backends.backend_options("llama-cpp", EvalConfig(copy_bias=2.0), None)["copy_bias"] == 2.0
+        ServeConfig(copy_bias=2.0).translator_options("ollama")
+    assert EvalConfig(copy_bias=2.0).translator_options("llama-cpp")["copy_bias"] == 2.0
 
 
 # ---- user text is plain text: no special token from a client ---------------------------------------

@@ -224,3 +224,47 @@ def test_train_after_prep_without_dev_split_trains_without_eval_loss(tiny_model,
     metrics = json.loads(result.stdout.strip().splitlines()[-1])["metrics"]
     assert metrics["steps"] == 2 and metrics["eval_loss"] is None
     assert "the prep folder has no dev examples, so no eval loss is computed" in caplog.text
+
+
+def test_stage_options_take_help_type_and_choices_from_the_config():
+    import click
+
+    from toolkit import config
+
+    seen = 0
+    for command in ("prep", "train", "merge", "export", "eval", "serve"):
+        fields = {f.name: f for f in config.dataclasses.fields(config.SECTIONS[command])}
+        for param in main.commands[command].params:
+            if param.name not in fields or not isinstance(param, click.Option) or param.hidden:
+                continue
+            if (command, param.name) == ("export", "quants"):  # a list with a `none` value: declared by hand
+                continue
+            meta = fields[param.name].metadata
+            assert param.help.startswith(meta["help"]), (command, param.name)
+            if "choices" in meta:
+                assert tuple(param.type.choices) == meta["choices"], (command, param.name)
+            assert param.default is None  # given values only: the preset and --set stay in force otherwise
+            seen += 1
+    assert seen > 40
+    options = {p.name: p for p in main.commands["eval"].params}
+    assert options["source_column"].opts == ["--src"] and options["ollama_host"].opts == ["--ollama-host"]
+    assert {"backend", "ollama_host", "max_new_tokens"} <= {p.name for p in main.commands["serve"].params}
+
+
+def test_eval_host_is_now_ollama_host(monkeypatch, tmp_path, caplog):
+    from toolkit import evaluate
+
+    got = {}
+
+    def fake_run(cfg, test_file, out_dir, force=False):
+        got["cfg"] = cfg
+        return {"metrics": {}}
+
+    monkeypatch.setattr(evaluate, "run", fake_run)
+    args = ["eval", "t.tsv", "--backend", "ollama", "--model", "m", "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(main, [*args, "--ollama-host", "http://gpu:11434"])
+    assert result.exit_code == 0, result.output
+    assert got["cfg"].ollama_host == "http://gpu:11434"
+    result = CliRunner().invoke(main, [*args, "--host", "http://old:11434"])  # the old name still works
+    assert result.exit_code == 0, result.output
+    assert got["cfg"].ollama_host == "http://old:11434" and "eval --host is now --ollama-host" in caplog.text

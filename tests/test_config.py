@@ -30,6 +30,40 @@ def test_value_checks():
         config.build("prep", None, ["prep.direction=up", "prep.dev_fraction=1.5"])
 
 
+def test_choices_are_checked_from_the_field():
+    with pytest.raises(ConfigError) as err:
+        config.build("train", None, ["train.mode=full", "merge.format=gguf"])
+    assert "train.mode: expected lora or qlora, found 'full'" in str(err.value)
+    with pytest.raises(ConfigError, match="merge.format: expected bf16 or mxfp4, found 'gguf'"):
+        config.build("merge", None, ["merge.format=gguf"])
+    assert config.build("eval", None, ["eval.dtype=float16"]).dtype == "float16"
+    with pytest.raises(ConfigError, match="serve.dtype: expected auto, bfloat16, float16 or float32"):
+        config.build("serve", None, ["serve.dtype=int8"])
+
+
+def test_eval_and_serve_share_the_backend_settings():
+    shared = {f.name for f in config.dataclasses.fields(config.BackendConfig)}
+    assert {"backend", "ollama_host", "n_ctx", "n_threads", "device", "dtype", "copy_bias"} <= shared
+    for section in ("eval", "serve"):
+        cfg = config.build(section, None, [f"{section}.n_threads=3", f"{section}.ollama_host=http://gpu:11434"])
+        assert (cfg.n_threads, cfg.ollama_host) == (3, "http://gpu:11434")
+        assert cfg.translator_options("llama-cpp")["n_threads"] == 3
+        assert cfg.translator_options("ollama") == {"host": "http://gpu:11434"}
+    assert config.ServeConfig().host == "127.0.0.1"  # serve's host is the address it binds, nothing else
+
+
+def test_a_renamed_key_names_the_new_one():
+    with pytest.raises(ConfigError, match="eval.host: renamed eval.ollama_host; write that instead"):
+        config.build("eval", None, ["eval.host=http://gpu:11434"])
+
+
+def test_one_default_ollama_host(monkeypatch):
+    monkeypatch.delenv("OLLAMA_HOST", raising=False)
+    assert config.ollama_host() == config.DEFAULT_OLLAMA_HOST == "http://127.0.0.1:11434"
+    monkeypatch.setenv("OLLAMA_HOST", "http://box:11434")
+    assert config.ollama_host() == "http://box:11434" and config.ollama_host("http://x:1") == "http://x:1"
+
+
 def test_bad_toml_and_unknown_preset(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[prep\n", encoding="utf-8")

@@ -156,6 +156,21 @@ def test_direction_reverse_limit_and_columns(tsv, tmp_path):
         evaluate.run(cfg(), tmp_path / "nope.tsv", tmp_path / "bad", translator=Scripted())
 
 
+def test_report_names_the_languages_of_the_run(tsv, tmp_path):
+    from toolkit.prompt import PromptSpec
+
+    spec = PromptSpec("Dutch", "West Frisian", "Translate {src} into {tgt}.", "English")
+    evaluate.run(cfg(), tsv, tmp_path / "nl", translator=Scripted(), spec=spec)
+    report = (tmp_path / "nl" / "report.md").read_text(encoding="utf-8")
+    assert "how much Dutch and West Frisian text share" in report and "Mandarin" not in report
+    evaluate.run(cfg(direction="reverse"), tsv, tmp_path / "fy", translator=Scripted(), spec=spec)
+    assert "West Frisian and Dutch" in (tmp_path / "fy" / "report.md").read_text(encoding="utf-8")
+    evaluate.baseline(cfg(), tsv, tmp_path / "copy")  # no model, no prompt: the test set's columns
+    assert "how much zh and nan text share" in (tmp_path / "copy" / "report.md").read_text(encoding="utf-8")
+    evaluate.compare([tmp_path / "copy", tmp_path / "nl"], tmp_path / "cmp", n_bootstrap=10)
+    assert "Dutch and West Frisian" in (tmp_path / "cmp" / "report.md").read_text(encoding="utf-8")
+
+
 def test_compare_runs(tsv, tmp_path):
     evaluate.run(cfg(), tsv, tmp_path / "a" / "eval", translator=Scripted())
     evaluate.baseline(cfg(), tsv, tmp_path / "copy")
@@ -180,25 +195,6 @@ def test_compare_runs(tsv, tmp_path):
         evaluate.compare([tmp_path / "a" / "eval", tmp_path / "short"], tmp_path / "cmp2")
     with pytest.raises(ArtifactError, match="a comparison, not an eval run"):
         evaluate.compare([out, tmp_path / "a" / "eval"], tmp_path / "cmp3")
-
-
-def test_latest_model(tmp_path):
-    from toolkit import artifacts
-
-    run = tmp_path / "r1"
-    with pytest.raises(ArtifactError, match="no finished export, merge or train"):
-        evaluate.latest_model(run)
-    for stage in ("train", "merge", "export"):
-        (run / stage).mkdir(parents=True)
-    artifacts.write_manifest(run / "train", stage="train", config={})
-    assert evaluate.latest_model(run) == ("transformers", run / "train")
-    artifacts.write_manifest(run / "merge", stage="merge", config={})
-    assert evaluate.latest_model(run) == ("transformers", run / "merge")
-    for name in ("r1-f16.gguf", "r1-Q4_K_M.gguf"):
-        (run / "export" / name).write_bytes(b"GGUF")
-    artifacts.write_manifest(run / "export", stage="export", config={"ollama_gguf": "Q4_K_M"})
-    assert evaluate.latest_model(run) == ("llama-cpp", run / "export" / "r1-Q4_K_M.gguf")
-    assert evaluate.latest_model(run, "transformers") == ("transformers", run / "merge")
 
 
 def test_cli_copy_baseline_reproduces_heldout(tmp_path, heldout):

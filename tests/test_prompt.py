@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from toolkit import prompt
+from toolkit import prompt, runs
 from toolkit.config import PrepConfig
 from toolkit.errors import ArtifactError
 
@@ -21,9 +21,9 @@ def test_spec_and_chat_format_come_from_the_upstream_chain():
     assert spec.reasoning_language == "Deutsch"
     assert spec.harmony_prompt("一朵花").endswith("<|start|>user<|message|>一朵花<|end|><|start|>assistant")
     assert "from Taiwanese Hokkien (Han characters) into Mandarin" in spec.reversed().messages("x")[0]["content"]
-    assert prompt.find_chat_format(chain("template")) == "template"
-    assert prompt.find_chat_format(chain()) == "harmony"
-    assert prompt.find_chat_format({"stage": "merge", "upstream": None}) is None
+    assert runs.chat_format(chain("template")) == "template"
+    assert runs.chat_format(chain()) == "harmony"
+    assert runs.chat_format({"stage": "merge", "upstream": None}) is None
 
 
 def test_a_folder_without_prep_upstream_is_an_error():

@@ -14,11 +14,11 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from toolkit import artifacts, backends, serve
+from toolkit import backends, serve
 from toolkit.backends import Translation
 from toolkit.cli import main
 from toolkit.config import ServeConfig
-from toolkit.errors import ArtifactError, ConfigError
+from toolkit.errors import ConfigError
 from toolkit.prompt import PromptSpec, default_spec
 
 fastapi_testclient = pytest.importorskip("fastapi.testclient")
@@ -339,38 +339,6 @@ def test_cli_rejects_bad_limits():
 
 
 # ---- model resolution and binding ---------------------------------------------------------------
-
-def test_resolve_targets(tmp_path):
-    gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"GGUF")
-    assert serve.resolve(gguf, None) == ("llama-cpp", str(gguf), tmp_path)
-    export = tmp_path / "export"
-    export.mkdir()
-    (export / "r1-Q4_K_M.gguf").write_bytes(b"GGUF")
-    artifacts.write_manifest(export, stage="export", config={},
-                             extra={"ollama": {"gguf": "r1-Q4_K_M.gguf", "name": "r1", "modelfile": "Modelfile"}})
-    assert serve.resolve(export, None) == ("llama-cpp", str(export / "r1-Q4_K_M.gguf"), export)
-    assert serve.resolve(export, "ollama") == ("ollama", "r1", export)
-    merged = tmp_path / "merge"
-    merged.mkdir()
-    assert serve.resolve(merged, None) == ("transformers", str(merged), merged)
-    assert serve.resolve("gpt-oss:20b", "ollama") == ("ollama", "gpt-oss:20b", None)
-    with pytest.raises(ArtifactError, match="no such file"):
-        serve.resolve(tmp_path / "nope", None)
-    with pytest.raises(ConfigError):
-        serve.resolve(gguf, "transformers")
-    old_export = tmp_path / "old"
-    old_export.mkdir()
-    artifacts.write_manifest(old_export, stage="export", config={})
-    with pytest.raises(ArtifactError, match="names no GGUF"):
-        serve.resolve(old_export, None)
-
-
-def test_language_codes_come_from_the_prep_manifest():
-    prep = {"stage": "prep", "config": {"source_column": "cmn", "target_column": "nan-TW"}}
-    assert serve.language_codes({"stage": "merge", "upstream": prep}) == ("cmn", "nan-TW")
-    assert serve.language_codes(None) == ("zh", "nan")
-
 
 def test_taken_port_is_one_clear_error():
     taken = serve.bind("127.0.0.1", 0)

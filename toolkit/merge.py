@@ -16,14 +16,13 @@ staging folder and moved in only when the check passed: a failed merge leaves no
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from toolkit import artifacts, checkpoint, layerwise, mxfp4, prompt, resources
+from toolkit import artifacts, checkpoint, layerwise, mxfp4, prompt, resources, runs
 from toolkit.adapter import Adapter
 from toolkit.checkpoint import Checkpoint
 from toolkit.config import MergeConfig, as_dict
@@ -31,7 +30,6 @@ from toolkit.errors import ArtifactError
 from toolkit.merge_plan import MergePlan
 
 log = logging.getLogger(__name__)
-ADAPTER_CONFIG = "adapter_config.json"
 BASE_FILES = ("generation_config.json",)  # copied beside the merged weights when the base has them
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
 # The check has two references, both float32 forwards of the base checkpoint, layer by layer:
@@ -46,28 +44,6 @@ HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
 DEFAULT_ATOL = 1e-3
 DEFAULT_RTOL = 0.01
 LOW_EFFECT_KEPT = 0.5
-
-
-def find_adapter(train_dir: Path) -> Path:
-    """The folder holding adapter_config.json: the train folder itself or its `adapter/` subfolder."""
-    for candidate in (train_dir, train_dir / "adapter"):
-        if (candidate / ADAPTER_CONFIG).is_file():
-            return candidate
-    raise ArtifactError(
-        f"{train_dir}: no {ADAPTER_CONFIG} here or in {train_dir / 'adapter'}. Pass the folder `toolkit train` wrote."
-    )
-
-
-def base_model_of(train_manifest: dict[str, Any], adapter_dir: Path, override: str | None) -> str:
-    """The base model: --base-model, else the train manifest's config, else the adapter's own record."""
-    if override:
-        return override
-    name = (train_manifest.get("config") or {}).get("base_model") or train_manifest.get("base_model")
-    if not name:
-        name = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
-    if not name:
-        raise ArtifactError(f"{adapter_dir}: no base model recorded. Pass --base-model PATH_OR_ID.")
-    return str(name)
 
 
 def local_folder(base: str) -> Path:
@@ -213,8 +189,8 @@ def run(cfg: MergeConfig, train_dir: Path, out_dir: Path, *, force: bool = False
     """Merge the adapter of `train_dir` into its base, tensor by tensor, and write the merged model to `out_dir`."""
     train_dir, out_dir = Path(train_dir), Path(out_dir)
     train_manifest = artifacts.read_manifest(train_dir, stage="train")
-    adapter_dir = find_adapter(train_dir)
-    base = base_model_of(train_manifest, adapter_dir, cfg.base_model)
+    adapter_dir = runs.find_adapter(train_dir)
+    base = runs.base_model_of(train_manifest, adapter_dir, cfg.base_model)
     config = {**as_dict(cfg), "base_model": base}
     inputs = [train_dir / artifacts.MANIFEST]  # the train run, by its manifest's path and sha256
     done = artifacts.check_out_dir(out_dir, stage="merge", config=config, force=force, inputs=inputs)

@@ -11,25 +11,20 @@ Modelfile, so the file on disk and the registered model cannot drift apart.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from toolkit import assets
+from toolkit.config import DEFAULT_OLLAMA_HOST, ollama_host
 from toolkit.errors import ConfigError, ExternalToolError
 from toolkit.harmony import STOP_TOKENS
 from toolkit.prompt import PromptSpec
 
 log = logging.getLogger(__name__)
 MODELFILES = assets.folder("modelfiles")
-DEFAULT_HOST = "http://localhost:11434"
 _PLACEHOLDER = re.compile(r"@@([A-Z_]+)@@")
-
-
-def default_host() -> str:
-    return os.environ.get("OLLAMA_HOST") or DEFAULT_HOST
 
 
 def template_path(name: str) -> Path:
@@ -179,7 +174,7 @@ def _call(host: str, what: str, func, *args, missing_ok: bool = False, **kwargs)
     except (ConnectionError, httpx.TransportError) as exc:
         raise ExternalToolError(
             f"no Ollama server answers at {host} ({what}: {exc.__class__.__name__}). Start one with `ollama serve` "
-            "or pass --ollama-host URL (default: $OLLAMA_HOST or http://localhost:11434)."
+            f"or pass --ollama-host URL (default: $OLLAMA_HOST or {DEFAULT_OLLAMA_HOST})."
         ) from None
     except ollama.ResponseError as exc:
         if missing_ok and exc.status_code == 404:
@@ -214,7 +209,7 @@ def register(modelfile: Path, name: str, *, host: str | None = None, force: bool
     """
     from toolkit.artifacts import sha256_file
 
-    host = host or default_host()
+    host = ollama_host(host)
     modelfile = Path(modelfile)
     wanted = parse(modelfile.read_text(encoding="utf-8"))
     gguf = (modelfile.parent / wanted.from_).resolve()

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from toolkit import config as cfgmod
+from toolkit import runs
 from toolkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
-STAGES = ("prep", "train", "merge", "export", "eval")
+STAGES = runs.STAGES
 
 
 def run(corpus: Path, run_dir: Path, *, config: str | Path | None = None, overrides: tuple[str, ...] = (),
@@ -39,14 +40,14 @@ def run(corpus: Path, run_dir: Path, *, config: str | Path | None = None, overri
                           "--test TEST.tsv, or keep a dev fraction (e.g. --set prep.dev_fraction=0.05).")
     if cfgs["export"].name in (None, "", "model"):  # GGUF files and the Ollama model are named after the run
         cfgs["export"] = dataclasses.replace(cfgs["export"], name=Path(run_dir).name)
-    dirs = {s: Path(run_dir) / s for s in STAGES}
+    dirs = {s: runs.stage_dir(Path(run_dir), s) for s in STAGES}
     manifests: dict[str, Any] = {}
     steps = {
         "prep": lambda: corpus_mod.prepare(cfgs["prep"], corpus, dirs["prep"], force=force),
         "train": lambda: train.run(cfgs["train"], dirs["prep"], dirs["train"], force=force, resume=not force),
         "merge": lambda: merge.run(cfgs["merge"], dirs["train"], dirs["merge"], force=force),
         "export": lambda: gguf.run(cfgs["export"], dirs["merge"], dirs["export"], force=force),
-        "eval": lambda: _evaluate(evaluate, cfgs["eval"], manifests["export"], dirs, test_file, force),
+        "eval": lambda: _evaluate(evaluate, cfgs["eval"], dirs, test_file, force),
     }
     for stage in STAGES:
         start = time.perf_counter()
@@ -57,10 +58,8 @@ def run(corpus: Path, run_dir: Path, *, config: str | Path | None = None, overri
     return manifests
 
 
-def _evaluate(evaluate, cfg, export_manifest: dict[str, Any], dirs: dict[str, Path], test_file: Path | None,
-              force: bool):
-    gguf_name = export_manifest["ollama"]["gguf"]
-    model = dirs["export"] / gguf_name
+def _evaluate(evaluate, cfg, dirs: dict[str, Path], test_file: Path | None, force: bool):
+    model = runs.export_gguf(dirs["export"])  # the one the Modelfile uses
     cfg = dataclasses.replace(cfg, backend="llama-cpp", model=str(model))
     test = Path(test_file) if test_file else dirs["prep"] / "dev.jsonl"
     return evaluate.run(cfg, test, dirs["eval"], force=force)

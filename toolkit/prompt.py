@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from toolkit import harmony
-from toolkit.errors import ArtifactError
+from toolkit import harmony, runs
 
 # Stands in for the user's text while the scaffold of a prompt is rendered (a private-use code point: no
 # tokenizer, template or sentence has a reason to hold it).
@@ -84,18 +83,9 @@ def is_harmony_tokenizer(tokenizer: Any) -> bool:
     return "<|channel|>" in vocab and "<|message|>" in vocab
 
 
-def find_prep_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
-    node: dict[str, Any] | None = manifest
-    while node is not None:
-        if node.get("stage") == "prep":
-            return node
-        node = node.get("upstream")
-    raise ArtifactError("no prep manifest in this folder's upstream chain: it was not made by `toolkit prep`.")
-
-
 def from_manifest(manifest: dict[str, Any]) -> PromptSpec:
     """The PromptSpec of any stage manifest (prep, train, merge, export)."""
-    cfg = find_prep_manifest(manifest)["config"]
+    cfg = runs.prep_manifest(manifest)["config"]
     return PromptSpec(
         source_name=cfg["source_name"],
         target_name=cfg["target_name"],
@@ -113,13 +103,3 @@ def default_spec() -> PromptSpec:
     cfg = PrepConfig()
     return PromptSpec(cfg.source_name, cfg.target_name, cfg.instruction, cfg.reasoning_language,
                       cfg.reasoning_effort, cfg.date)
-
-
-def find_chat_format(manifest: dict[str, Any]) -> str | None:
-    """The chat format the train stage recorded in a manifest's upstream chain (None when none did)."""
-    node: dict[str, Any] | None = manifest
-    while node is not None:
-        if node.get("stage") == "train" and node.get("chat_format"):
-            return node["chat_format"]
-        node = node.get("upstream")
-    return None

@@ -7,8 +7,16 @@ from typing import Any
 
 from toolkit import metrics
 
-NOTE = ("The copy-source baseline (hypothesis = the untranslated source) scores high because Mandarin and "
-        "Taigi Han text share most characters: a model that does not beat it has learned nothing useful.")
+NOTE = ("The copy-source baseline (hypothesis = the untranslated source) measures how much {source} and {target} "
+        "text share: a model that does not beat it has learned nothing useful.")
+
+
+def languages(scores: dict[str, Any], fallback: tuple[str, str]) -> tuple[str, str]:
+    """(source, target) language names of a scores.json: its prompt's, else `fallback` (e.g. the test columns)."""
+    prompt = scores.get("prompt") or {}
+    if prompt.get("source_name") and prompt.get("target_name"):
+        return prompt["source_name"], prompt["target_name"]
+    return fallback
 
 
 def _cell(value: dict[str, Any]) -> str:
@@ -50,14 +58,16 @@ def _outputs_table(outputs: dict[str, Any]) -> list[str]:
     return ["Outputs (empty or missing finals are scored as empty strings):", "", *_table(header, rows), ""]
 
 
-def markdown(scores: dict[str, Any], *, title: str) -> str:
-    """The report: scores with 95% bootstrap intervals, paired tests, output counts, sacrebleu signatures."""
+def markdown(scores: dict[str, Any], *, title: str, languages: tuple[str, str] = ("the source", "the target")) -> str:
+    """The report: scores with 95% bootstrap intervals, paired tests, output counts, sacrebleu signatures.
+    `languages`: the (source, target) names the note on the copy baseline uses."""
     systems = scores["systems"]
     header = ["System", *(metrics.LABELS[k] + (" ↓" if k == "ter" else "") for k in metrics.METRIC_KEYS)]
     rows = [[name, *(_cell(v[k]) for k in metrics.METRIC_KEYS)] for name, v in systems.items()]
     with_ci = any(v[k].get("ci") is not None for v in systems.values() for k in metrics.METRIC_KEYS)
     lines = [f"# Evaluation: {title}", "", *_table(header, rows), "",
-             ("Scores ± half-width of the 95% bootstrap confidence interval. " if with_ci else "") + NOTE, ""]
+             ("Scores ± half-width of the 95% bootstrap confidence interval. " if with_ci else "")
+             + NOTE.format(source=languages[0], target=languages[1]), ""]
     if scores.get("paired_vs_copy"):
         lines += _paired_table(scores["paired_vs_copy"], "the copy baseline")
     if scores.get("paired_vs_first"):

@@ -37,10 +37,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from toolkit import artifacts, backends, libretranslate, webpage
-from toolkit.config import PrepConfig, ServeConfig
-from toolkit.errors import ArtifactError, ConfigError
-from toolkit.prompt import PromptSpec, find_prep_manifest
+from toolkit import backends, libretranslate, runs, webpage
+from toolkit.config import ServeConfig
+from toolkit.errors import ConfigError
+from toolkit.prompt import PromptSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,18 +109,6 @@ class TranslateResponse(BaseModel):
 
 
 # ---- languages ----------------------------------------------------------------------------------
-
-def language_codes(manifest: dict[str, Any] | None) -> tuple[str, str]:
-    """The prep columns (e.g. zh, nan) of a model's manifest chain, accepted as language codes."""
-    cfg: dict[str, Any] = {}
-    if manifest is not None:
-        try:
-            cfg = find_prep_manifest(manifest)["config"]
-        except ArtifactError:
-            pass
-    default = PrepConfig()
-    return cfg.get("source_column", default.source_column), cfg.get("target_column", default.target_column)
-
 
 def choose_spec(spec: PromptSpec, codes: tuple[str, str], source_lang: str | None,
                 target_lang: str | None) -> PromptSpec:
@@ -214,7 +202,7 @@ class _AccessLog:
 def create_app(translator: backends.Translator, spec: PromptSpec, settings: ServeConfig, *,
                api_key: str | None = None, codes: tuple[str, str] | None = None) -> FastAPI:
     """The FastAPI app around one loaded translator. `api_key`: required on /translate and /v1/models when set."""
-    codes = codes or language_codes(None)
+    codes = codes or runs.prep_columns(None)
     gate = Gate(settings.concurrency, settings.queue_size)
     counts: Counter = Counter()
     backend_name = settings.backend or type(translator).__name__
@@ -351,42 +339,6 @@ def create_app(translator: backends.Translator, spec: PromptSpec, settings: Serv
 
 # ---- choosing and loading the model -------------------------------------------------------------
 
-def resolve(target: str | Path, backend: str | None) -> tuple[str, str, Path | None]:
-    """(backend, what to load, folder whose manifest gives the prompt) for a GGUF, a stage folder or a name.
-
-    An export folder means its preferred GGUF through llama-cpp, or its Ollama model with `ollama`.
-    """
-    path = Path(target)
-    if path.is_file():
-        if path.suffix != ".gguf" or backend not in (None, "llama-cpp"):
-            raise ConfigError(f"{path}: a file is served as a GGUF through llama-cpp; found {path.suffix or 'no'} "
-                              f"suffix with backend {backend or 'auto'}. Pass a .gguf, or a model folder.")
-        return "llama-cpp", str(path), path.parent
-    if path.is_dir():
-        manifest = artifacts.read_manifest(path) if (path / artifacts.MANIFEST).is_file() else {}
-        if manifest.get("stage") == "export":
-            ollama = manifest.get("ollama") or {}
-            if not ollama.get("name") or not ollama.get("gguf"):
-                raise ArtifactError(f"{path}: the export manifest names no GGUF/Ollama model. Re-run `toolkit "
-                                    "export` with --force, or pass the .gguf file.")
-            if backend == "ollama":
-                return "ollama", ollama["name"], path
-            if backend in (None, "llama-cpp"):
-                return "llama-cpp", str(path / ollama["gguf"]), path
-        if backend == "ollama":
-            raise ConfigError(f"{path}: --backend ollama needs a model name or an export folder; found a folder "
-                              "without an export manifest.")
-        return backend or "transformers", str(path), path
-    if backend == "ollama":
-        return "ollama", str(target), None
-    raise ArtifactError(f"{target}: no such file or folder. Pass a GGUF, an export/merge/train folder, or "
-                        "--backend ollama with a model name.")
-
-
-def backend_options(cfg: ServeConfig, backend: str) -> dict[str, Any]:
-    from toolkit.backends import backend_options as options
-
-    return options(backend, cfg, cfg.ollama_host)
 
 
 def is_loopback(host: str) -> bool:
@@ -436,14 +388,15 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def run(cfg: ServeConfig, target: str | Path, *, on_ready: Callable[[str], None] | None = None) -> None:
-    """Load the model at `target` and serve it until interrupted; `on_ready(url)` once it listens."""
+def run(cfg: ServeConfig, target: runs.Model | str | Path, *, on_ready: Callable[[str], None] | None = None) -> None:
+    """Load the model (`runs.resolve`d, or a path or name to resolve) and serve it until interrupted;
+    `on_ready(url)` once it listens."""
     api_key = api_key_for(cfg)  # before loading any weights
-    backend, model, manifest_dir = resolve(target, cfg.backend)
+    backend, model, manifest_dir = target if isinstance(target, runs.Model) else runs.resolve(target, cfg.backend)
     sock = bind(cfg.host, cfg.port)
     spec = backends.spec_for(backend, model, manifest_dir=manifest_dir)
-    codes = language_codes(backends.nearest_manifest(manifest_dir) if manifest_dir else None)
-    translator = backends.load_translator(backend, model, **backend_options(cfg, backend))
+    codes = runs.prep_columns(runs.nearest_manifest(manifest_dir) if manifest_dir else None)
+    translator = backends.load_translator(backend, model, **cfg.translator_options(backend))
     app = create_app(translator, spec, dataclasses.replace(cfg, backend=backend), api_key=api_key, codes=codes)
     log.info("serve: %s through %s, %s <-> %s, key %s", translator.name, backend, spec.source_name,
              spec.target_name, "required" if api_key else "off (localhost only)")

@@ -15,6 +15,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from toolkit.artifacts import sha256_file
 from toolkit.errors import ExternalToolError
 
 O200K_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
@@ -48,7 +49,7 @@ def install_ranks() -> Path:
     """
     folder = cache_dir() / "tiktoken"
     target = folder / "o200k_base.tiktoken"
-    if not target.is_file() or hashlib.sha256(target.read_bytes()).hexdigest() != O200K_SHA256:
+    if not target.is_file() or sha256_file(target) != O200K_SHA256:
         source = _packaged_ranks()
         if source is None:
             raise ExternalToolError(

