@@ -118,6 +118,17 @@ def config_options(func):
     return func
 
 
+def glossary_option(func):
+    """--glossary FILE, repeatable: a list for the config, None (the config's own) when not given."""
+
+    def to_list(ctx, param, value):
+        return list(value) or None
+
+    return click.option("--glossary", "glossary", multiple=True, metavar="FILE", callback=to_list,
+                        help="Term lexicon: TSV/CSV with the source and target columns, or the iTaigi / MOE "
+                             "file as it is (repeatable).")(func)
+
+
 def echo_result(manifest: dict, out_dir: Path, as_json: bool = False) -> None:
     if as_json:
         click.echo(json.dumps({"out": str(out_dir), "metrics": manifest.get("metrics", {})}, ensure_ascii=False))
@@ -165,6 +176,7 @@ def main(verbose: int, quiet: bool, debug: bool) -> None:
 @click.option("--length-unit", type=click.Choice(["tokens", "chars", "auto"]), help="Unit of --max-length.")
 @click.option("--dedupe/--no-dedupe", default=None, help="Drop repeated pairs (default on).")
 @click.option("--skip-bad-lines", is_flag=True, default=None, help="Count and skip malformed lines.")
+@glossary_option
 @click.option("--json", "as_json", is_flag=True, help="Print the output folder and statistics as JSON.")
 @config_options
 @handle_errors
@@ -340,6 +352,7 @@ def export(merged_dir: Path | None, out_dir: Path | None, run: str | None, quant
 @click.option("--batch-size", type=int, help="Sentences per generate call.")
 @click.option("--n-bootstrap", type=int, help="Bootstrap resamples (1 = no intervals, no paired test).")
 @click.option("--host", help="Ollama server URL.")
+@glossary_option
 @click.option("--json", "as_json", is_flag=True, help="Print the output folder and scores as JSON.")
 @config_options
 @handle_errors
@@ -408,6 +421,7 @@ def eval_(inputs: tuple[Path, ...], out_dir: Path | None, run: str | None, basel
 @click.option("--queue-size", type=int, help="Requests waiting beyond that before 429 (default 16).")
 @click.option("--timeout", "request_timeout_s", type=float, help="Seconds per request before 504 (default 120).")
 @click.option("--ollama-host", help="Ollama server URL (default $OLLAMA_HOST or http://127.0.0.1:11434).")
+@glossary_option
 @click.option("--config", "config", metavar="PRESET|FILE.toml", help="A shipped preset name or a TOML file.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override one config value, e.g. --set serve.n_ctx=4096 (repeatable).")
@@ -417,7 +431,7 @@ def serve(model: str | None, run: str | None, config, overrides, **options) -> N
 
     \b
     POST /translate {"text": "..."} or {"texts": [...]}, optional source_lang, target_lang,
-    reasoning_language, reasoning_effort, include_reasoning. GET /health, GET /v1/models, /docs.
+    reasoning_language, reasoning_effort, include_reasoning, glossary. GET /health, GET /v1/models, /docs.
     Prints the URL on stdout, then one log line per request on stderr.
     """
     from toolkit import config as cfgmod
