@@ -173,3 +173,64 @@ def test_term_scores():
     assert scores["reference_term_accuracy"] == 0.8
     assert (scores["hinted"], scores["hinted_produced"], scores["hint_accuracy"]) == (5, 4, 0.8)
     assert json.dumps(scores)  # JSON as it is
+
+
+# ---- prep, train and the backends: the analysis reaches the model in both chat formats ----------
+
+def _prep(tmp_path, **overrides) -> Path:
+    from toolkit.corpus import prepare
+
+    corpus = write(tmp_path / "c.tsv", "zh\tnan\n" + "".join(f"這東西很便宜{i}。\t這物件真俗{i}。\n" for i in range(30)))
+    lex = write(tmp_path / "g.tsv", "zh\tnan\n東西\t物件\n便宜\t俗\n很\t真\n他\t伊\n")
+    cfg = PrepConfig(length_unit="chars", dev_fraction=0.0, direction="both", glossary=[str(lex)], **overrides)
+    prepare(cfg, corpus, tmp_path / "prep")
+    return tmp_path / "prep"
+
+
+def test_prep_writes_the_analysis_and_stats(tmp_path):
+    prep = _prep(tmp_path)
+    rows = [json.loads(line) for line in (prep / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    fwd, rev = rows[0], rows[1]
+    assert fwd["messages"][-1]["thinking"] == "Words that change: 東西 → 物件; 很 → 真; 便宜 → 俗."
+    assert rev["messages"][-1]["thinking"] == "Words that change: 物件 → 東西; 真 → 很; 俗 → 便宜."
+    assert "Glossary" not in fwd["messages"][0]["content"]  # hint share 0 by default
+    stats = json.loads((prep / "stats.json").read_text(encoding="utf-8"))["glossary"]
+    assert stats["examples"] == 60 and stats["share_with_terms"] == 1.0 and stats["terms_per_example"] == 3.0
+    assert stats["with_analysis"] == 60 and stats["top_terms"][0][1] == 30
+    manifest = json.loads((prep / "manifest.json").read_text(encoding="utf-8"))
+    assert any(i["path"].endswith("g.tsv") for i in manifest["inputs"])  # a changed glossary is a new prep
+
+
+def test_prep_hints_go_into_the_system_message_in_the_mandarin_template(tmp_path):
+    prep = _prep(tmp_path, reasoning_language="Mandarin", glossary_hint_share=1.0, glossary_analysis_share=1.0)
+    row = json.loads((prep / "train.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert row["messages"][0]["content"].endswith(
+        "\n\nGlossary (use an entry where it fits the text): 東西 → 物件; 很 → 真; 便宜 → 俗")
+    assert row["messages"][-1]["thinking"] == "要換的詞：東西 → 物件; 很 → 真; 便宜 → 俗。"
+
+
+def test_analysis_reaches_chat_template_models_and_comes_back_apart(tmp_path):
+    from toolkit import backends, harmony, train
+
+    prep = _prep(tmp_path)
+    rows = train.read_examples(prep / "train.jsonl", limit=1)
+    (pair,) = train.to_pairs(rows, "template", {})
+    answer = pair["completion"][0]["content"]
+    assert answer == "<think>\nWords that change: 東西 → 物件; 很 → 真; 便宜 → 俗.\n</think>\n\n這物件真俗0。"
+    out = backends.to_translation(answer, harmony_model=False, stopped=True, tokens=9, latency_s=0.0)
+    assert (out.text, out.analysis, out.complete) == ("這物件真俗0。", "Words that change: 東西 → 物件; 很 → 真; "
+                                                      "便宜 → 俗.", True)
+    cut = backends.to_translation("<think>\nWords", harmony_model=False, stopped=False, tokens=3, latency_s=0.0)
+    assert (cut.text, cut.complete) == ("", False)
+    (harmony_pair,) = train.to_pairs(rows, "harmony", {})
+    assert harmony_pair["completion"].startswith("<|channel|>analysis<|message|>Words that change: 東西 → 物件")
+    assert harmony.parse(harmony_pair["completion"]).final == "這物件真俗0。"
+
+
+def test_prep_refuses_an_unknown_reasoning_language_without_a_template():
+    from toolkit import config
+
+    with pytest.raises(Exception, match="prep.analysis_template: no shipped analysis template"):
+        config.build("prep", overrides=["prep.glossary=['g.tsv']", "prep.reasoning_language=Klingon"])
+    assert config.build("prep", overrides=["prep.glossary=['g.tsv']", "prep.reasoning_language=Klingon",
+                                           "prep.glossary_analysis_share=0"]).glossary == ["g.tsv"]
