@@ -169,3 +169,11 @@ def test_bootstrap_survives_zero_bleu_resamples():
     for key, result in metrics.score(hyps, refs, n_bootstrap=200).items():
         assert 0.0 <= result["mean"] <= 100.0, key
         assert result["ci"] >= 0.0, key
+
+
+def test_compliance_leaves_quoted_term_pairs_out():
+    english = "Words that change: 東西 → 物件; 便宜 → 俗; 今仔日 → 今天; 歹勢 → 不好意思."
+    mandarin = "要換的詞：東西 → 物件; 便宜 → 俗。"
+    assert metrics.in_language(english, "English") is False  # the terms alone outnumber the English words
+    assert metrics.reasoning_compliance([english, mandarin], "English")["compliant"] == 1
+    assert metrics.reasoning_compliance([english, mandarin], "Mandarin")["compliant"] == 1
