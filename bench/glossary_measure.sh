@@ -9,7 +9,7 @@
 #              --glossary ITAIGI --glossary MOE --set prep.glossary_analysis_share=0 --set prep.glossary_hint_share=0.5
 #   both       + both:  --glossary ITAIGI --glossary MOE --set prep.glossary_hint_share=0.5
 #
-# every one trained with --config gemma3-270m-gpu --set train.max_length=256 (room for the analysis and the
+# every one trained with --config gemma3-270m-gpu --set train.max_length=320 (room for the analysis and the
 # hint; the chosen run's examples are shorter than its 160 tokens, so it trains exactly as before).
 #
 #   device:  bash bench/glossary_measure.sh train        carry [".gpu10/w"] (the wheels and data/train.tsv of
@@ -81,7 +81,7 @@ if [ "$mode" = train ]; then
             # shellcheck disable=SC2046
             $TOOLKIT prep "$data" --config "$TRAIN_CFG" $(variant_prep "$v") --out "$WORK/$v/prep" \
                 && $TOOLKIT train "$WORK/$v/prep" --config "$TRAIN_CFG" --set "train.base_model=\"$BASE_HF\"" \
-                    --set train.max_length=256 --set train.save_steps=0 ${TRAIN_SET:-} --out "$WORK/$v/train" \
+                    --set train.max_length=320 --set train.save_steps=0 ${TRAIN_SET:-} --out "$WORK/$v/train" \
                 && tar czf "$OUT/$v.tgz" -C "$WORK" --exclude checkpoints --exclude tensorboard \
                     --exclude tokenizer.json --exclude prep/train.jsonl "$v/train" "$v/prep" \
                 && echo "trained $v" || echo "FAILED $v"
@@ -98,7 +98,7 @@ shift
 declare -A TRAIN_DIR=([chosen]=$1 [analysis]=$2 [hints]=$3 [both]=$4)
 BASE_HF=${BASE_HF:-$($TOOLKIT fetch gemma3-270m | head -1)}
 mkdir -p "$WORK/data" "$WORK/logs"
-{ head -1 "$NEWS"; tail -n +$((TUNE_FROM + 1)) "$NEWS" | head -"$TUNE_N"; } > "$WORK/data/tune.tsv"
+sed -n "1p;$((TUNE_FROM + 1)),$((TUNE_FROM + TUNE_N))p" "$NEWS" > "$WORK/data/tune.tsv"  # header + data lines
 declare -A TEST=([news]=$NEWS [moe]=$MOE_DEV)
 declare -A LIMIT=([news]=$N [moe]=$MOE_N)
 

@@ -218,8 +218,8 @@ def test_analysis_reaches_chat_template_models_and_comes_back_apart(tmp_path):
     answer = pair["completion"][0]["content"]
     assert answer == "<think>\nWords that change: 東西 → 物件; 很 → 真; 便宜 → 俗.\n</think>\n\n這物件真俗0。"
     out = backends.to_translation(answer, harmony_model=False, stopped=True, tokens=9, latency_s=0.0)
-    assert (out.text, out.analysis, out.complete) == ("這物件真俗0。", "Words that change: 東西 → 物件; 很 → 真; "
-                                                      "便宜 → 俗.", True)
+    analysis = "Words that change: 東西 → 物件; 很 → 真; 便宜 → 俗."
+    assert (out.text, out.analysis, out.complete) == ("這物件真俗0。", analysis, True)
     cut = backends.to_translation("<think>\nWords", harmony_model=False, stopped=False, tokens=3, latency_s=0.0)
     assert (cut.text, cut.complete) == ("", False)
     (harmony_pair,) = train.to_pairs(rows, "harmony", {})

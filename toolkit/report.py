@@ -61,8 +61,9 @@ def _terms_table(terms: dict[str, Any]) -> list[str]:
         right = (f"{_pct(t['right_hint_accuracy'])} of {t['hinted_in_reference']}" if "hinted" in t else "")
         rows.append([name, f"{_pct(t['reference_term_accuracy'])} of {t['reference_terms']}", hinted, right])
     header = ["System", "Reference terms produced", "Hinted terms produced", "… of hints the reference uses"]
-    return ["Term accuracy (glossary terms attested in the source and reference, and the glossary hints the "
-            "prompts carried: share whose target form is in the output):", "", *_table(header, rows), ""]
+    intro = ("Term accuracy (glossary terms attested in the source and reference, and the glossary hints the prompts "
+             "carried: share whose target form is in the output):")
+    return [intro, "", *_table(header, rows), ""]
 
 
 def markdown(scores: dict[str, Any], *, title: str) -> str:
