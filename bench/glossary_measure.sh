@@ -22,8 +22,8 @@
 #            lexicons) and hints for the hint-trained adapters; `toolkit eval --compare` tests each against the
 #            chosen run and against copy. Results: $WORK/summary.md (+ $WORK/report/*/report.md).
 #
-# Where: `measure` runs here on the CPU as bench/real_model_gpu.sh's `local` mode did (JOBS=2; 32 tuning evals of
-# 200 sentences and up to 36 of 400-500, so hours on 2 cores), or on the GPU machine once it has llama-cpp-python
+# Where: `measure` runs here on the CPU as bench/real_model_gpu.sh's `local` mode did (JOBS=2; 40 tuning evals of
+# 200 sentences and up to 40 of 400-500, so hours on 2 cores), or on the GPU machine once it has llama-cpp-python
 # and the llama.cpp converter (no network there: carry ~/.cache/toolkit/llama.cpp-* and set $TOOLKIT_LLAMA_CPP),
 # e.g. JOBS=8 EVAL_SET="--set eval.n_threads=2" BASE_SET="--set eval.device=cuda --set eval.dtype=bfloat16".
 # Tested end to end on the tiny gpt-oss (CFG=tiny-cpu N=3 MOE_N=3 TUNE_N=3 BIASES="0 1" BASE_HF=TINY: 13 min).

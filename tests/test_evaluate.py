@@ -363,6 +363,7 @@ def test_glossary_hints_reach_the_prompt_and_terms_are_scored(tsv, tmp_path, dir
     evaluate.run(cfg(glossary=[str(lexicon)], direction=direction), tsv, tmp_path / "hinted", translator=fake)
     hint = "今天 → 今仔日; 很 → 真" if direction == "forward" else "今仔日 → 今天; 真 → 很"
     assert f"Glossary (use an entry where it fits the text): {hint}<|end|>" in fake.prompts[2]
+    assert read_rows(tmp_path / "hinted")[2]["hint"] == f"Glossary (use an entry where it fits the text): {hint}"
     scores = json.loads((tmp_path / "hinted" / "scores.json").read_text(encoding="utf-8"))
     system, copy = scores["terms"]["transformers:hints"], scores["terms"][evaluate.COPY]
     assert (system["reference_terms"], system["reference_terms_produced"]) == (5, 5)

@@ -234,3 +234,22 @@ def test_prep_refuses_an_unknown_reasoning_language_without_a_template():
         config.build("prep", overrides=["prep.glossary=['g.tsv']", "prep.reasoning_language=Klingon"])
     assert config.build("prep", overrides=["prep.glossary=['g.tsv']", "prep.reasoning_language=Klingon",
                                            "prep.glossary_analysis_share=0"]).glossary == ["g.tsv"]
+
+
+def test_cli_glossary_option_is_repeatable_and_checked(tmp_path):
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    corpus = write(tmp_path / "c.tsv", "zh\tnan\n這東西很便宜。\t這物件真俗。\n他來了。\t伊來矣。\n")
+    lex = write(tmp_path / "g.tsv", "zh\tnan\n東西\t物件\n")
+    more = write(tmp_path / "h.csv", "source,target\n他,伊\n")
+    runner = CliRunner()
+    missing = runner.invoke(main, ["prep", str(corpus), "--glossary", str(tmp_path / "nope.tsv"), "--out",
+                                   str(tmp_path / "bad")])
+    assert missing.exit_code == 2 and "nope.tsv: no such glossary file" in missing.output
+    ok = runner.invoke(main, ["prep", str(corpus), "--glossary", str(lex), "--glossary", str(more), "--length-unit",
+                              "chars", "--dev-fraction", "0", "--out", str(tmp_path / "prep")])
+    assert ok.exit_code == 0, ok.output
+    stats = json.loads((tmp_path / "prep" / "stats.json").read_text(encoding="utf-8"))["glossary"]
+    assert stats["terms"] == 2 and stats["examples"] == 2 and stats["share_with_terms"] == 1.0

@@ -181,8 +181,9 @@ def translate_all(load: Callable[[], Any], spec: PromptSpec, test: TestSet, path
                 raise ArtifactError(f"backend {translator.name} returned {len(results)} translations for "
                                     f"{len(batch)} sentences")
             for j, t in enumerate(results):
+                hint = {"hint": spec.hint_for(batch[j])} if spec.glossary else {}  # what the prompt carried
                 row = prediction_row(test, start + j, t.text, analysis=t.analysis, complete=t.complete,
-                                     tokens=t.tokens, latency_s=round(t.latency_s, 4), raw=t.raw)
+                                     tokens=t.tokens, latency_s=round(t.latency_s, 4), raw=t.raw, **hint)
                 rows.append(row)
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             fh.flush()
