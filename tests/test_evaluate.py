@@ -321,3 +321,61 @@ def test_a_sentence_beyond_the_context_window_names_its_line(tsv, tmp_path):
     with pytest.raises(DataError, match=r"test.tsv:5: its prompt is 300 tokens, and the context window \(n_ctx\) "
                                         r"holds 256 tokens, the reply included: shorten the text, or raise n_ctx."):
         evaluate.run(cfg(model="m"), tsv, tmp_path / "o", translator=TooLong())
+
+
+# ---- glossaries: hints in the prompt, term accuracy ------------------------------------------------
+
+GLOSSARY = "zh\tnan\n今天\t今仔日\n很\t真\n不知道\t毋知\n謝謝\t多謝\n他們\t𪜶\n"
+
+
+class FollowsHints:
+    """A chat-template model that writes its source with every hinted term replaced by the term's first form."""
+
+    name = "hints"
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+
+    def translate(self, texts, spec, *, max_new_tokens=256):
+        out = []
+        for text in texts:
+            self.prompts.append(spec.render_prompt(text))
+            for term, forms in spec.hint_entries(text):
+                text = text.replace(term, forms[0])
+            out.append(backends.to_translation(f"<think>\nok\n</think>\n\n{text}", harmony_model=False, stopped=True,
+                                               tokens=1, latency_s=0.0))
+        return out
+
+    def health(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_glossary_hints_reach_the_prompt_and_terms_are_scored(tsv, tmp_path, direction):
+    lexicon = tmp_path / "g.tsv"
+    lexicon.write_text(GLOSSARY, encoding="utf-8")
+    fake = FollowsHints()
+    evaluate.run(cfg(glossary=[str(lexicon)], direction=direction), tsv, tmp_path / "hinted", translator=fake)
+    hint = "今天 → 今仔日; 很 → 真" if direction == "forward" else "今仔日 → 今天; 真 → 很"
+    assert f"Glossary (use an entry where it fits the text): {hint}<|end|>" in fake.prompts[2]
+    assert read_rows(tmp_path / "hinted")[2]["hint"] == f"Glossary (use an entry where it fits the text): {hint}"
+    scores = json.loads((tmp_path / "hinted" / "scores.json").read_text(encoding="utf-8"))
+    system, copy = scores["terms"]["transformers:hints"], scores["terms"][evaluate.COPY]
+    assert (system["reference_terms"], system["reference_terms_produced"]) == (5, 5)
+    assert (system["hinted"], system["hint_accuracy"], system["right_hint_accuracy"]) == (5, 1.0, 1.0)
+    assert (copy["reference_terms"], copy["reference_terms_produced"]) == (5, 0) and "hinted" not in copy
+    assert scores["outputs"]["transformers:hints"]["with_analysis"] == len(PAIRS)  # the <think> block, split off
+    assert "Term accuracy" in (tmp_path / "hinted" / "report.md").read_text(encoding="utf-8")
+
+    plain = FollowsHints()
+    evaluate.run(cfg(glossary=[str(lexicon)], glossary_hints=False, direction=direction), tsv, tmp_path / "plain",
+                 translator=plain)
+    assert not any("Glossary" in p for p in plain.prompts)
+    unhinted = json.loads((tmp_path / "plain" / "scores.json").read_text(encoding="utf-8"))["terms"]
+    assert unhinted["transformers:hints"]["reference_terms_produced"] == 0 and "hinted" not in unhinted[
+        "transformers:hints"]
+    evaluate.compare([tmp_path / "hinted", tmp_path / "plain"], tmp_path / "cmp", n_bootstrap=1)
+    compared = json.loads((tmp_path / "cmp" / "scores.json").read_text(encoding="utf-8"))["terms"]
+    names = [n for n in compared if n != evaluate.COPY]
+    assert compared[evaluate.COPY]["reference_terms"] == 5
+    assert [compared[n].get("hint_accuracy") for n in names] == [1.0, None]

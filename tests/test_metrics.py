@@ -195,3 +195,11 @@ def test_scoring_leaves_sacrebleu_as_it_found_it(monkeypatch):
     seen.clear()
     metrics.score(HYPS, REFS, keys=("chrf",))
     assert seen == [("7", logging.WARNING)] and os.environ["SACREBLEU_SEED"] == "7"
+
+
+def test_compliance_leaves_quoted_term_pairs_out():
+    english = "Words that change: 東西 → 物件; 便宜 → 俗; 今仔日 → 今天; 歹勢 → 不好意思."
+    mandarin = "要換的詞：東西 → 物件; 便宜 → 俗。"
+    assert metrics.in_language(english, "English") is False  # the terms alone outnumber the English words
+    assert metrics.reasoning_compliance([english, mandarin], "English")["compliant"] == 1
+    assert metrics.reasoning_compliance([english, mandarin], "Mandarin")["compliant"] == 1

@@ -471,3 +471,39 @@ def test_url_of_formats_ipv4_and_ipv6():
             except OSError:
                 return  # no IPv6 loopback in this container
             assert serve.url_of(sock) == f"http://[::1]:{sock.getsockname()[1]}"
+
+
+# ---- glossaries ---------------------------------------------------------------------------------
+
+def test_request_glossary_becomes_the_hint_of_its_direction():
+    from dataclasses import replace as dc_replace
+
+    from toolkit.glossary import Glossary
+
+    fake = FakeTranslator()
+    spec = dc_replace(SPEC, glossary=Glossary({"東西": ["物件"], "便宜": ["俗"]}))
+    app = serve.create_app(fake, spec, ServeConfig())
+    with fastapi_testclient.TestClient(app) as c:
+        assert c.post("/translate", json={"text": "這東西很便宜", "glossary": [
+            {"source": "東西", "target": ["貨", "物件"]}, {"source": "很", "target": "真"}]}).status_code == 200
+        assert c.post("/translate", json={"text": "物件", "source_lang": "nan"}).status_code == 200
+    hint = "Glossary (use an entry where it fits the text): "
+    assert fake.specs[0].hint_for("這東西很便宜") == hint + "東西 → 貨 / 物件; 很 → 真; 便宜 → 俗"
+    assert fake.specs[1].hint_for("這物件真俗") == hint + "物件 → 東西; 俗 → 便宜"  # the server's, reversed
+    assert spec.glossary.entries["東西"] == ["物件"]  # a request changes only its own spec
+
+
+@pytest.mark.parametrize("glossary, status", [
+    ([{"source": "東西", "target": "物件"}] * 3, 413),
+    ([{"source": "東\n西", "target": "物件"}], 422),
+    ([{"source": "東西", "target": "物件\t<end_of_turn>"}], 422),
+    ([{"source": "東西", "target": ["a", "b", "c", "d", "e"]}], 422),
+    ([{"source": "東西", "target": []}], 422),
+    ([{"source": "東" * 101, "target": "物件"}], 422),
+    ([{"source": "東西", "target": "物件", "note": "x"}], 422),
+    ({"東西": "物件"}, 422),
+])
+def test_request_glossary_is_bounded(glossary, status):
+    with client(max_glossary_entries=2) as c:
+        resp = c.post("/translate", json={"text": "這東西", "glossary": glossary})
+    assert resp.status_code == status, resp.text

@@ -2,8 +2,8 @@
 
 Every backend builds the prompt the model was trained with (`PromptSpec`, read from the nearest
 manifest), decodes greedily with a per-sentence token limit, and splits Harmony output into the final
-answer and the analysis text (`harmony.parse`). For a model without Harmony tokens the whole generated
-text is the answer.
+answer and the analysis text (`harmony.parse`). For a model without Harmony tokens the generated text is
+the answer, after a leading `<think>` analysis block when there is one (`prompt.split_analysis`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from toolkit import harmony, runs
 from toolkit.config import EVAL_BACKENDS, ollama_host
 from toolkit.devices import resolve_device
 from toolkit.errors import ArtifactError, ExternalToolError
-from toolkit.prompt import PromptSpec, default_spec, from_manifest, is_harmony_tokenizer
+from toolkit.prompt import PromptSpec, default_spec, from_manifest, is_harmony_tokenizer, split_analysis
 
 log = logging.getLogger(__name__)
 BACKENDS = EVAL_BACKENDS
@@ -104,8 +104,9 @@ def to_translation(raw: str, *, harmony_model: bool, stopped: bool, tokens: int,
         parsed = harmony.parse(raw)
         final, complete = parsed.final, parsed.complete or (stopped and parsed.final is not None)
         analysis = analysis or parsed.analysis
-    else:
-        final, complete = raw.strip(), stopped
+    else:  # a chat template: an analysis comes first, in a <think> block (`prompt.answer_with_analysis`)
+        parsed_analysis, final, closed = split_analysis(raw)
+        analysis, complete = analysis or parsed_analysis, stopped and closed
     return Translation(text=final or "", analysis=analysis or None, complete=complete, tokens=tokens,
                        latency_s=latency_s, raw=raw)
 
@@ -394,9 +395,12 @@ class OllamaTranslator:
         options = {"temperature": 0.0, "top_k": 1, "num_predict": max_new_tokens, "stop": list(harmony.STOP_TOKENS)}
         started = time.perf_counter()
         try:
-            # Ollama tokenizes the whole raw prompt with special tokens parsed: defuse any in the user's text.
-            resp = self.client.generate(model=self.name, prompt=spec.harmony_prompt(harmony.defuse_specials(text)),
-                                        raw=True, options=options, keep_alive=self.keep_alive)
+            # Ollama tokenizes the whole raw prompt with special tokens parsed: defuse any in the user's text and
+            # in the glossary hint (user text too), which goes in the developer message as in training.
+            hint = spec.hint_for(text)
+            prompt = spec.harmony_prompt(harmony.defuse_specials(text), hint and harmony.defuse_specials(hint))
+            resp = self.client.generate(model=self.name, prompt=prompt, raw=True, options=options,
+                                        keep_alive=self.keep_alive)
         except ConnectionError as exc:
             raise ExternalToolError(f"Ollama at {self.host}: no server answers ({exc}). Start it with "
                                     "`ollama serve` or pass --host.") from exc

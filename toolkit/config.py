@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from toolkit.errors import ConfigError
+from toolkit.glossary import DEFAULT_HINT_TEMPLATE
 
 log = logging.getLogger(__name__)
 EVAL_BACKENDS = ("transformers", "llama-cpp", "ollama")
@@ -88,6 +89,22 @@ class PrepConfig:
     skip_bad_lines: bool = _help("Count and skip malformed lines instead of stopping at the first.", False)
     date: str = _help("Current date written in the Harmony system message (fixed for reproducibility).",
                       "2025-06-28")
+    glossary: list[str] = _help("Term lexicons (TSV/CSV with the source and target columns, or the iTaigi / MOE "
+                                "files as they are): the entries attested in a pair (term in the source, a form "
+                                "in the target) go into its analysis and hints (CLI: --glossary, repeatable).", [])
+    glossary_max_terms: int = _help("Most attested terms written into one example's analysis (longest first).", 4)
+    glossary_analysis_share: float = _help("Share of the examples with attested terms that get them as an analysis "
+                                           "(Harmony: the analysis channel; other chat formats: a <think> block "
+                                           "before the answer).", 1.0)
+    glossary_hint_share: float = _help("Share of examples whose system message carries a glossary hint: the "
+                                       "attested entries plus up to glossary_hint_distractors unattested ones "
+                                       "found in the source, as eval/serve --glossary show them.", 0.0)
+    glossary_hint_distractors: int = _help("Most unattested entries (term in the source, no form in the target) "
+                                           "added to a training hint, so the model learns to weigh a hint.", 2)
+    glossary_hint_max_terms: int = _help("Most entries in one hint, in training and at inference.", 8)
+    analysis_template: str | None = _help("Analysis text with {terms} (e.g. 'Words that change: {terms}.'); "
+                                          "default: the one of the reasoning language (English, Mandarin).", None)
+    hint_template: str = _help("Hint appended to the system message, with {terms}.", DEFAULT_HINT_TEMPLATE)
 
     def problems(self) -> list[str]:
         out = choice_problems(self)
@@ -99,6 +116,25 @@ class PrepConfig:
             out.append("prep.source_column and prep.target_column must differ")
         if self.join_pairs < 1:
             out.append(f"prep.join_pairs: expected 1 (off) or more, found {self.join_pairs}")
+        for name in ("glossary_analysis_share", "glossary_hint_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                out.append(f"prep.{name}: expected a share, 0 <= x <= 1, found {getattr(self, name)}")
+        for name in ("glossary_max_terms", "glossary_hint_max_terms"):
+            if getattr(self, name) < 1:
+                out.append(f"prep.{name}: expected 1 or more, found {getattr(self, name)}")
+        if self.glossary_hint_distractors < 0:
+            out.append(f"prep.glossary_hint_distractors: expected 0 or more, found {self.glossary_hint_distractors}")
+        for name in ("analysis_template", "hint_template"):
+            value = getattr(self, name)
+            if value is not None and "{terms}" not in value:
+                out.append(f"prep.{name}: expected a text holding {{terms}}, found {value!r}")
+        if self.glossary and self.glossary_analysis_share and self.analysis_template is None:
+            from toolkit.glossary import ANALYSIS_TEMPLATES, analysis_template
+
+            if analysis_template(self.reasoning_language) is None:
+                out.append(f"prep.analysis_template: no shipped analysis template for reasoning language "
+                           f"{self.reasoning_language!r} (shipped: {', '.join(ANALYSIS_TEMPLATES)}); set one, e.g. "
+                           "--set 'prep.analysis_template=\"Words that change: {terms}.\"'")
         return out
 
 
@@ -406,6 +442,10 @@ class EvalConfig(BackendConfig):
     batch_size: int = _help("Sentences per generate call (transformers) and per predictions.jsonl flush.", 8)
     n_bootstrap: int = _help("Bootstrap resamples for confidence intervals and the paired test (sacrebleu's; "
                              "1 = none).", 1000)
+    glossary: list[str] = _help("Term lexicons (as prep.glossary; CLI: --glossary, repeatable): term accuracy is "
+                                "scored, and with glossary_hints the entries found in each source go to the "
+                                "model as a hint in its system message.", [])
+    glossary_hints: bool = _help("With a glossary: hint the model (off: only score the terms).", True)
 
     def problems(self) -> list[str]:
         out = self.backend_problems()
@@ -439,6 +479,9 @@ class ServeConfig(BackendConfig):
                                     "nan-Hant beside nan).", [])
     target_codes: list[str] = _help("LibreTranslate language codes of the model's target language (as source_codes).",
                                     [])
+    glossary: list[str] = _help("Term lexicons (as prep.glossary; CLI: --glossary, repeatable): the entries found in "
+                                "a text go to the model as a hint in its system message.", [])
+    max_glossary_entries: int = _help("Most entries of a request's own `glossary` field (more: 413).", 64)
 
     def problems(self) -> list[str]:
         out = self.backend_problems()
@@ -452,7 +495,7 @@ class ServeConfig(BackendConfig):
                        "language")
         if not 0 <= self.port <= 65535:
             out.append(f"serve.port: expected 0..65535, found {self.port}")
-        for name in ("max_chars", "max_texts", "concurrency", "request_timeout_s"):
+        for name in ("max_chars", "max_texts", "concurrency", "request_timeout_s", "max_glossary_entries"):
             if getattr(self, name) <= 0:
                 out.append(f"serve.{name}: expected a positive number, found {getattr(self, name)}")
         if self.queue_size < 0:

@@ -6,7 +6,9 @@ sources always land in the same split, and the split needs no second pass), and 
 examples through temporary files so nothing half-written is ever left behind. The sentences are never
 altered (the sample corpus is CC BY-ND): only a BOM, CR line ends and surrounding whitespace of a line
 are format, and they are dropped. With `join_pairs` > 1, consecutive training pairs are also written
-joined into longer examples (sentences verbatim, in order), next to the single pairs.
+joined into longer examples (sentences verbatim, in order), next to the single pairs. With `--glossary`,
+the lexicon entries attested in an example go into its analysis and, for a share of examples, a hint in
+its system message (`toolkit.glossary`).
 """
 
 from __future__ import annotations
@@ -245,16 +247,21 @@ class ExampleWriter:
     """Renders pairs as JSONL examples; the system message JSON is built once per direction."""
 
     def __init__(self, spec: PromptSpec, effort: str):
-        self.effort = effort
+        self.effort, self.spec = effort, spec
         self._system = {d: json.dumps(spec.for_direction(d).messages("")[0], ensure_ascii=False)
                         for d in ("forward", "reverse")}
 
-    def line(self, split: str, n: int, direction: str, pair: Pair, source: str, target: str) -> str:
+    def line(self, split: str, n: int, direction: str, pair: Pair, source: str, target: str,
+             analysis: str | None = None, hint: str | None = None) -> str:
+        """One JSONL example; `analysis` and `hint` (a glossary's) go to the analysis and the system message."""
         # json.encoder's C string encoder: 4x faster than json.dumps per field, same output
         quote = encode_basestring
         system = self._system[direction] if pair.system is None else (
             f'{{"role": "system", "content": {quote(pair.system)}}}')
-        thinking = f', "thinking": {quote(pair.thinking)}' if pair.thinking and direction == "forward" else ""
+        if hint and pair.system is None:
+            system = json.dumps(self.spec.for_direction(direction).messages("", hint=hint)[0], ensure_ascii=False)
+        thinking = pair.thinking if pair.thinking and direction == "forward" else analysis
+        thinking = f', "thinking": {quote(thinking)}' if thinking else ""
         src = quote(source)
         return (
             f'{{"id": "{split}-{n:06d}", "direction": "{direction}", "line": {pair.line}, '
@@ -358,7 +365,12 @@ def prepare(cfg: PrepConfig, corpus: Path, out_dir: Path, *, force: bool = False
     if dev_path is not None and not dev_path.is_file():
         raise DataError(f"{dev_path}: no such dev file. Fix --dev-file or split with --dev-fraction.")
     config = {**asdict(cfg), "corpus": str(corpus)}
-    inputs = [corpus] + ([dev_path] if dev_path else [])
+    glossaries = [Path(g) for g in cfg.glossary]
+    for path in glossaries:
+        if not path.is_file():
+            raise DataError(f"{path}: no such glossary file. Fix --glossary (a TSV/CSV with the columns "
+                            f"{cfg.source_column} and {cfg.target_column}, or the iTaigi / MOE file as it is).")
+    inputs = [corpus] + ([dev_path] if dev_path else []) + glossaries
     done = artifacts.check_out_dir(out_dir, stage="prep", config=config, force=force, inputs=inputs)
     if done is not None:
         log.info("prep: %s already finished with this config and input; nothing to do", out_dir)
@@ -383,6 +395,16 @@ def _write(cfg: PrepConfig, corpus: Path, dev_path: Path | None, config: dict[st
     spec = PromptSpec(cfg.source_name, cfg.target_name, cfg.instruction, cfg.reasoning_language,
                       cfg.reasoning_effort, cfg.date)
     writer = ExampleWriter(spec, cfg.reasoning_effort)
+    annotator = lexicon = None
+    if cfg.glossary:
+        from toolkit import glossary
+
+        lexicon = glossary.load(cfg.glossary, cfg.source_column, cfg.target_column)
+        if not lexicon:
+            raise DataError(f"{', '.join(cfg.glossary)}: no glossary entry with a form other than its term. Check the "
+                            "files' columns.")
+        annotator = glossary.Annotator(lexicon, cfg, glossary.analysis_template(cfg.reasoning_language,
+                                                                                cfg.analysis_template))
     counts: Counter = Counter()
     seen: set[bytes] = set()
     lengths = {"source": array("I"), "target": array("I")}
@@ -411,11 +433,18 @@ def _write(cfg: PrepConfig, corpus: Path, dev_path: Path | None, config: dict[st
         lengths["target"].append(tgt_len)
         return True
 
+    def write(fh, split: str, direction: str, pair: Pair, src: str, tgt: str) -> None:
+        n[split] += 1
+        analysis = hint = None
+        if annotator is not None:
+            analysis, hint = annotator.annotate(direction, src, tgt, count=split == "train",
+                                                has_analysis=bool(pair.thinking) and direction == "forward")
+        fh.write(writer.line(split, n[split], direction, pair, src, tgt, analysis, hint))
+
     def emit(fh, split: str, pair: Pair) -> None:
         for direction in directions:
             src, tgt = (pair.source, pair.target) if direction == "forward" else (pair.target, pair.source)
-            n[split] += 1
-            fh.write(writer.line(split, n[split], direction, pair, src, tgt))
+            write(fh, split, direction, pair, src, tgt)
             if split == "dev":
                 dev_sources.append(src)
                 dev_targets.append(tgt)
@@ -429,8 +458,7 @@ def _write(cfg: PrepConfig, corpus: Path, dev_path: Path | None, config: dict[st
         joined_lengths.append(measure(joined.source))
         for direction in directions:
             src, tgt = (joined.source, joined.target) if direction == "forward" else (joined.target, joined.source)
-            n["train"] += 1
-            fh.write(writer.line("train", n["train"], direction, joined, src, tgt))
+            write(fh, "train", direction, joined, src, tgt)
 
     with artifacts.atomic_path(out_dir / "train.jsonl") as train_tmp, \
             artifacts.atomic_path(out_dir / "dev.jsonl") as dev_tmp:
@@ -474,6 +502,7 @@ def _write(cfg: PrepConfig, corpus: Path, dev_path: Path | None, config: dict[st
         "length_unit": unit,
         "length": {side: _percentiles(values) for side, values in lengths.items()},
         "dev_copy_baseline": copy_baseline(dev_sources, dev_targets),
+        "glossary": annotator.stats(cfg.glossary, len(lexicon)) if annotator is not None else None,
     }
     artifacts.atomic_write_json(out_dir / "stats.json", stats)
     return artifacts.write_manifest(

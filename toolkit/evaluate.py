@@ -14,7 +14,7 @@ import logging
 import statistics
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -159,8 +159,9 @@ def translate_all(load: Callable[[], Any], spec: PromptSpec, test: TestSet, path
                 raise ArtifactError(f"backend {translator.name} returned {len(results)} translations for "
                                     f"{len(batch)} sentences")
             for j, t in enumerate(results):
+                hint = {"hint": spec.hint_for(batch[j])} if spec.glossary else {}  # what the prompt carried
                 row = prediction_row(test, start + j, t.text, analysis=t.analysis, complete=t.complete,
-                                     tokens=t.tokens, latency_s=round(t.latency_s, 4), raw=t.raw)
+                                     tokens=t.tokens, latency_s=round(t.latency_s, 4), raw=t.raw, **hint)
                 rows.append(row)
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             fh.flush()
@@ -267,6 +268,9 @@ def run(cfg: EvalConfig, test_file: Path, out_dir: Path, *, force: bool = False,
     source_column, target_column = runs.prep_columns(model_manifest)
     test = read_test_set(test_file, cfg.source_column or source_column, cfg.target_column or target_column,
                          cfg.direction, cfg.limit)
+    lexicon = _lexicon(cfg, source_column, target_column)
+    if lexicon is not None and cfg.glossary_hints:
+        spec = replace(spec, glossary=lexicon)
     spec = spec.for_direction(cfg.direction)
     config = {**as_dict(cfg), "test_file": str(test_file), "test_sha256": artifacts.sha256_file(test_file)}
     done = _start(out_dir, config, force)
@@ -289,10 +293,45 @@ def run(cfg: EvalConfig, test_file: Path, out_dir: Path, *, force: bool = False,
     name = f"{cfg.backend}:{Path(cfg.model).name if cfg.model else loaded_name or translator.name}"
     if cfg.copy_bias:
         name += f" (copy_bias {cfg.copy_bias:g})"  # a decoding setting: visible wherever the scores go
-    scores = score_systems({name: [r["hypothesis"] for r in rows]}, test, cfg.n_bootstrap)
+    hyps = [r["hypothesis"] for r in rows]
+    scores = score_systems({name: hyps}, test, cfg.n_bootstrap)
     scores["outputs"] = {name: output_counts(rows, spec.reasoning_language)}
-    scores["prompt"] = asdict(spec)
-    return _finish(out_dir, test, scores, config, _title(test), model_manifest, [test_file], usage)
+    scores["outputs"][name]["trained_with_analysis"] = trained_with_analysis(model_manifest)
+    if lexicon is not None:
+        hints = [spec.hint_entries(s) for s in test.sources] if cfg.glossary_hints else None
+        scores["terms"] = _term_scores(lexicon.reversed() if cfg.direction == "reverse" else lexicon, test,
+                                       {name: (hyps, hints)})
+    scores["prompt"] = spec.describe()
+    inputs = [test_file, *map(Path, cfg.glossary)]
+    return _finish(out_dir, test, scores, config, _title(test), model_manifest, inputs, usage)
+
+
+def _lexicon(cfg: EvalConfig, source_column: str, target_column: str) -> Any:
+    """The eval's glossary, oriented as the model's forward direction (None without --glossary)."""
+    if not cfg.glossary:
+        return None
+    from toolkit import glossary
+
+    return glossary.load(cfg.glossary, cfg.source_column or source_column, cfg.target_column or target_column)
+
+
+def _term_scores(lexicon: Any, test: TestSet, systems: dict[str, tuple[list[str], Any]]) -> dict[str, Any]:
+    """Term accuracy of the copy baseline and each system (`lexicon` oriented as the test set)."""
+    from toolkit.glossary import term_scores
+
+    out = {COPY: term_scores(lexicon, test.sources, test.references, metrics.copy_hypotheses(test.sources))}
+    for name, (hyps, hints) in systems.items():
+        out[name] = term_scores(lexicon, test.sources, test.references, hyps, hints)
+    return out
+
+
+def trained_with_analysis(manifest: dict[str, Any] | None) -> bool:
+    """Whether the model's prep wrote analyses: a reasoning column, or a glossary with an analysis share."""
+    try:
+        cfg = runs.prep_manifest(manifest)["config"] if manifest else {}
+    except ArtifactError:
+        return False
+    return bool(cfg.get("reasoning_column") or (cfg.get("glossary") and cfg.get("glossary_analysis_share", 0)))
 
 
 def baseline(cfg: EvalConfig, test_file: Path, out_dir: Path, *, force: bool = False) -> dict[str, Any]:
@@ -311,7 +350,10 @@ def baseline(cfg: EvalConfig, test_file: Path, out_dir: Path, *, force: bool = F
     artifacts.atomic_write_text(out_dir / PREDICTIONS, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                                 for r in rows))
     scores = score_systems({}, test, cfg.n_bootstrap)
-    return _finish(out_dir, test, scores, config, _title(test), None, [test_file], usage)
+    lexicon = _lexicon(cfg, PrepConfig().source_column, PrepConfig().target_column)
+    if lexicon is not None:
+        scores["terms"] = _term_scores(lexicon.reversed() if cfg.direction == "reverse" else lexicon, test, {})
+    return _finish(out_dir, test, scores, config, _title(test), None, [test_file, *map(Path, cfg.glossary)], usage)
 
 
 
@@ -340,6 +382,7 @@ def compare(run_dirs: list[Path], out_dir: Path, *, n_bootstrap: int = metrics.N
                    [r["reference"] for r in first_rows], "source", "reference", cfg.get("direction", "forward"))
     systems: dict[str, list[str]] = {}
     outputs: dict[str, Any] = {}
+    terms: dict[str, Any] = {}
     for folder, manifest, rows, old_scores in runs:
         if manifest["config"].get("baseline") == "copy":
             continue  # the copy baseline is in every comparison anyway
@@ -348,6 +391,13 @@ def compare(run_dirs: list[Path], out_dir: Path, *, n_bootstrap: int = metrics.N
             name = str(folder)
         systems[name] = [r["hypothesis"] for r in rows]
         outputs[name] = next(iter(old_scores.get("outputs", {}).values()), None) or output_counts(rows, None)
+        own_terms = {k: v for k, v in (old_scores.get("terms") or {}).items() if k != COPY}
+        if own_terms:
+            terms[name] = next(iter(own_terms.values()))
+    for *_, old_scores in runs:  # the copy baseline's term accuracy from the first run that scored it
+        if COPY in (old_scores.get("terms") or {}):
+            terms = {COPY: old_scores["terms"][COPY], **terms}
+            break
     config = {"compare": [str(f) for f, *_ in runs], "n_bootstrap": n_bootstrap}
     done = artifacts.prepare_out_dir(out_dir, stage="eval", config=config, force=force)
     if done is not None:
@@ -360,6 +410,8 @@ def compare(run_dirs: list[Path], out_dir: Path, *, n_bootstrap: int = metrics.N
                                                                 for r in side_by_side))
     scores = score_systems(systems, test, n_bootstrap)
     scores["outputs"] = outputs
+    if terms:
+        scores["terms"] = terms
     names = list(systems)
     if len(names) > 1 and n_bootstrap > 1:
         scores["first"] = names[0]

@@ -58,6 +58,22 @@ def _outputs_table(outputs: dict[str, Any]) -> list[str]:
     return ["Outputs (empty or missing finals are scored as empty strings):", "", *_table(header, rows), ""]
 
 
+def _pct(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.1f}%"
+
+
+def _terms_table(terms: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, t in terms.items():
+        hinted = (f"{_pct(t['hint_accuracy'])} of {t['hinted']}" if "hinted" in t else "no hints")
+        right = (f"{_pct(t['right_hint_accuracy'])} of {t['hinted_in_reference']}" if "hinted" in t else "")
+        rows.append([name, f"{_pct(t['reference_term_accuracy'])} of {t['reference_terms']}", hinted, right])
+    header = ["System", "Reference terms produced", "Hinted terms produced", "… of hints the reference uses"]
+    intro = ("Term accuracy (glossary terms attested in the source and reference, and the glossary hints the prompts "
+             "carried: share whose target form is in the output):")
+    return [intro, "", *_table(header, rows), ""]
+
+
 def markdown(scores: dict[str, Any], *, title: str, languages: tuple[str, str] = ("the source", "the target")) -> str:
     """The report: scores with 95% bootstrap intervals, paired tests, output counts, sacrebleu signatures.
     `languages`: the (source, target) names the note on the copy baseline uses."""
@@ -74,6 +90,8 @@ def markdown(scores: dict[str, Any], *, title: str, languages: tuple[str, str] =
         lines += _paired_table(scores["paired_vs_first"], f"the first run ({scores['first']})")
     if scores.get("outputs"):
         lines += _outputs_table(scores["outputs"])
+    if scores.get("terms"):
+        lines += _terms_table(scores["terms"])
     any_system = next(iter(systems.values()))
     lines += ["sacrebleu signatures:", ""]
     lines += [f"- {metrics.LABELS[k]}: `{any_system[k]['signature']}`" for k in metrics.METRIC_KEYS]

@@ -1,7 +1,8 @@
 """`toolkit serve [MODEL] --backend B --host 127.0.0.1 --port 8000`: a FastAPI translation endpoint.
 
 `POST /translate` translates one text or a batch with the prompt the model was trained with (the
-`PromptSpec` of its manifests), either way between the two languages of training; it also speaks
+`PromptSpec` of its manifests), either way between the two languages of training, with a glossary hint
+(`--glossary`, and the request's own bounded `glossary` entries) for the terms found in a text; it also speaks
 LibreTranslate's API (toolkit/libretranslate.py: `q`/`source`/`target`, `GET /languages`). `GET /health` says
 whether the backend answers, `GET /v1/models` names the model, `/docs` is the OpenAPI page, and `/` is a
 translation page for people (toolkit/webpage.py).
@@ -51,12 +52,43 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 # ---- request and response bodies ----------------------------------------------------------------
 
+MAX_TERM_CHARS = 100
+MAX_FORMS = 4
+_CONTROL = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+
+
+class GlossaryEntry(BaseModel):
+    """One term of a request's glossary, in the request's direction (source_lang -> target_lang)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    source: str = Field(min_length=1, max_length=MAX_TERM_CHARS, description="The term as the text writes it.")
+    target: str | list[str] = Field(description=f"Its translation, or up to {MAX_FORMS} alternatives.")
+
+    @model_validator(mode="after")
+    def _plain_text(self) -> GlossaryEntry:
+        forms = self.forms()
+        if not forms or len(forms) > MAX_FORMS:
+            raise ValueError(f"`target`: expected 1 to {MAX_FORMS} forms, found {len(forms)}")
+        for value in (self.source, *forms):
+            if not value.strip() or len(value) > MAX_TERM_CHARS:
+                raise ValueError(f"glossary terms are 1 to {MAX_TERM_CHARS} characters besides spaces")
+            if _CONTROL.search(value):  # a newline or tab would let an entry pose as hint or prompt structure
+                raise ValueError("glossary terms hold no control characters (newline, tab...) and no lone surrogate")
+        return self
+
+    def forms(self) -> list[str]:
+        return [self.target] if isinstance(self.target, str) else list(self.target)
+
+
 class TranslateRequest(BaseModel):
     """One `text` or a batch of `texts`; languages by name or code, in either direction of training."""
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"text": "今仔日天氣真好。"},
         {"texts": ["你好。", "多謝。"], "source_lang": "nan", "target_lang": "zh", "include_reasoning": True},
+        {"text": "這個東西很便宜。", "glossary": [{"source": "東西", "target": "物件"},
+                                               {"source": "便宜", "target": ["俗", "便宜"]}]},
     ]})
 
     text: str | None = Field(None, description="One text to translate.")
@@ -68,6 +100,9 @@ class TranslateRequest(BaseModel):
                                            description="The system option `reasoning language: X`.")
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     include_reasoning: bool = Field(False, description="Return the analysis channel too.")
+    glossary: list[GlossaryEntry] | None = Field(None, description="Terms for this request (source_lang -> "
+                                                 "target_lang), added to the server's --glossary: the entries "
+                                                 "whose source occurs in a text go to the model as a hint.")
 
     @model_validator(mode="after")
     def _one_kind(self) -> TranslateRequest:
@@ -301,6 +336,16 @@ def create_app(translator: backends.Translator, spec: PromptSpec, settings: Serv
             raise HTTPException(422, str(exc)) from None
         options = {k: v for k, v in (("reasoning_language", body.reasoning_language),
                                      ("reasoning_effort", body.reasoning_effort)) if v is not None}
+        if body.glossary is not None:
+            if len(body.glossary) > settings.max_glossary_entries:
+                raise HTTPException(413, f"{len(body.glossary)} glossary entries: at most "
+                                         f"{settings.max_glossary_entries} per request")
+            from toolkit.glossary import Glossary
+
+            own = Glossary()
+            for entry in body.glossary:
+                own.add(entry.source, entry.forms())
+            options["glossary"] = own.merged(chosen.glossary)
         chosen = dataclasses.replace(chosen, **options)
         begun, results, ended = await translate_texts(texts, chosen)
         out = [TranslationOut(text=r.text, analysis=r.analysis if body.include_reasoning else None,
@@ -396,6 +441,10 @@ def run(cfg: ServeConfig, target: runs.Model | str | Path, *, on_ready: Callable
     sock = bind(cfg.host, cfg.port)
     spec = backends.spec_for(backend, model, manifest_dir=manifest_dir)
     codes = runs.prep_columns(runs.nearest_manifest(manifest_dir) if manifest_dir else None)
+    if cfg.glossary:  # before the weights load: a bad file is one quick error
+        from toolkit import glossary
+
+        spec = dataclasses.replace(spec, glossary=glossary.load(cfg.glossary, *codes))
     translator = backends.load_translator(backend, model, **cfg.translator_options(backend))
     app = create_app(translator, spec, dataclasses.replace(cfg, backend=backend), api_key=api_key, codes=codes)
     log.info("serve: %s through %s, %s <-> %s, key %s", translator.name, backend, spec.source_name,

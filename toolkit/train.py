@@ -5,7 +5,9 @@ pair so that only the assistant's answer is supervised:
 - gpt-oss (Harmony): `harmony.split_example` text; the completion is the channels, the answer and
   `<|return|>` (TRL's EOS is set to `<|return|>`, so nothing else is appended).
 - other chat models: conversational pairs; TRL renders both with the tokenizer's chat template and
-  supervises what the answer adds, template end-of-turn tokens included (what inference stops on).
+  supervises what the answer adds, template end-of-turn tokens included (what inference stops on). Such
+  templates have no analysis channel: an example's analysis opens the answer as a `<think>` block
+  (`prompt.answer_with_analysis`), which the backends split off again at inference.
 
 Writes OUT/: adapter_model.safetensors + adapter_config.json, the tokenizer (with its chat template),
 train_config.json (resolved config), metrics.jsonl, loss.png, tensorboard/, and manifest.json last.
@@ -63,7 +65,7 @@ def read_examples(path: Path, limit: int = 0) -> list[dict[str, Any]]:
 
 def to_pairs(rows: list[dict[str, Any]], fmt: str, prep_config: dict[str, Any]) -> list[dict[str, Any]]:
     """Prompt-completion records in the model's chat format (see the module docstring)."""
-    from toolkit.prompt import template_messages
+    from toolkit.prompt import answer_with_analysis, template_messages
 
     pairs = []
     for row in rows:
@@ -75,7 +77,9 @@ def to_pairs(rows: list[dict[str, Any]], fmt: str, prep_config: dict[str, Any]) 
             )
         else:
             prompt = template_messages(messages[:-1])
-            completion = [{"role": "assistant", "content": messages[-1]["content"]}]
+            answer = messages[-1]
+            completion = [{"role": "assistant", "content": answer_with_analysis(answer.get("thinking"),
+                                                                                answer["content"])}]
         pairs.append({"prompt": prompt, "completion": completion})
     return pairs
 
