@@ -326,3 +326,24 @@ def test_a_sentence_beyond_the_context_window_names_its_line(tsv, tmp_path):
     with pytest.raises(DataError, match=r"test.tsv:5: its prompt is 300 tokens, and the context window \(n_ctx\) "
                                         r"holds 256 tokens, the reply included: shorten the text, or raise n_ctx."):
         evaluate.run(cfg(model="m"), tsv, tmp_path / "o", translator=TooLong())
+
+
+class Stopping(Scripted):
+    """Scripted, with the first sentence at its token limit and the second cut for repeating."""
+
+    def translate(self, texts, spec, *, max_new_tokens=256):
+        self.calls.append(list(texts))
+        why = {PAIRS[0][0]: "length", PAIRS[1][0]: "repetition"}
+        return [backends.to_translation(t, harmony_model=False, stopped=t not in why, tokens=5, latency_s=0.01,
+                                        stop=why.get(t), limit=9) for t in texts]
+
+
+def test_outputs_at_their_limit_and_cut_loops_are_counted(tsv, tmp_path):
+    out = tmp_path / "eval"
+    evaluate.run(cfg(), tsv, out, translator=Stopping())
+    rows = read_rows(out)
+    assert [r["stop"] for r in rows[:3]] == ["length", "repetition", "end"] and rows[0]["limit"] == 9
+    counts = json.loads((out / "scores.json").read_text(encoding="utf-8"))["outputs"]["transformers:scripted"]
+    assert (counts["hit_limit"], counts["stopped_repetition"], counts["incomplete"]) == (1, 1, 2)
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "| Hit token limit | Loop cut |" in report and "| 2 | 1 | 1 |" in report

@@ -42,7 +42,12 @@ class PrepConfig:
     target_name: str = _help("Language name of the target column, as written in the prompt.",
                              "Taiwanese Hokkien (Han characters)")
     direction: str = _help("forward (source->target), reverse, or both.", "forward")
-    reasoning_language: str = _help("Value of the system option `reasoning language: X`.", "English")
+    chat_format: str = _help("The chat format the examples are written for: harmony (gpt-oss; the system message "
+                             "starts with the option `reasoning language: X`) or template (a chat template without "
+                             "a reasoning channel, e.g. Gemma's: the instruction alone, no reasoning line).",
+                             "harmony")
+    reasoning_language: str = _help("Value of the system option `reasoning language: X` (chat_format harmony).",
+                                    "English")
     reasoning_effort: str = _help("Harmony reasoning effort: low, medium or high.", "low")
     instruction: str = _help(
         "Developer instruction; {src} and {tgt} are replaced by the language names.",
@@ -68,6 +73,8 @@ class PrepConfig:
         out = []
         if self.direction not in ("forward", "reverse", "both"):
             out.append(f"prep.direction: expected forward, reverse or both, found {self.direction!r}")
+        if self.chat_format not in ("harmony", "template"):
+            out.append(f"prep.chat_format: expected harmony or template, found {self.chat_format!r}")
         if self.reasoning_effort not in ("low", "medium", "high"):
             out.append(f"prep.reasoning_effort: expected low, medium or high, found {self.reasoning_effort!r}")
         if not 0.0 <= self.dev_fraction < 1.0:
@@ -332,12 +339,37 @@ class ExportConfig:
 
 
 
+# --- decoding fields shared by eval and serve (toolkit.decoding) ---
+@dataclass(frozen=True)
+class DecodingFields:
+    """Per-sentence token limits and the repetition stop, the same in `toolkit eval` and `toolkit serve`."""
+
+    base_tokens: int = _help("Per-sentence token limit = base_tokens + tokens_per_source_token x the source's tokens "
+                             "(+ analysis_tokens for a Harmony model), at most max_new_tokens.", 16)
+    tokens_per_source_token: float = _help("See base_tokens (0 = no per-sentence limit: every sentence may run to "
+                                           "max_new_tokens).", 2.0)
+    analysis_tokens: int = _help("Extra room for the analysis channel of a model that reasons first (Harmony: "
+                                 "gpt-oss); models without one (Gemma's chat template) get none.", 192)
+    repeat_max_ngram: int = _help("Stop an output that ends in a loop of one n-gram of up to N tokens repeated, "
+                                  "and keep one copy (0 = off).", 16)
+    repeat_min_copies: int = _help("A loop is at least this many copies of its n-gram...", 3)
+    repeat_min_tokens: int = _help("...spanning at least this many tokens (so 10000 or 哈哈哈 is no loop).", 12)
+
+    def decoding_problems(self, section: str) -> list[str]:
+        out = [f"{section}.{k}: expected 0 or more, found {getattr(self, k)}"
+               for k in ("base_tokens", "tokens_per_source_token", "analysis_tokens", "repeat_max_ngram",
+                         "repeat_min_tokens") if getattr(self, k) < 0]
+        if self.repeat_min_copies < 2:
+            out.append(f"{section}.repeat_min_copies: expected 2 or more, found {self.repeat_min_copies}")
+        return out
+
+
 # --- eval config (owned by the eval stage; give it `section: ClassVar[str] = "NAME"`) ---
 EVAL_BACKENDS = ("transformers", "llama-cpp", "ollama")
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(DecodingFields):
     """`toolkit eval`: translate a test TSV through a backend and score it with sacrebleu."""
 
     section: ClassVar[str] = "eval"
@@ -351,14 +383,17 @@ class EvalConfig:
                                       None)
     direction: str = _help("forward (source column -> target column) or reverse.", "forward")
     limit: int = _help("Evaluate only the first N rows (0 = all).", 0)
-    max_new_tokens: int = _help("Generation limit per sentence (analysis + final).", 256)
-    batch_size: int = _help("Sentences per generate call (transformers) and per predictions.jsonl flush.", 8)
+    max_new_tokens: int = _help("Most tokens any sentence may generate (analysis + final); each sentence's own "
+                                "limit comes from its length (base_tokens).", 256)
+    batch_size: int = _help("Sentences per generate call (transformers, which sorts 4 batches at a time by length) "
+                            "and per predictions.jsonl flush.", 32)
     n_bootstrap: int = _help("Bootstrap resamples for confidence intervals and the paired test (sacrebleu's).",
                              1000)
     host: str | None = _help("Ollama server URL (default $OLLAMA_HOST, else http://127.0.0.1:11434).", None)
     n_ctx: int = _help("llama-cpp context window.", 2048)
     n_gpu_layers: int = _help("llama-cpp layers offloaded to the GPU (-1 = all).", 0)
     n_threads: int | None = _help("llama-cpp CPU threads (default: llama-cpp-python's, half the cores).", None)
+    n_batch: int = _help("llama-cpp prompt tokens evaluated per batch.", 512)
     copy_bias: float = _help("Greedy decoding with this bonus added to the logit of every token of the source sentence "
                                "(0 = off; transformers and llama-cpp). Between close languages it keeps names, numbers "
                                "and shared words that a small model would drop or paraphrase.", 0.0)
@@ -371,7 +406,7 @@ class EvalConfig:
             out.append(f"eval.backend: expected one of {', '.join(EVAL_BACKENDS)}, found {self.backend!r}")
         if self.direction not in ("forward", "reverse"):
             out.append(f"eval.direction: expected forward or reverse, found {self.direction!r}")
-        for name in ("max_new_tokens", "batch_size", "n_ctx"):
+        for name in ("max_new_tokens", "batch_size", "n_ctx", "n_batch"):
             if getattr(self, name) <= 0:
                 out.append(f"eval.{name}: expected a positive number, found {getattr(self, name)}")
         if self.limit < 0:
@@ -381,6 +416,7 @@ class EvalConfig:
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             out.append(f"eval.dtype: expected auto, bfloat16, float16 or float32, found {self.dtype!r}")
         out += _copy_bias_problems("eval", self.copy_bias, self.backend)
+        out += self.decoding_problems("eval")
         return out
 
 
@@ -396,7 +432,7 @@ def _copy_bias_problems(section: str, bias: float, backend: str | None) -> list[
 
 # --- serve config (owned by the serve stage; give it `section: ClassVar[str] = "NAME"`) ---
 @dataclass(frozen=True)
-class ServeConfig:
+class ServeConfig(DecodingFields):
     """`toolkit serve`: a FastAPI translation endpoint in front of one backend."""
 
     section: ClassVar[str] = "serve"
@@ -409,7 +445,8 @@ class ServeConfig:
                              "Authorization: Bearer). Unset: no key, localhost only.", "TOOLKIT_API_KEY")
     max_chars: int = _help("Longest text accepted, in characters (longer: 413).", 2000)
     max_texts: int = _help("Most texts in one request (more: 413).", 32)
-    max_new_tokens: int = _help("Generation limit per text (analysis + final).", 256)
+    max_new_tokens: int = _help("Most tokens any text may generate (analysis + final); each text's own limit "
+                                "comes from its length (base_tokens).", 256)
     concurrency: int = _help("Backend calls running at once (worker threads). llama.cpp and one transformers "
                              "model are not thread-safe: keep 1 unless the backend is a server (Ollama).", 1)
     queue_size: int = _help("Requests waiting for a worker beyond `concurrency`; when full: 429.", 16)
@@ -417,6 +454,8 @@ class ServeConfig:
     ollama_host: str | None = _help("Ollama server URL (default $OLLAMA_HOST, else http://127.0.0.1:11434).", None)
     n_ctx: int = _help("llama-cpp context window.", 2048)
     n_gpu_layers: int = _help("llama-cpp layers offloaded to the GPU (-1 = all).", 0)
+    n_threads: int | None = _help("llama-cpp CPU threads (default: llama-cpp-python's, half the cores).", None)
+    n_batch: int = _help("llama-cpp prompt tokens evaluated per batch.", 512)
     device: str | None = _help("transformers device: cpu, cuda (default: cuda when available).", None)
     dtype: str = _help("transformers weights dtype: auto, bfloat16, float16, float32.", "auto")
     copy_bias: float = _help("Greedy decoding with this bonus added to the logit of every token of the source sentence "
@@ -442,7 +481,7 @@ class ServeConfig:
             out.append(f"serve.backend: expected one of {', '.join(EVAL_BACKENDS)}, found {self.backend!r}")
         if not 0 <= self.port <= 65535:
             out.append(f"serve.port: expected 0..65535, found {self.port}")
-        for name in ("max_chars", "max_texts", "max_new_tokens", "concurrency", "request_timeout_s", "n_ctx"):
+        for name in ("max_chars", "max_texts", "max_new_tokens", "concurrency", "request_timeout_s", "n_ctx", "n_batch"):
             if getattr(self, name) <= 0:
                 out.append(f"serve.{name}: expected a positive number, found {getattr(self, name)}")
         if self.queue_size < 0:
@@ -450,6 +489,7 @@ class ServeConfig:
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             out.append(f"serve.dtype: expected auto, bfloat16, float16 or float32, found {self.dtype!r}")
         out += _copy_bias_problems("serve", self.copy_bias, self.backend)
+        out += self.decoding_problems("serve")
         return out
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from toolkit import artifacts, backends, metrics, resources
 from toolkit.config import EvalConfig, PrepConfig, as_dict
+from toolkit.decoding import LENGTH, REPETITION
 from toolkit.errors import ArtifactError, DataError
 from toolkit.prompt import PromptSpec
 
@@ -30,6 +31,7 @@ REPORT = "report.md"
 CHART = "scores.png"
 STATE = ".eval-state.json"  # config of an unfinished eval (a dot file: manifests skip it)
 COPY = "copy source"
+SORT_BATCHES = 4  # batches handed to the transformers backend per call (it sorts them by length)
 TEST_FIX = "Fix the line: eval scores every row of a test set, so it skips none."
 
 
@@ -171,8 +173,10 @@ def translate_all(load: Callable[[], Any], spec: PromptSpec, test: TestSet, path
     translator = load()
     with path.open("a", encoding="utf-8") as fh, tqdm(total=len(test.sources), initial=len(rows), desc="eval",
                                                        unit="sent", dynamic_ncols=True) as bar:
-        for start in range(len(rows), len(test.sources), cfg.batch_size):
-            batch = test.sources[start:start + cfg.batch_size]
+        # a translator that sorts what it is given by length (transformers) gets several batches at once
+        chunk = cfg.batch_size * (SORT_BATCHES if getattr(translator, "sort", False) else 1)
+        for start in range(len(rows), len(test.sources), chunk):
+            batch = test.sources[start:start + chunk]
             try:
                 results = translator.translate(batch, spec, max_new_tokens=cfg.max_new_tokens)
             except backends.PromptTooLong as exc:  # name the test set's line, not the index in a batch
@@ -182,7 +186,8 @@ def translate_all(load: Callable[[], Any], spec: PromptSpec, test: TestSet, path
                                     f"{len(batch)} sentences")
             for j, t in enumerate(results):
                 row = prediction_row(test, start + j, t.text, analysis=t.analysis, complete=t.complete,
-                                     tokens=t.tokens, latency_s=round(t.latency_s, 4), raw=t.raw)
+                                     tokens=t.tokens, limit=t.limit, stop=t.stop, latency_s=round(t.latency_s, 4),
+                                     raw=t.raw)
                 rows.append(row)
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             fh.flush()
@@ -193,13 +198,16 @@ def translate_all(load: Callable[[], Any], spec: PromptSpec, test: TestSet, path
 # ---- scores -----------------------------------------------------------------------------------
 
 def output_counts(rows: list[dict[str, Any]], reasoning_language: str | None) -> dict[str, Any]:
-    """How the outputs looked: empty or truncated finals, analysis present, tokens, latency."""
+    """How the outputs looked: empty or truncated finals, outputs that ran to their token limit or were cut for
+    repeating, analysis present, tokens, latency."""
     tokens = [r.get("tokens", 0) for r in rows]
     latency = sorted(r.get("latency_s", 0.0) for r in rows)
     counts = {
         "sentences": len(rows),
         "empty_final": sum(1 for r in rows if not r["hypothesis"]),
         "incomplete": sum(1 for r in rows if not r.get("complete", True)),
+        "hit_limit": sum(1 for r in rows if r.get("stop") == LENGTH),
+        "stopped_repetition": sum(1 for r in rows if r.get("stop") == REPETITION),
         "with_analysis": sum(1 for r in rows if r.get("analysis")),
         "tokens_mean": round(statistics.fmean(tokens), 2) if tokens else 0.0,
         "latency_p50_s": round(latency[len(latency) // 2], 4) if latency else 0.0,
@@ -308,8 +316,12 @@ def run(cfg: EvalConfig, test_file: Path, out_dir: Path, *, force: bool = False,
     if cfg.copy_bias:
         name += f" (copy_bias {cfg.copy_bias:g})"  # a decoding setting: visible wherever the scores go
     scores = score_systems({name: [r["hypothesis"] for r in rows]}, test, cfg.n_bootstrap)
-    scores["outputs"] = {name: output_counts(rows, spec.reasoning_language)}
+    counts = output_counts(rows, spec.reasoning_language)
+    scores["outputs"] = {name: counts}
     scores["prompt"] = asdict(spec)
+    if counts["hit_limit"] or counts["stopped_repetition"]:
+        log.info("eval: %d of %d outputs ran to their token limit, %d were cut for repeating", counts["hit_limit"],
+                 counts["sentences"], counts["stopped_repetition"])
     return _finish(out_dir, test, scores, config, _title(test), model_manifest, [test_file], usage)
 
 
