@@ -3,6 +3,7 @@ gpt-oss (base and base + adapter), Ollama through the stand-in server, llama.cpp
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -136,13 +137,61 @@ def test_transformers_base_plus_adapter_differs_from_base(tiny_model, tiny_trans
     from lora_fixture import make_train_dir
 
     train_dir = make_train_dir(tiny_model, tmp_path / "train")
-    adapted = backends.load_translator("transformers", train_dir, batch_size=4)
+    adapted = backends.load_translator("transformers", train_dir, batch_size=4, merge_adapter=False)
     assert type(adapted.model).__name__ == "PeftModelForCausalLM"
     spec = backends.spec_for("transformers", train_dir)  # prompt from the train manifest's prep upstream
-    assert spec == default_spec()
+    assert spec == dataclasses.replace(default_spec(), reasoning_line=True)  # prep wrote Harmony examples
     a = adapted.translate(TEXTS, spec, max_new_tokens=8)
     b = tiny_translator.translate(TEXTS, spec, max_new_tokens=8)
     assert [t.raw for t in a] != [t.raw for t in b]
+
+
+def test_transformers_per_sentence_limits_and_sorted_batches(tiny_model):
+    from toolkit.decoding import Decoding, RepeatStop
+
+    spec = default_spec()
+    texts = [TEXTS[2], TEXTS[0], TEXTS[1], TEXTS[0] * 3]
+    decoding = Decoding(base_tokens=2, tokens_per_source_token=1.0, analysis_tokens=3, repeat=RepeatStop(0))
+    sorted_ = backends.load_translator("transformers", tiny_model, batch_size=2, decoding=decoding)
+    out = sorted_.translate(texts, spec, max_new_tokens=40)
+    for text, t in zip(texts, out, strict=True):
+        source = backends.plain_ids(text, sorted_._encode, sorted_.forbidden)
+        assert t.limit == 2 + len(source) + 3  # the Harmony model gets room for its analysis
+        assert t.tokens <= t.limit and (t.stop == "length") == (t.tokens == t.limit and not t.complete)
+    assert len({t.limit for t in out}) > 1  # sentences of different lengths get different limits
+    # sorted by length and batched two by two, returned in the order given: as one at a time
+    single = backends.load_translator("transformers", tiny_model, batch_size=1, decoding=decoding, sort=False)
+    assert [t.raw for t in out] == [single.translate([x], spec, max_new_tokens=40)[0].raw for x in texts]
+
+
+def test_transformers_repetition_stop_cuts_a_loop(tiny_model):
+    from toolkit.decoding import Decoding, RepeatStop
+
+    spec = default_spec()
+    texts = ["一朵花", "他們要來。", "這是一本書。", "我不知道。", "謝謝你。", "今天天氣很好。"]
+    free = backends.load_translator("transformers", tiny_model, decoding=Decoding(
+        tokens_per_source_token=0, repeat=RepeatStop(0)))
+    stopping = backends.load_translator("transformers", tiny_model, decoding=Decoding(
+        tokens_per_source_token=0, repeat=RepeatStop(max_ngram=16, min_copies=3, min_tokens=6)))
+    long_, cut = free.translate(texts, spec, max_new_tokens=80), stopping.translate(texts, spec, max_new_tokens=80)
+    looped = [i for i, t in enumerate(cut) if t.stop == "repetition"]
+    assert looped, "the random tiny model loops under greedy decoding"
+    for i in looped:  # the same tokens up to the end of the loop's first copy, nothing after it
+        assert long_[i].raw.startswith(cut[i].raw) and cut[i].tokens < long_[i].tokens
+    assert all(t.stop != "repetition" for t in long_)
+
+
+def test_transformers_merged_adapter_decodes_as_the_unmerged_one(tiny_model, tmp_path):
+    from lora_fixture import make_train_dir
+
+    train_dir = make_train_dir(tiny_model, tmp_path / "train")
+    merged = backends.load_translator("transformers", train_dir, batch_size=4)
+    unmerged = backends.load_translator("transformers", train_dir, batch_size=4, merge_adapter=False)
+    assert type(unmerged.model).__name__ == "PeftModelForCausalLM"
+    assert type(merged.model).__name__ == "GptOssForCausalLM"
+    spec = backends.spec_for("transformers", train_dir)
+    a, b = merged.translate(TEXTS, spec, max_new_tokens=8), unmerged.translate(TEXTS, spec, max_new_tokens=8)
+    assert [t.raw for t in a] == [t.raw for t in b]
 
 
 # ---- Ollama (stand-in server) -------------------------------------------------------------------
@@ -162,11 +211,31 @@ def test_ollama_raw_harmony_prompt_and_parsing():
         req = server.generate_requests[0]
     assert req["raw"] is True and req["stream"] is False
     assert req["prompt"] == spec.harmony_prompt(TEXTS[0])
-    assert req["options"]["temperature"] == 0 and req["options"]["num_predict"] == 200
+    assert req["options"]["temperature"] == 0 and req["options"]["num_predict"] == 200  # max_new_tokens caps it
     assert req["options"]["stop"] == list(harmony.STOP_TOKENS)
     assert [t.text for t in out] == TEXTS[:2]  # the stand-in echoes the sentence as its final
     assert all(t.complete and t.analysis == "The user wants this sentence translated." for t in out)
     assert all(t.tokens == len(t.raw) for t in out)
+
+
+def test_ollama_num_predict_is_each_sentences_own_limit():
+    from toolkit.tokenizer import tiktoken_encoding
+
+    with StandinOllama() as server:
+        _add_model(server, "taigi")
+        backends.load_translator("ollama", "taigi", host=server.url).translate(TEXTS, default_spec(),
+                                                                                max_new_tokens=1000)
+        sent = [r["options"]["num_predict"] for r in server.generate_requests]
+    # 16 + 2 x the sentence's gpt-oss tokens + 192 for the analysis channel (the decoding defaults)
+    assert sent == [16 + 2 * len(tiktoken_encoding().encode(t)) + 192 for t in TEXTS]
+
+
+def test_ollama_loop_is_cut_from_the_reply():
+    loop = "遮跤，遮厝，" * 6
+    with StandinOllama() as server:
+        _add_model(server, "taigi")
+        out = backends.load_translator("ollama", "taigi", host=server.url).translate([loop], default_spec())
+    assert out[0].stop == "repetition" and out[0].text == "遮跤，遮厝，"
 
 
 def test_ollama_truncated_reply_is_incomplete():

@@ -379,3 +379,24 @@ def test_glossary_hints_reach_the_prompt_and_terms_are_scored(tsv, tmp_path, dir
     names = [n for n in compared if n != evaluate.COPY]
     assert compared[evaluate.COPY]["reference_terms"] == 5
     assert [compared[n].get("hint_accuracy") for n in names] == [1.0, None]
+
+
+class Stopping(Scripted):
+    """Scripted, with the first sentence at its token limit and the second cut for repeating."""
+
+    def translate(self, texts, spec, *, max_new_tokens=256):
+        self.calls.append(list(texts))
+        why = {PAIRS[0][0]: "length", PAIRS[1][0]: "repetition"}
+        return [backends.to_translation(t, harmony_model=False, stopped=t not in why, tokens=5, latency_s=0.01,
+                                        stop=why.get(t), limit=9) for t in texts]
+
+
+def test_outputs_at_their_limit_and_cut_loops_are_counted(tsv, tmp_path):
+    out = tmp_path / "eval"
+    evaluate.run(cfg(), tsv, out, translator=Stopping())
+    rows = read_rows(out)
+    assert [r["stop"] for r in rows[:3]] == ["length", "repetition", "end"] and rows[0]["limit"] == 9
+    counts = json.loads((out / "scores.json").read_text(encoding="utf-8"))["outputs"]["transformers:scripted"]
+    assert (counts["hit_limit"], counts["stopped_repetition"], counts["incomplete"]) == (1, 1, 2)
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "| Hit token limit | Loop cut |" in report and "| 2 | 1 | 1 |" in report

@@ -202,7 +202,7 @@ def test_full_size_writer_inits(tiny_model_real_tokenizer, tmp_path):
                       ("model.embed_tokens.weight", "model.layers.0.self_attn.o_proj.weight",
                        "model.layers.0.self_attn.q_proj.weight")}
         for proj in ("gate_up_proj", "down_proj"):
-            blocks, scales = mxfp4.packed_names(f"model.layers.0.mlp.experts.{proj}")
+            _, scales = mxfp4.packed_names(f"model.layers.0.mlp.experts.{proj}")
             stds[init][proj] = int(ckpt.tensor(scales, torch.uint8).min()) - 127
     scaled, uniform = stds["scaled"], stds["uniform"]
     assert scaled["model.embed_tokens.weight"] == pytest.approx(1.0, rel=0.05)

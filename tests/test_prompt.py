@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from toolkit import prompt, runs
+from toolkit import config, prompt, runs
 from toolkit.config import PrepConfig
-from toolkit.errors import ArtifactError
+from toolkit.errors import ArtifactError, ConfigError
 
 
 def chain(chat_format: str | None = "harmony") -> dict:
@@ -98,3 +98,60 @@ def test_split_analysis():
     assert prompt.split_analysis("B") == (None, "B", True)
     assert prompt.split_analysis("<think>\nA") == ("A", "", False)
     assert prompt.answer_with_analysis(None, "B") == "B"
+
+
+class TemplateTokenizer:
+    """A chat-template tokenizer without Harmony tokens (Gemma's kind): renders the messages as JSON."""
+
+    def get_vocab(self) -> dict:
+        return {"<start_of_turn>": 1}
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True) -> str:
+        import json
+
+        return json.dumps(messages, ensure_ascii=False)
+
+
+def test_template_prep_writes_no_reasoning_line_and_records_it(tmp_path):
+    import json
+
+    from toolkit.corpus import prepare
+
+    corpus = tmp_path / "c.tsv"
+    corpus.write_text("zh\tnan\n" + "".join(f"句子{i}。\t句仔{i}。\n" for i in range(5)), encoding="utf-8")
+    manifest = prepare(PrepConfig(chat_format="template", length_unit="chars", dev_fraction=0.0), corpus,
+                       tmp_path / "prep")
+    row = json.loads((tmp_path / "prep" / "train.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert row["messages"][0]["content"] == PrepConfig().instruction.format(
+        src=PrepConfig().source_name, tgt=PrepConfig().target_name)
+    assert manifest["chat_format"] == "template" and manifest["config"]["chat_format"] == "template"
+    spec = prompt.from_manifest({"stage": "merge", "upstream": manifest})
+    assert spec.reasoning_line is False
+    assert "reasoning language" not in spec.render_prompt("一朵花", TemplateTokenizer())
+    assert "reasoning language" not in spec.harmony_prompt("一朵花")  # as trained, whatever renders it
+
+
+def test_old_prep_manifests_keep_the_line_they_were_trained_with():
+    old = chain()
+    del old["upstream"]["upstream"]["upstream"]["config"]["chat_format"]  # written before the record existed
+    spec = prompt.from_manifest(old)
+    assert spec.reasoning_line is True
+    assert "reasoning language: Deutsch" in spec.render_prompt("一朵花", TemplateTokenizer())
+
+
+def test_a_bare_model_gets_the_line_only_in_harmony():
+    spec = prompt.default_spec()
+    assert "reasoning language: English" in spec.harmony_prompt("一朵花")
+    assert "reasoning language" not in spec.render_prompt("一朵花", TemplateTokenizer())
+    with pytest.raises(ConfigError, match="prep.chat_format: expected harmony or template"):
+        config.build("prep", None, ["prep.chat_format=gemma"])
+
+
+def test_train_warns_when_prep_wrote_for_another_chat_format(caplog):
+    from toolkit.train import check_prep_format
+
+    with caplog.at_level("WARNING", logger="toolkit.train"):
+        check_prep_format({"config": {}}, "harmony")  # an old prep manifest: Harmony examples
+        assert not caplog.records
+        check_prep_format({"config": {}}, "template")
+    assert "prep.chat_format=template" in caplog.text and "reasoning language" in caplog.text

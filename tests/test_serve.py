@@ -67,7 +67,7 @@ def test_translate_one_text():
         resp = c.post("/translate", json={"text": "你好"})
     assert resp.status_code == 200
     body = resp.json()
-    assert body["translations"] == [{"text": f"{NAN}|你好", "complete": True, "tokens": 2}]
+    assert body["translations"] == [{"text": f"{NAN}|你好", "complete": True, "tokens": 2, "stop": "end"}]
     assert (body["model"], body["source_lang"], body["target_lang"]) == ("fake-model", ZH, NAN)
     assert set(body["timings"]) == {"queue_ms", "backend_ms", "total_ms"}
     assert body["timings"]["total_ms"] >= body["timings"]["backend_ms"] >= 0

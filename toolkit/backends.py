@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from toolkit import harmony, runs
 from toolkit.config import EVAL_BACKENDS, ollama_host
+from toolkit.decoding import END, LENGTH, REPETITION, Decoding, trim
 from toolkit.devices import resolve_device
 from toolkit.errors import ArtifactError, ExternalToolError
 from toolkit.prompt import PromptSpec, default_spec, from_manifest, is_harmony_tokenizer, split_analysis
@@ -35,6 +36,8 @@ class Translation:
     tokens: int  # generated tokens
     latency_s: float
     raw: str  # raw generated text
+    stop: str = END  # why generation ended: end (stop token), length (its token limit), repetition (a loop, cut)
+    limit: int | None = None  # the sentence's token limit
 
 
 class PromptTooLong(ExternalToolError):
@@ -94,12 +97,14 @@ class Translator(Protocol):
 
 
 def to_translation(raw: str, *, harmony_model: bool, stopped: bool, tokens: int, latency_s: float,
-                   analysis: str | None = None) -> Translation:
-    """One generated text -> Translation. `stopped`: generation ended on a stop token, not the length limit.
+                   analysis: str | None = None, stop: str | None = None, limit: int | None = None) -> Translation:
+    """One generated text -> Translation. `stopped`: generation ended on a stop token, not the length limit
+    (`stop` says which other reason: length or repetition; default: end or length by `stopped`).
 
     Backends that strip the stop token from the text (llama.cpp, Ollama) pass `stopped` so a final
     message that ran to its stop token still counts as complete.
     """
+    stop = stop or (END if stopped else LENGTH)
     if harmony_model:
         parsed = harmony.parse(raw)
         final, complete = parsed.final, parsed.complete or (stopped and parsed.final is not None)
@@ -108,7 +113,7 @@ def to_translation(raw: str, *, harmony_model: bool, stopped: bool, tokens: int,
         parsed_analysis, final, closed = split_analysis(raw)
         analysis, complete = analysis or parsed_analysis, stopped and closed
     return Translation(text=final or "", analysis=analysis or None, complete=complete, tokens=tokens,
-                       latency_s=latency_s, raw=raw)
+                       latency_s=latency_s, raw=raw, stop=stop, limit=limit)
 
 
 # ---- which prompt -------------------------------------------------------------------------------
@@ -156,11 +161,45 @@ class _CopyBias:
         return scores
 
 
+class _RowStops:
+    """A transformers stopping criterion that ends each row on its own: at a stop token, at the row's token
+    limit, or at a repetition loop (`Decoding.repeat`); it records where and why each row ended."""
+
+    def __init__(self, limits: list[int], stop_ids: list[int], decoding: Decoding) -> None:
+        self.limits, self.stop_ids, self.repeat = limits, set(stop_ids), decoding.repeat
+        self.out: list[list[int]] = [[] for _ in limits]
+        self.why: list[str | None] = [None] * len(limits)
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        for row, tok in enumerate(input_ids[:, -1].tolist()):
+            if self.why[row] is not None:
+                continue
+            out = self.out[row]
+            out.append(tok)
+            if tok in self.stop_ids:
+                self.why[row] = END
+            elif (cut := self.repeat.cut(out)) is not None:
+                del out[cut:]
+                self.why[row] = REPETITION
+            elif len(out) >= self.limits[row]:
+                self.why[row] = LENGTH
+        return torch.tensor([w is not None for w in self.why], dtype=torch.bool, device=input_ids.device)
+
+
 class TransformersTranslator:
-    """A base model, a merged folder, or base + LoRA adapter (a `toolkit train` folder); batched greedy decoding."""
+    """A base model, a merged folder, or base + LoRA adapter (a `toolkit train` folder); batched greedy decoding.
+
+    A `translate` call's sentences are sorted by prompt length and token limit (so a batch pads little and its
+    rows end close together), decoded `batch_size` at a time, each row stopped on its own (`_RowStops`), and
+    returned in the order given. An adapter is merged into the base weights once at load (`merge_adapter`).
+    """
 
     def __init__(self, target: str | Path, *, base_model: str | None = None, device: str | None = "auto",
-                 dtype: str = "auto", batch_size: int = 8, copy_bias: float = 0.0) -> None:
+                 dtype: str = "auto", batch_size: int = 32, copy_bias: float = 0.0,
+                 decoding: Decoding | None = None, sort: bool = True, merge_adapter: bool = True,
+                 generate_options: dict[str, Any] | None = None) -> None:
         path = Path(target)
         adapter = _adapter_dir(path) if path.is_dir() else None
         if adapter is not None:
@@ -172,29 +211,47 @@ class TransformersTranslator:
                                 "(adapter_config.json); found neither. Pass --model.")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.device = resolve_device(device)
-        self.name = str(target)
-        self.batch_size = batch_size
-        self.copy_bias = copy_bias
+        device = resolve_device(device)
         tok_source = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else base
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
+            tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
         except OSError as exc:  # not a folder and not reachable on the Hub
             raise ArtifactError(f"{tok_source}: cannot load a tokenizer ({str(exc).splitlines()[0]}). "
                                 "Pass a local model folder with --model.") from exc
-        self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         kwargs: dict[str, Any] = {"dtype": dtype}
-        if self.device == "cuda":
+        if device == "cuda":
             kwargs["device_map"] = "auto"
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
         if adapter is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(adapter))
-        if self.device != "cuda":
-            model = model.to(self.device)
+            if merge_adapter:  # W + BA once, instead of two extra matmuls per adapted layer at every step
+                model = model.merge_and_unload()
+        if device != "cuda":
+            model = model.to(device)
+        self._setup(model, tokenizer, name=str(target), device=device, batch_size=batch_size, copy_bias=copy_bias,
+                    decoding=decoding, sort=sort, generate_options=generate_options)
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, *, name: str, device: str, merge_adapter: bool = True,
+                   **options: Any) -> TransformersTranslator:
+        """A translator around a model already in memory (benchmarks with random weights)."""
+        self = cls.__new__(cls)
+        self._setup(model, tokenizer, name=name, device=device, **options)
+        return self
+
+    def _setup(self, model: Any, tokenizer: Any, *, name: str, device: str, batch_size: int = 32,
+               copy_bias: float = 0.0, decoding: Decoding | None = None, sort: bool = True,
+               generate_options: dict[str, Any] | None = None) -> None:
+        self.name, self.device, self.batch_size, self.copy_bias = name, device, batch_size, copy_bias
+        self.decoding = decoding or Decoding()
+        self.sort = sort
+        self.generate_options = dict(generate_options or {})
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = model.eval()
         self.harmony = is_harmony_tokenizer(self.tokenizer)
         vocab = self.tokenizer.get_vocab()
@@ -202,7 +259,8 @@ class TransformersTranslator:
                           if t in vocab}
         stops = [self.tokenizer.convert_tokens_to_ids(t) for t in harmony.STOP_TOKENS] if self.harmony else []
         eos = self.tokenizer.eos_token_id
-        self.stop_ids = sorted({i for i in [*stops, eos] if isinstance(i, int) and i >= 0})
+        self.stop_ids = sorted({i for i in [*stops, *(eos if isinstance(eos, list) else [eos])]
+                                if isinstance(i, int) and i >= 0})
 
     def health(self) -> bool:
         return self.model is not None
@@ -216,41 +274,50 @@ class TransformersTranslator:
         return encode_prompt(spec.prompt_pieces(text, self.tokenizer), self._encode, self.forbidden)
 
     def translate(self, texts: list[str], spec: PromptSpec, *, max_new_tokens: int = 256) -> list[Translation]:
-        out: list[Translation] = []
-        for start in range(0, len(texts), self.batch_size):
-            out.extend(self._batch(texts[start:start + self.batch_size], spec, max_new_tokens))
-        return out
-
-    def _batch(self, texts: list[str], spec: PromptSpec, max_new_tokens: int) -> list[Translation]:
-        import torch
-
         prompts = [self.prompt_ids(t, spec) for t in texts]
-        check_fits(prompts, getattr(self.model.config, "max_position_embeddings", None),
-                   "the model's max_position_embeddings")
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        check_fits(prompts, context, "the model's max_position_embeddings")
+        sources = [plain_ids(t, self._encode, self.forbidden) for t in texts]
+        limits = [self.decoding.limit(len(src), max_new_tokens, analysis=self.harmony,
+                                      room=None if context is None else context - len(ids))
+                  for src, ids in zip(sources, prompts, strict=True)]
+        order = list(range(len(texts)))
+        if self.sort:
+            order.sort(key=lambda i: (len(prompts[i]), limits[i]))
+        out: list[Translation | None] = [None] * len(texts)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            results = self._batch([prompts[i] for i in rows], [sources[i] for i in rows], [limits[i] for i in rows])
+            for i, result in zip(rows, results, strict=True):
+                out[i] = result
+        return out  # type: ignore[return-value]
+
+    def _batch(self, prompts: list[list[int]], sources: list[list[int]], limits: list[int]) -> list[Translation]:
+        import torch
+        from transformers import StoppingCriteriaList
+
         enc = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(self.model.device)
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = dict(self.generate_options)
         if self.copy_bias:
             from transformers import LogitsProcessorList
 
-            ids = [source_token_ids(plain_ids(t, self._encode, self.forbidden)) for t in texts]
+            ids = [source_token_ids(src) for src in sources]
             extra["logits_processor"] = LogitsProcessorList([_CopyBias(ids, self.copy_bias)])
+        stops = _RowStops(limits, self.stop_ids, self.decoding)
         started = time.perf_counter()
         with torch.inference_mode():
-            generated = self.model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id, **extra,
+            self.model.generate(
+                **enc, max_new_tokens=max(limits), do_sample=False, temperature=None, top_p=None, top_k=None,
+                eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
+                stopping_criteria=StoppingCriteriaList([stops]), **extra,
             )
         # Batched: each sentence is charged an equal share of its batch's wall time.
-        latency = (time.perf_counter() - started) / len(texts)
+        latency = (time.perf_counter() - started) / len(prompts)
         results = []
-        for row in generated[:, enc["input_ids"].shape[1]:].tolist():
-            stop_at = next((i for i, tok in enumerate(row) if tok in self.stop_ids), None)
-            ids = row if stop_at is None else row[: stop_at + 1]
-            raw = self.tokenizer.decode(ids, skip_special_tokens=False)
-            if not self.harmony:
-                raw = self.tokenizer.decode(ids, skip_special_tokens=True)
-            results.append(to_translation(raw, harmony_model=self.harmony, stopped=stop_at is not None,
-                                          tokens=len(ids), latency_s=latency))
+        for ids, why, limit in zip(stops.out, stops.why, limits, strict=True):
+            raw = self.tokenizer.decode(ids, skip_special_tokens=not self.harmony)
+            results.append(to_translation(raw, harmony_model=self.harmony, stopped=why == END, tokens=len(ids),
+                                          latency_s=latency, stop=why or LENGTH, limit=limit))
         return results
 
 
@@ -286,7 +353,7 @@ class LlamaCppTranslator:
     """A GGUF file through llama-cpp-python; one sentence at a time, greedy."""
 
     def __init__(self, target: str | Path, *, n_ctx: int = 2048, n_gpu_layers: int = 0, n_threads: int | None = None,
-                 seed: int = 0, copy_bias: float = 0.0) -> None:
+                 n_batch: int = 512, seed: int = 0, copy_bias: float = 0.0, decoding: Decoding | None = None) -> None:
         path = Path(target)
         if not path.is_file():
             raise ArtifactError(f"{path}: no such GGUF file. Run `toolkit export` or pass --model FILE.gguf.")
@@ -296,8 +363,10 @@ class LlamaCppTranslator:
             raise ExternalToolError("llama-cpp-python is not installed: `pip install 'toolkit[export]'`.") from exc
         self.name = path.name
         self.copy_bias = copy_bias
+        self.decoding = decoding or Decoding()
         self.llm = Llama(model_path=str(path), logits_all=False, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
-                         n_threads=n_threads, n_threads_batch=n_threads, seed=seed, verbose=False)
+                         n_threads=n_threads, n_threads_batch=n_threads, n_batch=min(n_batch, n_ctx), seed=seed,
+                         verbose=False)
         self.harmony = self._token_id("<|channel|>") is not None
         specials = {t: self._token_id(t) for t in harmony.SPECIAL_TOKENS} if self.harmony else {}
         self.forbidden = {i: t for t, i in specials.items() if i is not None}
@@ -340,23 +409,30 @@ class LlamaCppTranslator:
         return [favour_source]
 
     def _one(self, text: str, tokens: list[int], max_new_tokens: int) -> Translation:
-        budget = min(max_new_tokens, self.llm.n_ctx() - len(tokens))  # > 0: `check_fits` passed
+        source = plain_ids(text, self._encode, self.forbidden)
+        limit = self.decoding.limit(len(source), max_new_tokens, analysis=self.harmony,
+                                    room=self.llm.n_ctx() - len(tokens))  # > 0: `check_fits` passed
         processors = self.logits_processors(text, len(tokens))
         started = time.perf_counter()
         out: list[int] = []
-        stopped = False
+        why = LENGTH
         for tok in self.llm.generate(tokens, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
                                      reset=True, logits_processor=processors):
             out.append(tok)
             if tok in self.stop_ids:
-                stopped = True
+                why = END
                 break
-            if len(out) >= budget:
+            if (cut := self.decoding.repeat.cut(out)) is not None:
+                del out[cut:]
+                why = REPETITION
+                break
+            if len(out) >= limit:
                 break
         latency = time.perf_counter() - started
         # special=True keeps <|channel|>, <|message|>... in the text so the Harmony parser sees them.
         raw = self.llm.detokenize(out, special=self.harmony).decode("utf-8", errors="replace")
-        return to_translation(raw, harmony_model=self.harmony, stopped=stopped, tokens=len(out), latency_s=latency)
+        return to_translation(raw, harmony_model=self.harmony, stopped=why == END, tokens=len(out),
+                              latency_s=latency, stop=why, limit=limit)
 
 
 # ---- Ollama -------------------------------------------------------------------------------------
@@ -365,10 +441,12 @@ class OllamaTranslator:
     """A model on an Ollama server. The prompt is sent raw, so it is exactly the Harmony prompt of training."""
 
     def __init__(self, target: str, *, host: str | None = None, timeout: float = 120.0, check: bool = True,
-                 keep_alive: str | None = None) -> None:
+                 keep_alive: str | None = None, decoding: Decoding | None = None) -> None:
         from ollama import Client
 
         self.name = str(target)
+        self.decoding = decoding or Decoding()
+        self._codec: tuple[Callable[[str], list[Any]], Callable[[list[Any]], str]] | None = None
         self.host = host or ollama_host()
         self.keep_alive = keep_alive
         self.client = Client(host=self.host, timeout=timeout)
@@ -389,10 +467,27 @@ class OllamaTranslator:
     def translate(self, texts: list[str], spec: PromptSpec, *, max_new_tokens: int = 256) -> list[Translation]:
         return [self._one(text, spec, max_new_tokens) for text in texts]
 
+    def _tokenizer(self) -> tuple[Callable[[str], list[Any]], Callable[[list[Any]], str]]:
+        """(encode, decode) in gpt-oss tokens (Ollama serves Harmony models only, and its API tokenizes nothing for
+        us), or in characters when the o200k ranks are not installed."""
+        if self._codec is None:
+            try:
+                from toolkit.tokenizer import tiktoken_encoding
+
+                encoding = tiktoken_encoding()
+                self._codec = (lambda t: encoding.encode(t, allowed_special="all"), encoding.decode)
+            except ExternalToolError as exc:
+                log.warning("Ollama: %s; token limits count characters", exc)
+                self._codec = (list, "".join)
+        return self._codec
+
     def _one(self, text: str, spec: PromptSpec, max_new_tokens: int) -> Translation:
         from ollama import ResponseError
 
-        options = {"temperature": 0.0, "top_k": 1, "num_predict": max_new_tokens, "stop": list(harmony.STOP_TOKENS)}
+        # Ollama takes one limit per request (num_predict); a loop is cut from the reply afterwards.
+        encode, decode = self._tokenizer()
+        limit = self.decoding.limit(len(encode(text)), max_new_tokens, analysis=True)
+        options = {"temperature": 0.0, "top_k": 1, "num_predict": limit, "stop": list(harmony.STOP_TOKENS)}
         started = time.perf_counter()
         try:
             # Ollama tokenizes the whole raw prompt with special tokens parsed: defuse any in the user's text and
@@ -409,10 +504,14 @@ class OllamaTranslator:
             raise ExternalToolError(f"Ollama model {self.name!r} at {self.host}: {exc.error} "
                                     f"(HTTP {exc.status_code}).{hint}") from exc
         latency = time.perf_counter() - started
-        raw = resp.response or ""
+        raw, why = resp.response or "", END if resp.done_reason == "stop" else LENGTH
+        if self.decoding.repeat.max_ngram:
+            ids, looped = trim(encode(raw), self.decoding.repeat)
+            if looped:
+                raw, why = decode(ids), REPETITION
         # A server that parses Harmony itself returns the analysis as `thinking` and only the final text.
-        return to_translation(raw, harmony_model=True, stopped=resp.done_reason == "stop",
-                              tokens=resp.eval_count or 0, latency_s=latency, analysis=resp.thinking)
+        return to_translation(raw, harmony_model=True, stopped=why == END, tokens=resp.eval_count or 0,
+                              latency_s=latency, analysis=resp.thinking, stop=why, limit=limit)
 
 
 def load_translator(backend: str, target: str | Path, **options: Any) -> Translator:

@@ -68,7 +68,12 @@ class PrepConfig:
                              "Taiwanese Hokkien (Han characters)")
     direction: str = _help("forward (source->target), reverse, or both.", "forward",
                            choices=("forward", "reverse", "both"))
-    reasoning_language: str = _help("Value of the system option `reasoning language: X`.", "English")
+    chat_format: str = _help("The chat format the examples are written for: harmony (gpt-oss; the system message "
+                             "starts with the option `reasoning language: X`) or template (a chat template without "
+                             "a reasoning channel, e.g. Gemma's: the instruction alone, no reasoning line).",
+                             "harmony", choices=("harmony", "template"))
+    reasoning_language: str = _help("Value of the system option `reasoning language: X` (chat_format harmony).",
+                                    "English")
     reasoning_effort: str = _help("Harmony reasoning effort.", "low", choices=("low", "medium", "high"))
     instruction: str = _help(
         "Developer instruction; {src} and {tgt} are replaced by the language names.",
@@ -376,21 +381,48 @@ class ExportConfig:
 
 
 
+# --- decoding fields shared by eval and serve (toolkit.decoding) ---
+@dataclass(frozen=True)
+class DecodingFields:
+    """Per-sentence token limits and the repetition stop, the same in `toolkit eval` and `toolkit serve`."""
+
+    base_tokens: int = _help("Per-sentence token limit = base_tokens + tokens_per_source_token x the source's tokens "
+                             "(+ analysis_tokens for a Harmony model), at most max_new_tokens.", 16)
+    tokens_per_source_token: float = _help("See base_tokens (0 = no per-sentence limit: every sentence may run to "
+                                           "max_new_tokens).", 2.0)
+    analysis_tokens: int = _help("Extra room for the analysis channel of a model that reasons first (Harmony: "
+                                 "gpt-oss); models without one (Gemma's chat template) get none.", 192)
+    repeat_max_ngram: int = _help("Stop an output that ends in a loop of one n-gram of up to N tokens repeated, "
+                                  "and keep one copy (0 = off).", 16)
+    repeat_min_copies: int = _help("A loop is at least this many copies of its n-gram...", 3)
+    repeat_min_tokens: int = _help("...spanning at least this many tokens (so 10000 or 哈哈哈 is no loop).", 12)
+
+    def decoding_problems(self, section: str) -> list[str]:
+        out = [f"{section}.{k}: expected 0 or more, found {getattr(self, k)}"
+               for k in ("base_tokens", "tokens_per_source_token", "analysis_tokens", "repeat_max_ngram",
+                         "repeat_min_tokens") if getattr(self, k) < 0]
+        if self.repeat_min_copies < 2:
+            out.append(f"{section}.repeat_min_copies: expected 2 or more, found {self.repeat_min_copies}")
+        return out
+
+
 # --- eval and serve configs (owned by the eval and serve stages; give each `section: ClassVar[str] = "NAME"`) ---
 
 
 @dataclass(frozen=True)
-class BackendConfig:
+class BackendConfig(DecodingFields):
     """How `toolkit eval` and `toolkit serve` run a model: its fields are keys of [eval] and of [serve] alike."""
 
     backend: str | None = _help("transformers (model/merge/train folder or hub id), llama-cpp (GGUF file) or ollama "
                                 "(model name) (default: llama-cpp for a GGUF or an export folder, else "
                                 "transformers).", None, choices=EVAL_BACKENDS)
     ollama_host: str | None = _help(f"Ollama server URL (default: $OLLAMA_HOST, else {DEFAULT_OLLAMA_HOST}).", None)
-    max_new_tokens: int = _help("Generation limit per text (analysis + final).", 256)
+    max_new_tokens: int = _help("Most tokens any text may generate (analysis + final); each text's own limit comes "
+                                "from its length (base_tokens).", 256)
     n_ctx: int = _help("llama-cpp context window.", 2048)
     n_gpu_layers: int = _help("llama-cpp layers offloaded to the GPU (-1 = all).", 0)
     n_threads: int | None = _help("llama-cpp CPU threads (default: llama-cpp-python's, half the cores).", None)
+    n_batch: int = _help("llama-cpp prompt tokens evaluated per batch.", 512)
     device: str = _help("transformers device: auto (cuda when available), cuda, cuda:N or cpu.", "auto")
     dtype: str = _help("transformers weights dtype.", "auto", choices=DTYPES)
     copy_bias: float = _help("Greedy decoding with this bonus added to the logit of every token of the source "
@@ -400,7 +432,7 @@ class BackendConfig:
     def backend_problems(self) -> list[str]:
         section = getattr(self, "section", "backend")
         out = choice_problems(self)
-        for name in ("max_new_tokens", "n_ctx"):
+        for name in ("max_new_tokens", "n_ctx", "n_batch"):
             if getattr(self, name) <= 0:
                 out.append(f"{section}.{name}: expected a positive number, found {getattr(self, name)}")
         if not 0.0 <= self.copy_bias < 100.0:
@@ -408,20 +440,23 @@ class BackendConfig:
         elif self.copy_bias and self.backend == "ollama":
             out.append(f"{section}.copy_bias: Ollama's API takes no logit hook; use the llama-cpp backend on the "
                        "GGUF or set copy_bias=0")
-        return out
+        return out + self.decoding_problems(section)
 
     def translator_options(self, backend: str) -> dict[str, Any]:
         """The `backends.load_translator` options of `backend` from these settings."""
+        from toolkit.decoding import from_config
+
+        decoding = from_config(self)
         if backend == "transformers":
-            return {"device": self.device, "dtype": self.dtype, "copy_bias": self.copy_bias,
+            return {"device": self.device, "dtype": self.dtype, "copy_bias": self.copy_bias, "decoding": decoding,
                     **({"batch_size": self.batch_size} if hasattr(self, "batch_size") else {})}
         if backend == "llama-cpp":
             return {"n_ctx": self.n_ctx, "n_gpu_layers": self.n_gpu_layers, "n_threads": self.n_threads,
-                    "copy_bias": self.copy_bias}
+                    "n_batch": self.n_batch, "copy_bias": self.copy_bias, "decoding": decoding}
         if self.copy_bias:
             raise ConfigError(f"copy_bias {self.copy_bias}: Ollama's API takes no logit hook; use the llama-cpp "
                               "backend on the GGUF or set copy_bias=0.")
-        return {"host": self.ollama_host}
+        return {"host": self.ollama_host, "decoding": decoding}
 
 
 @dataclass(frozen=True)
@@ -439,7 +474,8 @@ class EvalConfig(BackendConfig):
     direction: str = _help("forward (source column -> target column) or reverse.", "forward",
                            choices=("forward", "reverse"))
     limit: int = _help("Evaluate only the first N rows (0 = all).", 0)
-    batch_size: int = _help("Sentences per generate call (transformers) and per predictions.jsonl flush.", 8)
+    batch_size: int = _help("Sentences per generate call (transformers, which sorts 4 batches at a time by length) "
+                            "and per predictions.jsonl flush.", 32)
     n_bootstrap: int = _help("Bootstrap resamples for confidence intervals and the paired test (sacrebleu's; "
                              "1 = none).", 1000)
     glossary: list[str] = _help("Term lexicons (as prep.glossary; CLI: --glossary, repeatable): term accuracy is "

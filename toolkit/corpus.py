@@ -29,7 +29,7 @@ from typing import Any
 from toolkit import artifacts, resources
 from toolkit.config import PrepConfig
 from toolkit.errors import DataError
-from toolkit.prompt import PromptSpec
+from toolkit.prompt import PromptSpec, prep_spec
 
 log = logging.getLogger(__name__)
 MAX_LINE_BYTES = 1 << 20  # a longer "line" is a binary file or a missing newline, not a sentence
@@ -392,8 +392,7 @@ def _write(cfg: PrepConfig, corpus: Path, dev_path: Path | None, config: dict[st
 
     unit = resolve_length_unit(cfg.length_unit)
     measure = LengthCounter(unit)
-    spec = PromptSpec(cfg.source_name, cfg.target_name, cfg.instruction, cfg.reasoning_language,
-                      cfg.reasoning_effort, cfg.date)
+    spec = prep_spec(cfg)
     writer = ExampleWriter(spec, cfg.reasoning_effort)
     annotator = lexicon = None
     if cfg.glossary:
@@ -507,7 +506,7 @@ def _write(cfg: PrepConfig, corpus: Path, dev_path: Path | None, config: dict[st
     artifacts.atomic_write_json(out_dir / "stats.json", stats)
     return artifacts.write_manifest(
         out_dir, stage="prep", config=config, inputs=inputs, metrics={**stats, "resources": usage.figures()},
-        extra={"chat_format": "harmony", "length_unit": unit},
+        extra={"chat_format": cfg.chat_format, "length_unit": unit},
     )
 
 

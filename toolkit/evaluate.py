@@ -20,6 +20,7 @@ from typing import Any
 
 from toolkit import artifacts, backends, metrics, report, resources, runs
 from toolkit.config import EvalConfig, PrepConfig, as_dict
+from toolkit.decoding import LENGTH, REPETITION
 from toolkit.errors import ArtifactError, DataError
 from toolkit.prompt import PromptSpec
 
@@ -30,6 +31,7 @@ REPORT = "report.md"
 CHART = "scores.png"
 STATE = ".eval-state.json"  # config of an unfinished eval (a dot file: manifests skip it)
 COPY = "copy source"
+SORT_BATCHES = 4  # batches handed to the transformers backend per call (it sorts them by length)
 TEST_FIX = "Fix the line: eval scores every row of a test set, so it skips none."
 
 
@@ -149,8 +151,10 @@ def translate_all(load: Callable[[], Any], spec: PromptSpec, test: TestSet, path
     translator = load()
     with path.open("a", encoding="utf-8") as fh, tqdm(total=len(test.sources), initial=len(rows), desc="eval",
                                                        unit="sent", dynamic_ncols=True) as bar:
-        for start in range(len(rows), len(test.sources), cfg.batch_size):
-            batch = test.sources[start:start + cfg.batch_size]
+        # a translator that sorts what it is given by length (transformers) gets several batches at once
+        chunk = cfg.batch_size * (SORT_BATCHES if getattr(translator, "sort", False) else 1)
+        for start in range(len(rows), len(test.sources), chunk):
+            batch = test.sources[start:start + chunk]
             try:
                 results = translator.translate(batch, spec, max_new_tokens=cfg.max_new_tokens)
             except backends.PromptTooLong as exc:  # name the test set's line, not the index in a batch
@@ -161,7 +165,8 @@ def translate_all(load: Callable[[], Any], spec: PromptSpec, test: TestSet, path
             for j, t in enumerate(results):
                 hint = {"hint": spec.hint_for(batch[j])} if spec.glossary else {}  # what the prompt carried
                 row = prediction_row(test, start + j, t.text, analysis=t.analysis, complete=t.complete,
-                                     tokens=t.tokens, latency_s=round(t.latency_s, 4), raw=t.raw, **hint)
+                                     tokens=t.tokens, limit=t.limit, stop=t.stop, latency_s=round(t.latency_s, 4),
+                                     raw=t.raw, **hint)
                 rows.append(row)
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             fh.flush()
@@ -172,13 +177,16 @@ def translate_all(load: Callable[[], Any], spec: PromptSpec, test: TestSet, path
 # ---- scores -----------------------------------------------------------------------------------
 
 def output_counts(rows: list[dict[str, Any]], reasoning_language: str | None) -> dict[str, Any]:
-    """How the outputs looked: empty or truncated finals, analysis present, tokens, latency."""
+    """How the outputs looked: empty or truncated finals, outputs that ran to their token limit or were cut for
+    repeating, analysis present, tokens, latency."""
     tokens = [r.get("tokens", 0) for r in rows]
     latency = sorted(r.get("latency_s", 0.0) for r in rows)
     counts = {
         "sentences": len(rows),
         "empty_final": sum(1 for r in rows if not r["hypothesis"]),
         "incomplete": sum(1 for r in rows if not r.get("complete", True)),
+        "hit_limit": sum(1 for r in rows if r.get("stop") == LENGTH),
+        "stopped_repetition": sum(1 for r in rows if r.get("stop") == REPETITION),
         "with_analysis": sum(1 for r in rows if r.get("analysis")),
         "tokens_mean": round(statistics.fmean(tokens), 2) if tokens else 0.0,
         "latency_p50_s": round(latency[len(latency) // 2], 4) if latency else 0.0,
@@ -295,8 +303,12 @@ def run(cfg: EvalConfig, test_file: Path, out_dir: Path, *, force: bool = False,
         name += f" (copy_bias {cfg.copy_bias:g})"  # a decoding setting: visible wherever the scores go
     hyps = [r["hypothesis"] for r in rows]
     scores = score_systems({name: hyps}, test, cfg.n_bootstrap)
-    scores["outputs"] = {name: output_counts(rows, spec.reasoning_language)}
-    scores["outputs"][name]["trained_with_analysis"] = trained_with_analysis(model_manifest)
+    counts = output_counts(rows, spec.reasoning_language)
+    counts["trained_with_analysis"] = trained_with_analysis(model_manifest)
+    scores["outputs"] = {name: counts}
+    if counts["hit_limit"] or counts["stopped_repetition"]:
+        log.info("eval: %d of %d outputs ran to their token limit, %d were cut for repeating", counts["hit_limit"],
+                 counts["sentences"], counts["stopped_repetition"])
     if lexicon is not None:
         hints = [spec.hint_entries(s) for s in test.sources] if cfg.glossary_hints else None
         scores["terms"] = _term_scores(lexicon.reversed() if cfg.direction == "reverse" else lexicon, test,

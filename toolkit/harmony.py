@@ -74,8 +74,11 @@ def system_text(reasoning_effort: str = "medium", date: str = DEFAULT_DATE) -> s
     )
 
 
-def system_option(reasoning_language: str, instruction: str = "") -> str:
-    """The first (system) message of an example, as the multilingual-reasoner recipe writes it."""
+def system_option(reasoning_language: str | None, instruction: str = "") -> str:
+    """The first (system) message of an example, as the multilingual-reasoner recipe writes it; without a
+    reasoning language (a chat format with no reasoning channel) the instruction alone."""
+    if not reasoning_language:
+        return instruction
     text = f"reasoning language: {reasoning_language}"
     return f"{text}\n\n{instruction}" if instruction else text
 
@@ -83,12 +86,13 @@ def system_option(reasoning_language: str, instruction: str = "") -> str:
 def build_messages(
     source: str,
     *,
-    reasoning_language: str,
+    reasoning_language: str | None,
     instruction: str,
     target: str | None = None,
     thinking: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The chat messages of one translation example (target None: a prompt for generation)."""
+    """The chat messages of one translation example (target None: a prompt for generation; reasoning_language
+    None: no `reasoning language` line, for a model without a reasoning channel)."""
     messages: list[dict[str, Any]] = [
         {"role": "system", "content": system_option(reasoning_language, instruction)},
         {"role": "user", "content": source},

@@ -2,7 +2,10 @@
 
 Training, evaluation and serving must all build the same prompt: this is that one place. The prep
 manifest (reachable from every later manifest through its `upstream` chain) records the language
-names, instruction template, `reasoning language`, reasoning effort and date.
+names, instruction template, `reasoning language`, reasoning effort and date, and the chat format the
+examples were written for: `harmony` (gpt-oss; the system message starts with `reasoning language: X`) or
+`template` (a chat template without a reasoning channel, such as Gemma's: the instruction alone, since
+such a model only echoes the line). A prep manifest older than that record wrote the line for every model.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ class PromptSpec:
     hint_template: str = DEFAULT_HINT_TEMPLATE  # as prep wrote the training hints
     hint_max_terms: int = 8
     glossary: Any = field(default=None, compare=False, repr=False)  # a glossary.Glossary, source -> target
+    # The `reasoning language` line in the system message: True / False as the prep manifest says, None (a
+    # bare base model) for Harmony prompts only.
+    reasoning_line: bool | None = None
 
     def reversed(self) -> PromptSpec:
         return replace(self, source_name=self.target_name, target_name=self.source_name,
@@ -61,12 +67,15 @@ class PromptSpec:
         return hint_text(self.hint_entries(text), self.hint_template)
 
     def messages(self, text: str, target: str | None = None, thinking: str | None = None,
-                 hint: str | None = None) -> list[dict[str, Any]]:
+                 hint: str | None = None, *, harmony_format: bool = True) -> list[dict[str, Any]]:
+        """The chat messages; `harmony_format`: whether they are rendered as Harmony (decides the reasoning line
+        when `reasoning_line` is None)."""
         instruction = self.instruction.format(src=self.source_name, tgt=self.target_name)
         if hint:
             instruction = f"{instruction}\n\n{hint}"
+        line = harmony_format if self.reasoning_line is None else self.reasoning_line
         return harmony.build_messages(
-            text, reasoning_language=self.reasoning_language, instruction=instruction,
+            text, reasoning_language=self.reasoning_language if line else None, instruction=instruction,
             target=target, thinking=thinking,
         )
 
@@ -86,7 +95,8 @@ class PromptSpec:
         if tokenizer is None or is_harmony_tokenizer(tokenizer):
             return self.harmony_prompt(text, hint)
         return tokenizer.apply_chat_template(
-            template_messages(self.messages(text, hint=hint)), tokenize=False, add_generation_prompt=True
+            template_messages(self.messages(text, hint=hint, harmony_format=False)), tokenize=False,
+            add_generation_prompt=True
         )
 
     def prompt_pieces(self, text: str, tokenizer: Any = None) -> list[tuple[str, bool]]:
@@ -165,7 +175,16 @@ def from_manifest(manifest: dict[str, Any]) -> PromptSpec:
         date=cfg["date"],
         hint_template=cfg.get("hint_template", DEFAULT_HINT_TEMPLATE),
         hint_max_terms=cfg.get("glossary_hint_max_terms", 8),
+        # a prep manifest without the record wrote the line for every model: its models were trained with it
+        reasoning_line=cfg.get("chat_format", "harmony") == "harmony",
     )
+
+
+def prep_spec(cfg: Any) -> PromptSpec:
+    """The PromptSpec `toolkit prep` writes its examples with (a PrepConfig)."""
+    return PromptSpec(cfg.source_name, cfg.target_name, cfg.instruction, cfg.reasoning_language,
+                      cfg.reasoning_effort, cfg.date, cfg.hint_template, cfg.glossary_hint_max_terms,
+                      reasoning_line=cfg.chat_format == "harmony")
 
 
 def default_spec() -> PromptSpec:

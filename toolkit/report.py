@@ -51,9 +51,10 @@ def _outputs_table(outputs: dict[str, Any]) -> list[str]:
         rl = c.get("reasoning_language") or {}
         share = "n/a" if rl.get("share") is None else f"{100 * rl['share']:.0f}% of {rl['checked']}"
         rows.append([name, str(c["sentences"]), str(c["empty_final"]), str(c["incomplete"]),
-                     str(c["with_analysis"]), f"{share} ({rl.get('language', '-')})", f"{c['tokens_mean']:.1f}",
+                     str(c.get("hit_limit", "-")), str(c.get("stopped_repetition", "-")), str(c["with_analysis"]), f"{share} ({rl.get('language', '-')})", f"{c['tokens_mean']:.1f}",
                      f"{c['latency_p50_s']:.3f} / {c['latency_p95_s']:.3f}"])
-    header = ["System", "Sentences", "Empty final", "Final not closed", "With analysis", "Reasoning in language",
+    header = ["System", "Sentences", "Empty final", "Final not closed", "Hit token limit", "Loop cut",
+              "With analysis", "Reasoning in language",
               "Tokens (mean)", "Latency s (p50 / p95)"]
     return ["Outputs (empty or missing finals are scored as empty strings):", "", *_table(header, rows), ""]
 

@@ -126,6 +126,8 @@ class TranslationOut(BaseModel):
     analysis: str | None = None
     complete: bool
     tokens: int
+    stop: str | None = Field(None, description="Why generation ended: end (the model ended it), length (the text's "
+                             "token limit) or repetition (a loop, cut to one copy).")
 
 
 class Timings(BaseModel):
@@ -349,7 +351,7 @@ def create_app(translator: backends.Translator, spec: PromptSpec, settings: Serv
         chosen = dataclasses.replace(chosen, **options)
         begun, results, ended = await translate_texts(texts, chosen)
         out = [TranslationOut(text=r.text, analysis=r.analysis if body.include_reasoning else None,
-                              complete=r.complete, tokens=r.tokens) for r in results]
+                              complete=r.complete, tokens=r.tokens, stop=r.stop) for r in results]
         timings = Timings(queue_ms=round((begun - started) * 1e3, 2), backend_ms=round((ended - begun) * 1e3, 2),
                           total_ms=round((time.perf_counter() - started) * 1e3, 2))
         return TranslateResponse(model=model_name, backend=backend_name, source_lang=chosen.source_name,

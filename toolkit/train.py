@@ -101,6 +101,17 @@ def load_datasets(cfg: TrainConfig, data_dir: Path, fmt: str):
     return train, dev, prep
 
 
+def check_prep_format(prep: dict[str, Any], fmt: str) -> None:
+    """Warn when prep wrote its examples for another chat format than the model's: the prompt then stays as prep
+    wrote it (train, eval and serve agree), but a model without a reasoning channel echoes a `reasoning
+    language` line, and a Harmony model trained without one loses the option."""
+    written = prep["config"].get("chat_format", "harmony")  # older prep manifests: the Harmony system message
+    if written != fmt:
+        log.warning("train: the prep examples were written for chat format %s (%s), the model uses %s. Re-run "
+                    "`toolkit prep` with --set prep.chat_format=%s.", written,
+                    "with a `reasoning language` line" if written == "harmony" else "no reasoning line", fmt, fmt)
+
+
 def checkpointing_kwargs(cfg: TrainConfig) -> dict[str, Any] | None:
     """activation_checkpointing_kwargs: non-reentrant, and every n-th layer only when asked (selective)."""
     if not cfg.gradient_checkpointing:
@@ -361,6 +372,7 @@ def _train(cfg: TrainConfig, data_dir: Path, out_dir: Path, config: dict[str, An
     model_config = lora.model_config(cfg)
     fmt = lora.chat_format(cfg, model_config, tokenizer)
     train_ds, eval_ds, prep = load_datasets(cfg, data_dir, fmt)
+    check_prep_format(prep, fmt)
     if state.is_main_process:
         artifacts.atomic_write_json(out_dir / CONFIG_FILE, {"train": config, "data_dir": str(data_dir),
                                                             "prep_manifest_sha256": prep_sha256})
