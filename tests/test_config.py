@@ -48,7 +48,8 @@ def test_eval_and_serve_share_the_backend_settings():
         cfg = config.build(section, None, [f"{section}.n_threads=3", f"{section}.ollama_host=http://gpu:11434"])
         assert (cfg.n_threads, cfg.ollama_host) == (3, "http://gpu:11434")
         assert cfg.translator_options("llama-cpp")["n_threads"] == 3
-        assert cfg.translator_options("ollama") == {"host": "http://gpu:11434"}
+        assert cfg.translator_options("ollama")["host"] == "http://gpu:11434"
+        assert cfg.translator_options("llama-cpp")["decoding"] == cfg.translator_options("ollama")["decoding"]
     assert config.ServeConfig().host == "127.0.0.1"  # serve's host is the address it binds, nothing else
 
 
