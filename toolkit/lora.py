@@ -322,6 +322,10 @@ def attach_lora(model: Any, cfg: TrainConfig):
         from toolkit import expert_lora
 
         expert_lora.enable(peft_model)
+    if cfg.compile_layers != "off":  # last: the compiled layers trace the modules as they are now
+        from toolkit.regional_compile import compile_layers
+
+        compile_layers(peft_model, cfg.compile_layers)
     return peft_model
 
 

@@ -1,0 +1,60 @@
+"""Regional `torch.compile` of the decoder layers (`train.compile_layers`).
+
+Compiling the whole model costs minutes and recompiles on every change of its outer code (masks, loss);
+compiling each decoder layer in place (`nn.Module.compile`, as accelerate's `compile_regions_fsdp2` and
+PyTorch's regional-compilation recipe do) compiles one layer's forward and backward once and reuses the
+code for the other layers of the same kind (parameters are graph inputs): gpt-oss has four kinds, sliding
+or full attention, with or without expert LoRA. What it buys is fewer kernel launches and fused
+element-wise work (norms, RoPE, routing, the clamped SwiGLU, LoRA adds); it matters most where the GPU
+waits on Python, e.g. qlora at micro-batch 1.
+
+In place, so the module tree, the peft wrappers, the saved adapter and hooks (bitsandbytes' dequantization
+cache) stay as they are; transformers' gradient checkpointing runs inside the layer's forward and is
+compiled with it (non-reentrant checkpointing is traced as a recompute region). Modes are torch.compile's:
+`default`, `max-autotune-no-cudagraphs` (autotuned Triton GEMM choices, longer compile) and
+`reduce-overhead` (CUDA graphs too; may not survive MoE routing and checkpointing: measure first).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from toolkit.config import COMPILE_MODES as MODES
+from toolkit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+RECOMPILE_LIMIT = 64  # layer kinds x train/eval x shapes share one code object's cache (dynamo's default: 8)
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    """The repeated blocks of `model` (a PeftModel or a transformers model): its `_no_split_modules` classes."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    return [m for m in base.modules() if type(m).__name__ in names]
+
+
+def compile_layers(model: Any, mode: str = "default", backend: str = "inductor") -> int:
+    """Compile each decoder layer of `model` in place with `mode`; returns how many ("off": none)."""
+    import torch
+    import torch._dynamo
+
+    if mode not in MODES:
+        raise ConfigError(f"train.compile_layers: expected one of {', '.join(MODES)}, found {mode!r}")
+    if mode == "off":
+        return 0
+    layers = decoder_layers(model)
+    if not layers:
+        raise ConfigError(f"train.compile_layers {mode}: {type(model).__name__} names no repeated decoder layer "
+                          "(_no_split_modules). Set train.compile_layers=off for this model.")
+    kwargs = {"backend": backend}
+    if mode != "default":
+        kwargs["mode"] = mode
+    for layer in layers:
+        layer.compile(**kwargs)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                           16 * RECOMPILE_LIMIT)
+    log.info("compile_layers: %d %s layers compiled (%s, mode %s)", len(layers), type(layers[0]).__name__,
+             backend, mode)
+    return len(layers)
