@@ -127,7 +127,13 @@ def _issue21_rows(lora: str, qlora: str) -> list[Row]:
              Row("qlora+accum4-1024", qlora, 1024, 1, {}, accum=4),
              Row("qlora+compile+accum4-1024", qlora, 1024, 1, compiled, accum=4),
              Row("qlora+cudagraphs-1024", qlora, 1024, 1, {"compile_layers": "reduce-overhead"}),
-             Row("qlora-embeddings-on-gpu-2048", qlora, 2048, 1, {"offload_embeddings": False})]
+             Row("qlora-embeddings-on-gpu-2048", qlora, 2048, 1, {"offload_embeddings": False}),
+             Row("qlora+ckpt2-1024", qlora, 1024, 1, {"checkpoint_every_n_layers": 2})]
+    redeq = {"redequantize_experts": True}
+    rows += [Row(f"qlora+ckpt{n}+redeq-{seq}", qlora, seq, 1, {**redeq, "checkpoint_every_n_layers": n})
+             for seq in (1024, 2048) for n in (2, 3)]
+    rows += [Row("qlora+compile+ckpt2+redeq-1024", qlora, 1024, 1,
+                 {**redeq, **compiled, "checkpoint_every_n_layers": 2})]
     return rows
 
 
@@ -135,11 +141,15 @@ ROWS = {row.name: row for row in _rows()}
 # Named row lists for --rows / ROWS=: issue 21's table in the order that matters when time runs out (budget):
 # the three baselines, then the qlora levers (one 4-bit model reused), then the lora levers.
 ROW_SETS = {
-    "issue21": ["recipe-2048", "lora-2048", "qlora-2048", "qlora-1024", "qlora-mb2-1024", "qlora-mb4-1024",
-                "qlora+accum4-1024", "qlora+compile-2048", "qlora+compile-1024", "qlora+compile-mb4-1024",
-                "qlora-mb2-2048", "lora+compile-2048", "lora-mb8-ckpt1-2048", "lora+accum4-2048",
-                "lora+compile-mb8-ckpt1-2048", "lora-mb6-ckpt2-2048", "qlora+compile-mb2-2048",
-                "qlora+compile+accum4-1024", "qlora+cudagraphs-1024", "lora+compile-max-2048"],
+    "issue21": [
+        "recipe-2048", "lora-2048", "qlora-2048", "qlora-1024",  # the baselines (~2 min with first compiles)
+        "qlora-mb2-1024", "qlora-mb4-1024", "qlora+accum4-1024", "qlora-mb2-2048",  # same 4-bit model from here
+        "qlora+compile-2048", "qlora+compile-1024", "qlora+compile-mb4-1024", "qlora+compile-mb2-2048",
+        "qlora+compile+accum4-1024", "qlora+ckpt2-1024",
+        "qlora+ckpt2+redeq-1024", "qlora+ckpt3+redeq-1024", "qlora+ckpt2+redeq-2048",  # one more 4-bit build
+        "qlora+compile+ckpt2+redeq-1024",
+        "lora+compile-2048", "lora-mb8-ckpt1-2048", "lora+compile-mb8-ckpt1-2048", "lora+accum4-2048",
+        "lora-mb6-ckpt2-2048", "qlora+cudagraphs-1024", "lora+compile-max-2048"],
     "issue21-quick": ["recipe-2048", "lora-2048", "qlora-2048", "qlora-1024", "qlora+compile-1024",
                       "lora+compile-2048"],
 }
@@ -404,7 +414,7 @@ def row_config(row: Row, args: argparse.Namespace):
     cfg = config.build("train", row.preset)
     fields = {
         **row.train, "max_length": row.seq, "batch_size": row.batch, "grad_accum": row.accum,
-        "max_steps": args.warmup + args.steps, "eval_steps": 0, "save_steps": 0, "logging_steps": 1,
+        "max_steps": args.warmup + args.steps + (row.name in getattr(args, "profile", ())), "eval_steps": 0, "save_steps": 0, "logging_steps": 1,
         "report_to": "none", "device": args.device, "seed": args.seed,
     }
     if args.tiny:
@@ -491,6 +501,44 @@ class ModelCache:
         return self.model, reused
 
 
+def safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def step_profiler(step: int, out: Path, top: int = 30):
+    """A TrainerCallback: torch.profiler over optimizer step `step` (1-based); the kernel and operator tables
+    (by self device time, then by self CPU time: where the GPU waits on Python) go to `out`."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepProfiler(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == step:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.prof = torch.profiler.profile(activities=activities)
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is None:
+                return
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            events = self.prof.key_averages()
+            device_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            text = (f"# step {step}\n## by self device time\n{events.table(sort_by=device_key, row_limit=top)}\n"
+                    f"## by self CPU time\n{events.table(sort_by='self_cpu_time_total', row_limit=top)}\n")
+            out.write_text(text, encoding="utf-8")
+            print(f"# profile of step {step} -> {out}", file=sys.stderr, flush=True)
+            self.prof = None
+
+    return StepProfiler()
+
+
 def dynamo_counters() -> dict[str, Any]:
     """What torch.compile did during a row: graphs compiled, graph breaks (top reasons), recompiles."""
     from torch._dynamo.utils import counters
@@ -526,9 +574,12 @@ def run_row(row: Row, args: argparse.Namespace, tokenizer: Any, peak: float | No
     start_gib = cache.base_gib  # what earlier rows left behind, without this row's model
     build_s = time.perf_counter() - started
     timer = step_timer(sync)
+    callbacks = [timer]
+    if row.name in getattr(args, "profile", ()):
+        callbacks.append(step_profiler(steps + 1, args.out / f"profile-{safe_name(row.name)}.txt"))
     counters.clear()
     with tempfile.TemporaryDirectory() as tmp, _LigerPatches():
-        trainer = train.build_trainer(cfg, model, tokenizer, "harmony", dataset, None, Path(tmp), [timer])
+        trainer = train.build_trainer(cfg, model, tokenizer, "harmony", dataset, None, Path(tmp), callbacks)
         if cuda:
             gc.collect()
             torch.cuda.empty_cache()
@@ -542,9 +593,9 @@ def run_row(row: Row, args: argparse.Namespace, tokenizer: Any, peak: float | No
         del trainer
     del model
     marks = timer.marks
-    if len(marks) <= args.warmup + 1:
+    if len(marks) < steps + 1:
         raise RuntimeError(f"only {len(marks) - 1} steps ran, expected {steps}")
-    (_, t0, n0), (_, t1, n1) = marks[args.warmup], marks[-1]
+    (_, t0, n0), (_, t1, n1) = marks[args.warmup], marks[steps]  # a profiled step after these is not timed
     tps = (n1 - n0) / (t1 - t0)
     losses = [timer.losses[k] for k in sorted(timer.losses)]
     return {
@@ -622,11 +673,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-s", type=float, default=0.0, help="skip rows that would start after this")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench" / "out")))
+    parser.add_argument("--profile", default="", help="comma-separated rows to profile one extra step of "
+                        "(torch.profiler tables to OUT/profile-ROW.txt; the step is not timed)")
     parser.add_argument("--probe-fp8", action="store_true", help="time bf16 vs FP8 grouped GEMMs at the expert shapes")
     parser.add_argument("--check-packing", action="store_true", help="packed vs separate logits, flex attention")
     parser.add_argument("--write-lengths", type=Path, metavar="PREP_DIR",
                         help="write bench/zh_nan_lengths.json from a prep folder and exit")
     args = parser.parse_args(argv)
+    args.profile = {n.strip() for n in args.profile.split(",") if n.strip()}
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if args.write_lengths:
         print(write_lengths(args.write_lengths))

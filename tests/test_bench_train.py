@@ -198,3 +198,15 @@ def test_fp8_rowwise_scaling_round_trips():
     assert ((back - x).abs() <= x.abs() * 2**-4 + scale[:, None] * 2**-10).all()
     assert ((back - x).norm(dim=1) / x.norm(dim=1)).max() < 0.05
     assert train_speed.probe_fp8("cpu")[0]["error"].startswith("FP8 grouped GEMMs need a CUDA GPU")
+
+
+def test_profiled_step_is_extra_and_untimed(tmp_path):
+    result = train_speed.main(["--tiny", "--device", "cpu", "--rows", "recipe-2048", "--seq-scale", str(1 / 64),
+                               "--steps", "1", "--warmup", "1", "--profile", "recipe-2048",
+                               "--out", str(tmp_path)])[0]
+    assert "error" not in result, result.get("error")
+    assert len(result["step_s"]) == 3  # warm-up, timed, profiled
+    timed = result["tokens_per_step"][1] / result["step_s"][1]
+    assert result["tokens_per_s"] == pytest.approx(timed, rel=0.02)
+    text = (tmp_path / "profile-recipe-2048.txt").read_text()
+    assert "## by self CPU time" in text and "aten::" in text

@@ -26,7 +26,7 @@ def loss_and_grads(model, checkpointing: bool):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
     model.train()
     if checkpointing:  # as the Trainer turns it on: non-reentrant, inside each layer's forward
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.get_base_model().activation_checkpointing_enable({"use_reentrant": False})
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(4))
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()

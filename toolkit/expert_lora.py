@@ -28,10 +28,17 @@ _ACTIVE: dict[tuple[int, ...], list[Any]] = {}  # weight shape -> [A, B, scale, 
 _ORIGINAL = None
 
 
+def base_grouped_linear(input, weight, offs, bias=None, is_transposed=False):
+    """transformers' own `_grouped_linear` (as it was before `install`)."""
+    return _ORIGINAL(input, weight, offs, bias=bias, is_transposed=is_transposed)
+
+
 def _grouped_linear(input, weight, offs, bias=None, is_transposed=False):
     from transformers.integrations import moe
 
-    out = _ORIGINAL(input, weight, offs, bias=bias, is_transposed=is_transposed)
+    from toolkit import redequantize
+
+    out = redequantize.grouped_linear(input, weight, offs, bias=bias, is_transposed=is_transposed)
     entry = _ACTIVE.get(tuple(weight.shape))
     if entry is None:
         return out
@@ -43,7 +50,9 @@ def _grouped_linear(input, weight, offs, bias=None, is_transposed=False):
     return out + scale * low
 
 
-def _install() -> None:
+def install() -> None:
+    """Wrap transformers' `_grouped_linear` once: the base GEMM (`toolkit.redequantize`), plus a registered low-rank
+    term. Both options patch through here, so there is one wrapper whatever their order."""
     global _ORIGINAL
     from transformers.integrations import moe
 
@@ -78,7 +87,7 @@ def enable(peft_model: Any) -> int:
     """Switches every expert-tensor adapter of `peft_model` to the low-rank path; returns how many."""
     from peft.tuners.lora.layer import ParamWrapper
 
-    _install()
+    install()
     count = 0
     for module in peft_model.modules():
         if isinstance(module, ParamWrapper) and getattr(module, "num_experts", 1) > 1:
