@@ -52,6 +52,11 @@ def compile_layers(model: Any, mode: str = "default", backend: str = "inductor")
         kwargs["mode"] = mode
     for layer in layers:
         layer.compile(**kwargs)
+    # toolkit.expert_lora / toolkit.redequantize register state while a layer's forward runs and remove it at its
+    # end. Under checkpointing dynamo refuses such mutations (a graph break: the layer runs uncompiled) unless
+    # told that the recompute need not replay them; the compiled recompute replays the traced graph, whose
+    # low-rank terms and GEMM choices were fixed when it was traced, so nothing is lost.
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
                                                            16 * RECOMPILE_LIMIT)
