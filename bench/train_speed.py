@@ -132,8 +132,6 @@ def _issue21_rows(lora: str, qlora: str) -> list[Row]:
     redeq = {"redequantize_experts": True}
     rows += [Row(f"qlora+ckpt{n}+redeq-{seq}", qlora, seq, 1, {**redeq, "checkpoint_every_n_layers": n})
              for seq in (1024, 2048) for n in (2, 3)]
-    rows += [Row("qlora+compile+ckpt2+redeq-1024", qlora, 1024, 1,
-                 {**redeq, **compiled, "checkpoint_every_n_layers": 2})]
     return rows
 
 
@@ -147,7 +145,6 @@ ROW_SETS = {
         "qlora+compile-2048", "qlora+compile-1024", "qlora+compile-mb4-1024", "qlora+compile-mb2-2048",
         "qlora+compile+accum4-1024", "qlora+ckpt2-1024",
         "qlora+ckpt2+redeq-1024", "qlora+ckpt3+redeq-1024", "qlora+ckpt2+redeq-2048",  # one more 4-bit build
-        "qlora+compile+ckpt2+redeq-1024",
         "lora+compile-2048", "lora-mb8-ckpt1-2048", "lora+compile-mb8-ckpt1-2048", "lora+accum4-2048",
         "lora-mb6-ckpt2-2048", "qlora+cudagraphs-1024", "lora+compile-max-2048"],
     "issue21-quick": ["recipe-2048", "lora-2048", "qlora-2048", "qlora-1024", "qlora+compile-1024",

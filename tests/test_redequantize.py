@@ -88,6 +88,8 @@ def test_redequantized_experts_match_and_keep_nothing(tiny_model):
 def test_redequantize_config_check(tiny_model):
     with pytest.raises(ConfigError, match="redequantize_experts: needs experts_implementation = grouped_mm"):
         cfg_for(tiny_model, redequantize_experts=True, experts_implementation="eager")
+    with pytest.raises(ConfigError, match="redequantize_experts works uncompiled only"):
+        cfg_for(tiny_model, redequantize_experts=True, compile_layers="default")
     cfg = cfg_for(tiny_model, redequantize_experts=True)
     model = lora.attach_lora(lora.load_base(cfg), cfg)  # 16-bit experts: nothing to hook (a warning)
     assert redequantize.enable(model) == 0

@@ -77,3 +77,42 @@ def test_compile_layers_config_check(tiny_model):
         import torch
 
         regional_compile.compile_layers(torch.nn.Linear(2, 2), "default")
+
+
+def test_4bit_experts_compile_once_per_layer_kind():
+    """qlora's 4-bit experts (bitsandbytes parametrization, which runs on the CPU too): four layers compile into one
+    graph per kind (sliding / full attention) instead of one per layer, and match the uncompiled model."""
+    pytest.importorskip("bitsandbytes")
+    import dataclasses
+    import sys
+    from pathlib import Path
+
+    import torch
+    from bitsandbytes.nn.parametrize import replace_parameter_4bit
+    from torch._dynamo.utils import counters
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import train_speed
+
+    cfg = dataclasses.replace(config.build("train", "tiny-cpu"), dtype="float32", experts_implementation="grouped_mm",
+                              lora_experts=[])
+
+    def run(compiled: bool):
+        model = train_speed.build_model(cfg, train_speed.model_config(tiny=True, layers=4), "cpu")
+        for layer in model.model.layers:
+            for name in ("gate_up_proj", "down_proj"):
+                replace_parameter_4bit(layer.mlp.experts, name, quant_type="nf4", compress_statistics=True)
+        model = lora.attach_lora(model, cfg)
+        if compiled:
+            torch._dynamo.reset()
+            counters.clear()
+            regional_compile.compile_layers(model, "default", backend="aot_eager")
+        return loss_and_grads(model, every_n_layers=2)
+
+    loss, grads = run(False)
+    compiled_loss, compiled_grads = run(True)
+    assert compiled_loss == pytest.approx(loss, rel=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 2, "a graph per layer: the 4-bit modules still differ to dynamo"
+    assert not counters["graph_break"], dict(counters["graph_break"])

@@ -214,6 +214,10 @@ class TrainConfig:
         if self.redequantize_experts and self.experts_implementation != "grouped_mm":
             out.append(f"train.redequantize_experts: needs experts_implementation = grouped_mm, found "
                        f"{self.experts_implementation!r}")
+        if self.redequantize_experts and self.compile_layers != "off":
+            # measured on the CPU: compiled, the weights are kept for backward again and every layer recompiles
+            out.append("train.redequantize_experts works uncompiled only: set train.compile_layers=off or "
+                       "train.redequantize_experts=false")
         if self.compile_layers not in COMPILE_MODES:
             out.append(f"train.compile_layers: expected one of {', '.join(COMPILE_MODES)}, "
                        f"found {self.compile_layers!r}")

@@ -10,7 +10,8 @@ With this option a layer that is not recomputed (`checkpoint_every_n_layers` > 1
 base expert GEMMs through an autograd function that keeps nothing but the routing offsets and
 dequantizes W again in backward: one dequantization replaces one layer recompute. Checkpointed layers
 (their recompute holds W only for their own backward) and 16-bit weights keep transformers' path. The
-result is the same numbers: the same W, the same grouped GEMMs.
+result is the same numbers: the same W, the same grouped GEMMs. Uncompiled only (`train.compile_layers` off):
+compiled, AOT autograd keeps the weight for backward again (seen on the CPU), so the config refuses both.
 """
 
 from __future__ import annotations
