@@ -413,7 +413,8 @@ def row_config(row: Row, args: argparse.Namespace):
     cfg = config.build("train", row.preset)
     fields = {
         **row.train, "max_length": row.seq, "batch_size": row.batch, "grad_accum": row.accum,
-        "max_steps": args.warmup + args.steps + (row.name in getattr(args, "profile", ())), "eval_steps": 0, "save_steps": 0, "logging_steps": 1,
+        "max_steps": args.warmup + args.steps + (row.name in getattr(args, "profile", ())),  # + a profiled step
+        "eval_steps": 0, "save_steps": 0, "logging_steps": 1,
         "report_to": "none", "device": args.device, "seed": args.seed,
     }
     if args.tiny:
@@ -454,8 +455,8 @@ class ModelCache:
     step 1 sees the same weights as a fresh build (a qlora build costs ~8 s of quantization; a bf16 one <1 s).
     """
 
-    FIELDS: ClassVar[dict[str, Any]] = {"max_length": 0, "batch_size": 1, "grad_accum": 1, "checkpoint_every_n_layers": 1,
-                                         "compile_layers": "off", "max_steps": 0}
+    FIELDS: ClassVar[dict[str, Any]] = {"max_length": 0, "batch_size": 1, "grad_accum": 1, "max_steps": 0,
+                                         "checkpoint_every_n_layers": 1, "compile_layers": "off"}
 
     def __init__(self):
         self.key: str | None = None
@@ -626,8 +627,8 @@ def table_row(result: dict[str, Any], recipe_tps: float | None = None) -> str:
             f"{_fmt(result['loss_last'], '.4f')} | {compiled} |")
 
 
-HEADER = ("| config | seq | micro-batch x accum | tokens/s | x recipe | peak GiB (alloc / reserved) | MFU | loss step 1 | "
-          "loss last | compiled graphs / breaks |\n|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| config | seq | micro-batch x accum | tokens/s | x recipe | peak GiB (alloc / reserved) | MFU | "
+          "loss step 1 | loss last | compiled graphs / breaks |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def recipe_rate(results: list[dict[str, Any]]) -> float | None:
@@ -726,8 +727,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         row = ROWS[name]
         if args.seq_scale != 1.0:
             row = dataclasses.replace(row, seq=max(8, int(row.seq * args.seq_scale)))
-        result: dict[str, Any] = {"row": row.name, "seq": row.seq, "batch": row.batch, "preset": row.preset,
-                                  "train": row.train, "data": row.data}
+        result: dict[str, Any] = {"row": row.name, "seq": row.seq, "batch": row.batch, "accum": row.accum,
+                                  "preset": row.preset, "train": row.train, "data": row.data}
         if args.budget_s and time.perf_counter() - started > args.budget_s:
             result["error"] = "skipped: out of time (--budget-s)"
         else:
