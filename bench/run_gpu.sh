@@ -9,6 +9,10 @@
 # the tiny model on CUDA (lora, and qlora with flex attention + grouped_mm), then bench/train_speed.py. Env: ROWS
 # (comma list), BUDGET (seconds after which rows are skipped), STEPS (timed steps per row), PACKING= (empty: skip
 # the packing check), SMOKE=0 to skip the tiny runs. Everything is logged to $OUT/log.
+# Issue 21 (one call, ~8 min on an H200): ROWS=issue21 (named row lists, model reused across rows), PROBE_FP8=1
+# (bf16 vs FP8 grouped GEMMs at the expert shapes first), PROFILE=row,row (torch.profiler tables of one extra step
+# of each, to $OUT/profile-ROW.txt):
+#   SMOKE=0 PACKING= PROBE_FP8=1 PROFILE=qlora-1024,lora-2048 ROWS=issue21 BUDGET=400 bash bench/run_gpu.sh
 set -o pipefail
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
@@ -36,5 +40,6 @@ if [ "${SMOKE:-1}" = 1 ]; then
         || echo "SMOKE FAILED: $mode"
     done
 fi
-python3 bench/train_speed.py ${PACKING-"--check-packing"} --budget-s "${BUDGET:-400}" --steps "${STEPS:-3}" --out "$OUT" \
-  ${ROWS:+--rows "$ROWS"}
+python3 bench/train_speed.py ${PACKING-"--check-packing"} ${PROBE_FP8:+--probe-fp8} ${PROFILE:+--profile "$PROFILE"} \
+  --budget-s "${BUDGET:-400}" \
+  --steps "${STEPS:-3}" --out "$OUT" ${ROWS:+--rows "$ROWS"}

@@ -1,6 +1,7 @@
 """Benchmark: `toolkit train` speed and memory on one GPU, full-size gpt-oss-20b shapes, random weights.
 
     python bench/train_speed.py [--rows recipe-2048,fast-2048,...] [--steps 3] [--warmup 2] [--out DIR]
+    python bench/train_speed.py --rows issue21 --probe-fp8 --budget-s 420   # issue 21's levers (one H200 call)
     python bench/train_speed.py --tiny --device cpu      # the same code on a 2-layer toy model (CPU test)
 
 Builds GptOssForCausalLM with gpt-oss-20b's shapes (24 layers, 32 experts top-4, hidden 2880, vocab
@@ -17,7 +18,16 @@ GiB allocated / reserved (above what earlier rows left allocated: a qlora row le
 measured at start), the loss of step 1 (same weights for every row: comparable across rows) and of
 the last step. The `zh-nan-*` rows use the token lengths of the zh-nan corpus (bench/zh_nan_lengths.json)
 instead of full rows. A row that fails prints an error row; the table goes to stdout, the full results
-to OUT/train_speed.json.
+to OUT/train_speed.json (rewritten after every row, so a run cut short keeps what it measured).
+
+Issue 21's rows (`--rows issue21`, the order that matters when `--budget-s` runs out) are the presets as
+shipped plus one lever each: `+compile` (`train.compile_layers`, regional torch.compile; the JSON and
+the last column give dynamo's graph and graph-break counts), `-mbN` (micro-batch N), `+accumN` (N
+micro-batches per optimizer step, as the presets train: the bench otherwise steps the optimizer after
+every micro-batch, which overstates qlora's per-step cost), `+cudagraphs` (compile mode reduce-overhead).
+`--probe-fp8` first times bf16 against FP8 grouped GEMMs at the expert shapes (the FP8 lever's ceiling).
+Consecutive rows that differ only in per-row settings reuse one model (`ModelCache`; a qlora build
+quantizes for ~8 s). Peak GiB counts the row's model whether built or reused.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -59,6 +69,7 @@ class Row:
     batch: int
     train: dict[str, Any]  # TrainConfig overrides on top of the preset
     data: str = "fixed"  # fixed (full random rows) or zh-nan (corpus lengths, padded / padding-free / packed)
+    accum: int = 1  # micro-batches per optimizer step (the presets train with 4 / 16)
 
 
 def _rows() -> list[Row]:
@@ -91,6 +102,7 @@ def _rows() -> list[Row]:
         Row("qlora-fast+offload+lowrank-2048", qlora, 2048, 1,
             {**FAST, "offload_embeddings": True, "lowrank_experts": True}),
     ]
+    rows += _issue21_rows(lora, qlora)
     rows += [
         Row("zh-nan-padded", lora, 2048, 4, PRESET, data="zh-nan"),
         Row("zh-nan-padding_free", lora, 2048, 4, {**PRESET, "padding_free": True}, data="zh-nan"),
@@ -99,7 +111,45 @@ def _rows() -> list[Row]:
     return rows
 
 
+def _issue21_rows(lora: str, qlora: str) -> list[Row]:
+    """Issue 21's levers on top of the presets as shipped (an empty `train` dict: the preset unchanged)."""
+    compiled = {"compile_layers": "default"}
+    rows = [Row("lora-2048", lora, 2048, 4, {}), Row("lora+compile-2048", lora, 2048, 4, compiled),
+            Row("lora+compile-max-2048", lora, 2048, 4, {"compile_layers": "max-autotune-no-cudagraphs"}),
+            Row("lora+accum4-2048", lora, 2048, 4, {}, accum=4),
+            Row("lora-mb8-ckpt1-2048", lora, 2048, 8, {"checkpoint_every_n_layers": 1}),
+            Row("lora-mb6-ckpt2-2048", lora, 2048, 6, {"checkpoint_every_n_layers": 2}),
+            Row("lora+compile-mb8-ckpt1-2048", lora, 2048, 8, {**compiled, "checkpoint_every_n_layers": 1})]
+    for seq in (2048, 1024):
+        rows += [Row(f"qlora-{seq}", qlora, seq, 1, {}), Row(f"qlora+compile-{seq}", qlora, seq, 1, compiled),
+                 Row(f"qlora-mb2-{seq}", qlora, seq, 2, {}), Row(f"qlora+compile-mb2-{seq}", qlora, seq, 2, compiled)]
+    rows += [Row("qlora-mb4-1024", qlora, 1024, 4, {}), Row("qlora+compile-mb4-1024", qlora, 1024, 4, compiled),
+             Row("qlora+accum4-1024", qlora, 1024, 1, {}, accum=4),
+             Row("qlora+compile+accum4-1024", qlora, 1024, 1, compiled, accum=4),
+             Row("qlora+cudagraphs-1024", qlora, 1024, 1, {"compile_layers": "reduce-overhead"}),
+             Row("qlora-embeddings-on-gpu-2048", qlora, 2048, 1, {"offload_embeddings": False}),
+             Row("qlora+ckpt2-1024", qlora, 1024, 1, {"checkpoint_every_n_layers": 2})]
+    redeq = {"redequantize_experts": True}
+    rows += [Row(f"qlora+ckpt{n}+redeq-{seq}", qlora, seq, 1, {**redeq, "checkpoint_every_n_layers": n})
+             for seq in (1024, 2048) for n in (2, 3)]
+    return rows
+
+
 ROWS = {row.name: row for row in _rows()}
+# Named row lists for --rows / ROWS=: issue 21's table in the order that matters when time runs out (budget):
+# the three baselines, then the qlora levers (one 4-bit model reused), then the lora levers.
+ROW_SETS = {
+    "issue21": [
+        "recipe-2048", "lora-2048", "qlora-2048", "qlora-1024",  # the baselines (~2 min with their first compiles)
+        "qlora-mb2-1024", "qlora-mb4-1024", "qlora+accum4-1024", "qlora-mb2-2048",  # the same 4-bit model reused
+        "qlora+compile-1024", "lora+compile-2048",  # compilation: minutes each (unmeasured so far)
+        "qlora+ckpt2-1024", "qlora+ckpt2+redeq-1024", "qlora+ckpt3+redeq-1024", "qlora+ckpt2+redeq-2048",
+        "lora-mb8-ckpt1-2048", "lora+accum4-2048", "lora-mb6-ckpt2-2048",
+        "qlora+compile-2048", "qlora+compile-mb4-1024", "lora+compile-mb8-ckpt1-2048", "qlora+compile-mb2-2048",
+        "qlora+compile+accum4-1024", "qlora+cudagraphs-1024", "lora+compile-max-2048"],
+    "issue21-quick": ["recipe-2048", "lora-2048", "qlora-2048", "qlora-1024", "qlora+compile-1024",
+                      "lora+compile-2048"],
+}
 # The order rows run in when time is short: the goals first.
 PRIORITY = ["recipe-2048", "fast-2048", "fast+liger+ckpt/2-2048", "qlora-fast-2048", "qlora-fast+liger-2048",
             "flex-2048", "grouped_mm-2048", "fast+liger-2048", "fast+ckpt/2-2048", "recipe-1024", "fast-1024",
@@ -287,13 +337,91 @@ def check_packing(device: str) -> dict[str, float]:
     return out
 
 
+FP8_MAX = 448.0  # largest float8_e4m3fn
+
+
+def fp8_rowwise(x, dim: int = -1):
+    """(float8_e4m3fn tensor, float32 scale) with x ~= q * scale, one scale per slice along `dim` (amax scaling)."""
+    import torch
+
+    amax = x.abs().amax(dim=dim, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / FP8_MAX
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale.squeeze(dim)
+
+
+def probe_fp8(device: str, reps: int = 20) -> list[dict[str, Any]]:
+    """bf16 vs FP8 (rowwise-scaled e4m3) grouped GEMMs at gpt-oss-20b's expert shapes, uniform routing.
+
+    For each (routed rows S, K, N): ms of `grouped_mm` in bf16, of `torch._scaled_grouped_mm` on
+    pre-quantized operands (the frozen weight quantized once), and of the same with the activations
+    quantized each call (what a training step would pay), and the FP8 result's relative error. Gives the
+    ceiling of the FP8 lever before anyone builds it into the expert path.
+    """
+    import torch
+
+    if device != "cuda":
+        return [{"error": "FP8 grouped GEMMs need a CUDA GPU (Hopper or later)"}]
+    experts, out = 32, []
+
+    def timed(fn) -> float:
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / reps
+
+    # routed rows: lora micro-batch 4 x 2048 tokens and qlora 1 x 2048, x top-4; K x N: gate_up forward,
+    # down forward, gate_up backward (grad of the input), down backward
+    for rows in (4 * 2048 * 4, 2048 * 4):
+        for k, n in ((2880, 5760), (2880, 2880), (5760, 2880)):
+            entry: dict[str, Any] = {"rows": rows, "k": k, "n": n}
+            try:
+                entry.update(_probe_shape(rows, k, n, experts, device, timed))
+            except Exception as exc:  # noqa: BLE001  (a probe; the table rows still run)
+                entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            out.append(entry)
+            torch.cuda.empty_cache()
+    return out
+
+
+def _probe_shape(rows: int, k: int, n: int, experts: int, device: str, timed) -> dict[str, Any]:
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(rows, k, device=device, dtype=torch.bfloat16, generator=gen)
+    w = torch.randn(experts, n, k, device=device, dtype=torch.bfloat16, generator=gen) * 0.02
+    offs = torch.arange(1, experts + 1, device=device, dtype=torch.int32) * (rows // experts)
+    grouped = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+    ref = grouped(x, w.transpose(-2, -1), offs=offs)
+    wq, ws = fp8_rowwise(w)  # [E, N, K] e4m3, scale [E, N]: the frozen weight, quantized once
+
+    def fp8(xq, xs):
+        return torch._scaled_grouped_mm(xq, wq.transpose(-2, -1), xs, ws, offs=offs, out_dtype=torch.bfloat16,
+                                        use_fast_accum=True)
+
+    xq, xs = fp8_rowwise(x)
+    got = fp8(xq, xs)
+    entry: dict[str, Any] = {"rel_err": round(((got.float() - ref.float()).norm() / ref.float().norm()).item(), 4)}
+    entry["bf16_ms"] = round(timed(lambda: grouped(x, w.transpose(-2, -1), offs=offs)), 3)
+    entry["fp8_ms"] = round(timed(lambda: fp8(xq, xs)), 3)
+    entry["fp8_with_quant_ms"] = round(timed(lambda: fp8(*fp8_rowwise(x))), 3)  # activations quantized each call
+    entry["bf16_tflops"] = round(2 * rows * k * n / entry["bf16_ms"] / 1e9, 1)
+    entry["speedup_with_quant"] = round(entry["bf16_ms"] / entry["fp8_with_quant_ms"], 2)
+    return entry
+
+
 def row_config(row: Row, args: argparse.Namespace):
     from toolkit import config
 
     cfg = config.build("train", row.preset)
     fields = {
-        **row.train, "max_length": row.seq, "batch_size": row.batch, "grad_accum": 1,
-        "max_steps": args.warmup + args.steps, "eval_steps": 0, "save_steps": 0, "logging_steps": 1,
+        **row.train, "max_length": row.seq, "batch_size": row.batch, "grad_accum": row.accum,
+        "max_steps": args.warmup + args.steps + (row.name in getattr(args, "profile", ())),  # + a profiled step
+        "eval_steps": 0, "save_steps": 0, "logging_steps": 1,
         "report_to": "none", "device": args.device, "seed": args.seed,
     }
     if args.tiny:
@@ -325,31 +453,140 @@ class _LigerPatches:
         return False
 
 
-def run_row(row: Row, args: argparse.Namespace, tokenizer: Any, peak: float | None) -> dict[str, Any]:
+class ModelCache:
+    """The last row's LoRA model, reused by the next row when only per-row settings differ.
+
+    Per-row settings: sequence length, micro-batch, accumulation, checkpointing interval (the Trainer sets it
+    on every layer) and `compile_layers` (applied or removed here). Everything else (mode, kernels, LoRA
+    placement, offload) is the cache key. On reuse the LoRA weights go back to their initial values, so
+    step 1 sees the same weights as a fresh build (a qlora build costs ~8 s of quantization; a bf16 one <1 s).
+    """
+
+    FIELDS: ClassVar[dict[str, Any]] = {"max_length": 0, "batch_size": 1, "grad_accum": 1, "max_steps": 0,
+                                         "checkpoint_every_n_layers": 1, "compile_layers": "off"}
+
+    def __init__(self):
+        self.key: str | None = None
+        self.model = None
+        self.initial: dict[str, Any] = {}
+        self.base_gib = 0.0  # allocated before the model was built
+
+    @classmethod
+    def key_of(cls, cfg) -> str:
+        from toolkit.config import as_dict
+
+        return json.dumps(as_dict(dataclasses.replace(cfg, **cls.FIELDS)), sort_keys=True, default=str)
+
+    def clear(self, device: str) -> None:
+        self.key, self.model, self.initial = None, None, {}
+        free_memory(device)
+
+    def get(self, cfg, config, device: str, seed: int) -> tuple[Any, bool]:
+        """(the LoRA model for `cfg`, whether it was reused), compiled or not as `cfg.compile_layers` says."""
+        import torch
+
+        from toolkit import lora, regional_compile
+
+        key = self.key_of(cfg)
+        reused = key == self.key
+        if reused:
+            with torch.no_grad():
+                for name, param in self.model.named_parameters():
+                    if name in self.initial:
+                        param.copy_(self.initial[name])
+                        param.grad = None
+        else:
+            self.clear(device)
+            self.base_gib = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else 0.0
+            plain = dataclasses.replace(cfg, compile_layers="off")
+            self.model = lora.attach_lora(build_model(plain, config, device, seed=seed), plain)
+            self.initial = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+            self.key = key
+        for layer in regional_compile.decoder_layers(self.model):
+            layer._compiled_call_impl = None  # what nn.Module.compile sets; None runs the plain forward
+        regional_compile.compile_layers(self.model, cfg.compile_layers)
+        return self.model, reused
+
+
+def safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def step_profiler(step: int, out: Path, top: int = 30):
+    """A TrainerCallback: torch.profiler over optimizer step `step` (1-based); the kernel and operator tables
+    (by self device time, then by self CPU time: where the GPU waits on Python) go to `out`."""
     import torch
+    from transformers import TrainerCallback
+
+    class StepProfiler(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == step:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.prof = torch.profiler.profile(activities=activities)
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is None:
+                return
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            events = self.prof.key_averages()
+            device_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            text = (f"# step {step}\n## by self device time\n{events.table(sort_by=device_key, row_limit=top)}\n"
+                    f"## by self CPU time\n{events.table(sort_by='self_cpu_time_total', row_limit=top)}\n")
+            out.write_text(text, encoding="utf-8")
+            print(f"# profile of step {step} -> {out}", file=sys.stderr, flush=True)
+            self.prof = None
+
+    return StepProfiler()
+
+
+def dynamo_counters() -> dict[str, Any]:
+    """What torch.compile did during a row: graphs compiled, graph breaks (top reasons), recompiles."""
+    from torch._dynamo.utils import counters
+
+    breaks = counters.get("graph_break", {})
+    return {"unique_graphs": counters.get("stats", {}).get("unique_graphs", 0),
+            "graph_breaks": sum(breaks.values()),
+            "break_reasons": [f"{n}x {r[:200]}" for r, n in sorted(breaks.items(), key=lambda kv: -kv[1])[:3]]}
+
+
+def run_row(row: Row, args: argparse.Namespace, tokenizer: Any, peak: float | None,
+            cache: ModelCache | None = None) -> dict[str, Any]:
+    import torch
+    from torch._dynamo.utils import counters
 
     from toolkit import lora, train
 
+    cache = cache or ModelCache()
     cfg = row_config(row, args)
     lora.check_preconditions(cfg)
     config = model_config(args.tiny, args.layers)
     steps = args.warmup + args.steps
     if row.data == "fixed":
-        dataset = fixed_dataset(row.batch, row.seq, config.vocab_size, seed=args.seed)
+        dataset = fixed_dataset(row.batch * row.accum, row.seq, config.vocab_size, seed=args.seed)
     else:
         mean = statistics.fmean(p + c for p, c in corpus_lengths())
-        per_step = row.batch * (int(row.seq / mean) + 1 if cfg.packing else 1)
+        per_step = row.batch * row.accum * (int(row.seq / mean) + 1 if cfg.packing else 1)
         dataset = corpus_dataset(per_step * steps, config.vocab_size, seed=args.seed)
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    start_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0  # what earlier rows left behind
     started = time.perf_counter()
-    model = build_model(cfg, config, args.device, seed=args.seed)
-    model = lora.attach_lora(model, cfg)
+    model, reused = cache.get(cfg, config, args.device, args.seed)
+    start_gib = cache.base_gib  # what earlier rows left behind, without this row's model
     build_s = time.perf_counter() - started
     timer = step_timer(sync)
+    callbacks = [timer]
+    if row.name in getattr(args, "profile", ()):
+        callbacks.append(step_profiler(steps + 1, args.out / f"profile-{safe_name(row.name)}.txt"))
+    counters.clear()
     with tempfile.TemporaryDirectory() as tmp, _LigerPatches():
-        trainer = train.build_trainer(cfg, model, tokenizer, "harmony", dataset, None, Path(tmp), [timer])
+        trainer = train.build_trainer(cfg, model, tokenizer, "harmony", dataset, None, Path(tmp), callbacks)
         if cuda:
             gc.collect()
             torch.cuda.empty_cache()
@@ -363,9 +600,9 @@ def run_row(row: Row, args: argparse.Namespace, tokenizer: Any, peak: float | No
         del trainer
     del model
     marks = timer.marks
-    if len(marks) <= args.warmup + 1:
+    if len(marks) < steps + 1:
         raise RuntimeError(f"only {len(marks) - 1} steps ran, expected {steps}")
-    (_, t0, n0), (_, t1, n1) = marks[args.warmup], marks[-1]
+    (_, t0, n0), (_, t1, n1) = marks[args.warmup], marks[steps]  # a profiled step after these is not timed
     tps = (n1 - n0) / (t1 - t0)
     losses = [timer.losses[k] for k in sorted(timer.losses)]
     return {
@@ -374,7 +611,8 @@ def run_row(row: Row, args: argparse.Namespace, tokenizer: Any, peak: float | No
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "step_s": [round(b[1] - a[1], 4) for a, b in itertools.pairwise(marks)],
         "tokens_per_step": [b[2] - a[2] for a, b in itertools.pairwise(marks)],
-        "build_s": round(build_s, 2), "start_gib": round(start_gib, 3),
+        "build_s": round(build_s, 2), "start_gib": round(start_gib, 3), "model_reused": reused,
+        "accum": row.accum, "dynamo": dynamo_counters() if cfg.compile_layers != "off" else None,
     }
 
 
@@ -382,17 +620,27 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table_row(result: dict[str, Any]) -> str:
+def table_row(result: dict[str, Any], recipe_tps: float | None = None) -> str:
+    """One markdown row; `recipe_tps`: the recipe row's tokens/s in the same run (for the x recipe column)."""
+    head = f"| {result['row']} | {result['seq']} | {result['batch']} x {result.get('accum', 1)} |"
     if result.get("error"):
-        return f"| {result['row']} | {result['seq']} | {result['batch']} | error: {result['error'][:160]} | | | | |"
+        return f"{head} error: {result['error'][:160]} | | | | | | |"
     mem = f"{_fmt(result['peak_alloc_gib'], '.1f')} / {_fmt(result['peak_reserved_gib'], '.1f')}"
     mfu = _fmt(result["mfu"] and 100 * result["mfu"], ".1f")
-    return (f"| {result['row']} | {result['seq']} | {result['batch']} | {result['tokens_per_s']:,.0f} | {mem} | "
-            f"{mfu}% | {_fmt(result['loss_first'], '.4f')} | {_fmt(result['loss_last'], '.4f')} |")
+    ratio = _fmt(recipe_tps and result["tokens_per_s"] / recipe_tps, ".2f")
+    dyn = result.get("dynamo")
+    compiled = f"{dyn['unique_graphs']} / {dyn['graph_breaks']}" if dyn else "-"
+    return (f"{head} {result['tokens_per_s']:,.0f} | {ratio} | {mem} | {mfu}% | {_fmt(result['loss_first'], '.4f')} | "
+            f"{_fmt(result['loss_last'], '.4f')} | {compiled} |")
 
 
-HEADER = ("| config | seq | micro-batch | tokens/s | peak GiB (alloc / reserved) | MFU | loss step 1 | loss last |\n"
-          "|---|---|---|---|---|---|---|---|")
+HEADER = ("| config | seq | micro-batch x accum | tokens/s | x recipe | peak GiB (alloc / reserved) | MFU | "
+          "loss step 1 | loss last | compiled graphs / breaks |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def recipe_rate(results: list[dict[str, Any]]) -> float | None:
+    """tokens/s of the run's recipe row at seq 2048 (the issues' baseline), if it ran."""
+    return next((r["tokens_per_s"] for r in results if r["row"] == "recipe-2048" and not r.get("error")), None)
 
 
 def free_memory(device: str) -> float | None:
@@ -421,7 +669,8 @@ def versions() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default=",".join(PRIORITY), help=f"comma-separated, from: {', '.join(ROWS)}")
+    parser.add_argument("--rows", default=",".join(PRIORITY),
+                        help=f"comma-separated, from: {', '.join(ROWS)}; or a named list: {', '.join(ROW_SETS)}")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per row")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--device", default="cuda")
@@ -431,15 +680,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-s", type=float, default=0.0, help="skip rows that would start after this")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench" / "out")))
+    parser.add_argument("--profile", default="", help="comma-separated rows to profile one extra step of "
+                        "(torch.profiler tables to OUT/profile-ROW.txt; the step is not timed)")
+    parser.add_argument("--probe-fp8", action="store_true", help="time bf16 vs FP8 grouped GEMMs at the expert shapes")
     parser.add_argument("--check-packing", action="store_true", help="packed vs separate logits, flex attention")
     parser.add_argument("--write-lengths", type=Path, metavar="PREP_DIR",
                         help="write bench/zh_nan_lengths.json from a prep folder and exit")
     args = parser.parse_args(argv)
+    args.profile = {n.strip() for n in args.profile.split(",") if n.strip()}
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if args.write_lengths:
         print(write_lengths(args.write_lengths))
         return []
-    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    names = [n for part in args.rows.split(",") if part.strip() for n in ROW_SETS.get(part.strip(), [part.strip()])]
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
@@ -469,26 +722,32 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             env["packing_check_max_abs_logit_diff"] = f"{type(exc).__name__}: {exc}"
         print(f"# packing check (flex attention, {args.device}): {env['packing_check_max_abs_logit_diff']}",
               flush=True)
+    if args.probe_fp8:
+        env["fp8_probe"] = probe_fp8(args.device)
+        for entry in env["fp8_probe"]:
+            print(f"# fp8 probe: {json.dumps(entry)}", flush=True)
     tokenizer = build_bpe_tokenizer()
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
+    cache = ModelCache()
     for name in names:
         row = ROWS[name]
         if args.seq_scale != 1.0:
             row = dataclasses.replace(row, seq=max(8, int(row.seq * args.seq_scale)))
-        result: dict[str, Any] = {"row": row.name, "seq": row.seq, "batch": row.batch, "preset": row.preset,
-                                  "train": row.train, "data": row.data}
+        result: dict[str, Any] = {"row": row.name, "seq": row.seq, "batch": row.batch, "accum": row.accum,
+                                  "preset": row.preset, "train": row.train, "data": row.data}
         if args.budget_s and time.perf_counter() - started > args.budget_s:
             result["error"] = "skipped: out of time (--budget-s)"
         else:
             try:
-                result.update(run_row(row, args, tokenizer, peak))
+                result.update(run_row(row, args, tokenizer, peak, cache))
             except Exception as exc:  # noqa: BLE001  (one failing lever must not stop the table)
                 result["error"] = f"{type(exc).__name__}: {exc}".replace("\n", " ")
                 traceback.print_exc()
+                cache.clear(args.device)  # a model left half-way through a failed step is not reused
         result["leftover_gib"] = free_memory(args.device)
         results.append(result)
-        print(table_row(result), flush=True)
+        print(table_row(result, recipe_rate(results)), flush=True)
         (args.out / "train_speed.json").write_text(json.dumps({"env": env, "rows": results}, indent=1),
                                                    encoding="utf-8")
     order = {n: i for i, n in enumerate(ROWS)}
@@ -496,7 +755,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           f"{env.get('gpu', args.device)}; {json.dumps({k: v for k, v in env.items() if k != 'gpu'})}")
     print(HEADER)
     for result in sorted(results, key=lambda r: order[r["row"]]):
-        print(table_row(result))
+        print(table_row(result, recipe_rate(results)))
     return results
 
 

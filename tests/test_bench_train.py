@@ -77,7 +77,8 @@ def test_tiny_rows_on_cpu(tmp_path, capsys):
     # transformers' flex attention refuses sinks on the CPU: an error row, and the table still printed
     assert "CPU" in by_name["flex-2048"]["error"]
     out = capsys.readouterr().out
-    assert out.count("| recipe-2048 | 32 | 4 |") == 2 and "| config | seq |" in out
+    assert out.count("| recipe-2048 | 32 | 4 x 1 |") == 2 and "| config | seq |" in out
+    assert out.count(f"| {recipe['tokens_per_s']:,.0f} | 1.00 |") == 2  # the x recipe column
     saved = json.loads((tmp_path / "train_speed.json").read_text())
     assert [r["row"] for r in saved["rows"]] == rows.split(",")
 
@@ -151,3 +152,74 @@ def test_lengths_file_names_its_corpus_relative_to_the_repository(tmp_path):
     assert written["examples"] == 16 and all(p > 0 and c > 0 for p, c in written["pairs"])
     recorded = json.loads((ROOT / "bench" / "zh_nan_lengths.json").read_text(encoding="utf-8"))["source"]
     assert not Path(recorded.split(" ")[0]).is_absolute()
+
+
+def test_row_sets_name_known_rows():
+    for name, rows in train_speed.ROW_SETS.items():
+        assert rows and all(r in train_speed.ROWS for r in rows), name
+    issue21 = train_speed.ROW_SETS["issue21"]
+    # the table of issue 21: recipe and both presets first, qlora at its own max_length (1024) and at 2048
+    assert issue21[:4] == ["recipe-2048", "lora-2048", "qlora-2048", "qlora-1024"]
+    assert train_speed.ROWS["lora-2048"].train == {} and train_speed.ROWS["qlora-1024"].seq == 1024
+
+
+def test_reused_model_starts_each_row_from_the_same_weights(tmp_path):
+    """ModelCache: a row that differs only in per-row settings reuses the last row's model, with the LoRA
+    weights put back, so its step-1 loss equals a fresh build's; micro-batches x accumulation are counted."""
+    fresh = train_speed.main(["--tiny", "--device", "cpu", "--rows", "recipe-2048", "--seq-scale", str(1 / 64),
+                              "--steps", "1", "--warmup", "1", "--out", str(tmp_path / "a")])[0]
+    both = train_speed.main(["--tiny", "--device", "cpu", "--rows", "recipe-1024,recipe-2048", "--seq-scale",
+                             str(1 / 64), "--steps", "1", "--warmup", "1", "--out", str(tmp_path / "b")])
+    assert [r["model_reused"] for r in both] == [False, True]
+    assert both[1]["loss_first"] == pytest.approx(fresh["loss_first"], abs=1e-6)
+    assert both[1]["loss_last"] == pytest.approx(fresh["loss_last"], abs=1e-6)
+
+    from toolkit.tiny import build_bpe_tokenizer
+
+    row = train_speed.Row("accum", "gpt-oss-20b-lora", 16, 2, train_speed.RECIPE, accum=3)
+    result = train_speed.run_row(row, _args(tmp_path), build_bpe_tokenizer(), None)
+    assert result["tokens_per_step"] == [2 * 3 * 16, 2 * 3 * 16] and result["accum"] == 3
+
+
+def test_model_cache_turns_compilation_on_and_off(tmp_path):
+    import dataclasses
+
+    from toolkit import regional_compile
+
+    args = _args(tmp_path)
+    cfg = train_speed.row_config(train_speed.ROWS["recipe-2048"], args)
+    cache = train_speed.ModelCache()
+    config = train_speed.model_config(tiny=True)
+    model, reused = cache.get(dataclasses.replace(cfg, compile_layers="default"), config, "cpu", 0)
+    layers = regional_compile.decoder_layers(model)
+    assert not reused and len(layers) == 2 and all(m._compiled_call_impl is not None for m in layers)
+    again, reused = cache.get(dataclasses.replace(cfg, max_length=64, batch_size=1), config, "cpu", 0)
+    assert reused and again is model and all(m._compiled_call_impl is None for m in layers)
+    other, reused = cache.get(dataclasses.replace(cfg, lora_r=16), config, "cpu", 0)
+    assert not reused and other is not model
+
+
+def test_fp8_rowwise_scaling_round_trips():
+    import torch
+
+    x = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 64)[:, None]
+    q, scale = train_speed.fp8_rowwise(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (64,)
+    back = q.float() * scale[:, None]
+    # e4m3 keeps 3 mantissa bits: each value within 2^-4 of itself, whatever the row's magnitude (values below
+    # 2^-6 of the scale are subnormal: within half their spacing, 2^-10 of the scale)
+    assert ((back - x).abs() <= x.abs() * 2**-4 + scale[:, None] * 2**-10).all()
+    assert ((back - x).norm(dim=1) / x.norm(dim=1)).max() < 0.05
+    assert train_speed.probe_fp8("cpu")[0]["error"].startswith("FP8 grouped GEMMs need a CUDA GPU")
+
+
+def test_profiled_step_is_extra_and_untimed(tmp_path):
+    result = train_speed.main(["--tiny", "--device", "cpu", "--rows", "recipe-2048", "--seq-scale", str(1 / 64),
+                               "--steps", "1", "--warmup", "1", "--profile", "recipe-2048",
+                               "--out", str(tmp_path)])[0]
+    assert "error" not in result, result.get("error")
+    assert len(result["step_s"]) == 3  # warm-up, timed, profiled
+    timed = result["tokens_per_step"][1] / result["step_s"][1]
+    assert result["tokens_per_s"] == pytest.approx(timed, rel=0.02)
+    text = (tmp_path / "profile-recipe-2048.txt").read_text()
+    assert "## by self CPU time" in text and "aten::" in text

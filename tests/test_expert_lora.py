@@ -37,10 +37,15 @@ def test_lowrank_experts_match_peft(tiny_model):
     import torch
     from transformers.integrations import moe
 
-    shipped = moe._grouped_linear
+    from toolkit import expert_lora
+
+    shipped = expert_lora._ORIGINAL or moe._grouped_linear  # transformers' own, whatever ran before
     base_loss, base_grads = loss_and_grads(tiny_model)
     low_loss, low_grads = loss_and_grads(tiny_model, lowrank_experts=True)
-    assert moe._grouped_linear is shipped  # the hook lives only while an expert adapter's module runs
+    # the one process-wide patch: installed once (again a no-op), wrapping transformers' own function
+    assert moe._grouped_linear is expert_lora._grouped_linear and expert_lora._ORIGINAL is shipped
+    expert_lora.install()
+    assert expert_lora._ORIGINAL is shipped
     assert low_loss == pytest.approx(base_loss, rel=1e-5)
     assert low_grads.keys() == base_grads.keys()
     expert = [n for n in base_grads if "experts" in n]
@@ -51,7 +56,7 @@ def test_lowrank_experts_match_peft(tiny_model):
     # and the expert adapters matter: without them the loss is another
     other_loss, _ = loss_and_grads(tiny_model, lora_experts=[])
     assert abs(other_loss - base_loss) > 1e-4
-    # and a plain peft model after the low-rank one still gets peft's own result
+    # and a plain peft model after the low-rank one, with the wrapper in place, still gets peft's own result
     again_loss, again_grads = loss_and_grads(tiny_model)
     assert again_loss == base_loss
     for name in base_grads:
@@ -68,12 +73,12 @@ def test_lowrank_experts_refuse_a_kernel_that_skips_them(tiny_model):
     assert any("lowrank_experts" in p for p in dataclasses.replace(cfg, experts_implementation="eager").problems())
     eager = dataclasses.replace(cfg, experts_implementation="eager")
     model = lora.attach_lora(lora.load_base(eager), eager)  # built around the config check on purpose
-    from transformers.integrations import moe
 
-    shipped = moe._grouped_linear
     with pytest.raises(RuntimeError, match="did not run through transformers' grouped GEMMs"):
         model(input_ids=torch.tensor([[1, 2, 3]]))
-    assert moe._grouped_linear is shipped  # restored on the way out of the error too
+    from toolkit import expert_lora
+
+    assert not expert_lora._ACTIVE  # nothing left registered on the way out of the error
 
 
 def test_lowrank_experts_config_check(tiny_model):

@@ -148,6 +148,7 @@ _LAYERS_HELP = 'which decoder layers get it: "all" or a list of indices, e.g. [7
 
 
 EXPERTS_IMPLEMENTATIONS = ("auto", "eager", "grouped_mm", "batched_mm")
+COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "reduce-overhead")  # train.compile_layers
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,13 @@ class TrainConfig:
                                   "(toolkit.expert_lora). Needs experts_implementation = grouped_mm.", False)
     checkpoint_every_n_layers: int = _help("With gradient_checkpointing: recompute only every n-th decoder layer "
                                            "(1 = all; larger gives memory back for speed).", 1)
+    redequantize_experts: bool = _help("qlora: a decoder layer that is not recomputed (checkpoint_every_n_layers > 1) "
+                                       "dequantizes its 4-bit experts again in backward instead of keeping the "
+                                       "16-bit copy (gpt-oss-20b: 1.6 GB a layer) from forward (toolkit.redequantize). "
+                                       "Needs experts_implementation = grouped_mm.", False)
+    compile_layers: str = _help("torch.compile each decoder layer in place (toolkit.regional_compile): off, default, "
+                                "max-autotune-no-cudagraphs or reduce-overhead (CUDA graphs). The first steps "
+                                "compile (minutes); fewer kernel launches after.", "off")
     offload_embeddings: bool = _help("Keep the frozen input embedding table in CPU memory (gpt-oss: 1.1 GiB); each "
                                      "step copies its rows to the GPU. For qlora on small GPUs.", False)
     chat_format: str = _help("auto (Harmony for gpt-oss, else the tokenizer's chat template), harmony or template.",
@@ -257,6 +265,16 @@ class TrainConfig:
         if self.lowrank_experts and self.lora_experts and self.lora_r % per_row:
             out.append(f"train.lowrank_experts: grouped GEMMs need lora_r a multiple of {per_row} in {self.dtype}, "
                        f"found {self.lora_r}; change lora_r or set lowrank_experts=false")
+        if self.redequantize_experts and self.experts_implementation != "grouped_mm":
+            out.append(f"train.redequantize_experts: needs experts_implementation = grouped_mm, found "
+                       f"{self.experts_implementation!r}")
+        if self.redequantize_experts and self.compile_layers != "off":
+            # measured on the CPU: compiled, the weights are kept for backward again and every layer recompiles
+            out.append("train.redequantize_experts works uncompiled only: set train.compile_layers=off or "
+                       "train.redequantize_experts=false")
+        if self.compile_layers not in COMPILE_MODES:
+            out.append(f"train.compile_layers: expected one of {', '.join(COMPILE_MODES)}, "
+                       f"found {self.compile_layers!r}")
         if self.liger_kernel and self.device == "cpu":
             out.append("train.liger_kernel: Liger's kernels are Triton (CUDA); set it to false on the CPU")
         packed_ok = "flash" in self.attn_implementation or self.attn_implementation == "flex_attention"

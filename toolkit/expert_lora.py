@@ -12,31 +12,38 @@ peft's, unchanged; only the training forward differs, and the result equals peft
 
 The hook: `ParamWrapper.forward` of each expert adapter is replaced (per instance) by one that registers
 its factors by the tensor's shape while its experts module runs, and transformers'
-`integrations.moe._grouped_linear` is wrapped to add the low-rank term for a registered shape, only while
-that module runs (`_grouped_linear_hooked`): outside it, transformers is as shipped, for this model and any
-other in the process. Backward needs no hook (autograd recorded the low-rank GEMMs); a recomputed
-(checkpointed) layer runs this forward again. A forward that did not go through the grouped GEMMs
-(another experts kernel) is an error, never a silent no-op.
+`integrations.moe._grouped_linear` is wrapped to add the low-rank term for a registered shape. A forward
+that did not go through the grouped GEMMs (another experts kernel) is an error, never a silent no-op.
+
+The wrapper is the one process-wide patch that stays: `install` puts it in place once, from `enable` and
+`toolkit.redequantize` (a compiled decoder layer cannot swap it per call without a graph break). With no
+registered factors and no re-dequantized experts it returns transformers' own result unchanged
+(`tests/test_expert_lora.py` checks a plain model's loss and gradients with the wrapper in place).
 """
 
 from __future__ import annotations
 
 import logging
 import types
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 _ACTIVE: dict[tuple[int, ...], list[Any]] = {}  # weight shape -> [A, B, scale, uses]
-_ORIGINAL = None  # transformers' own _grouped_linear while the hook is in place
+_ORIGINAL = None
+
+
+def base_grouped_linear(input, weight, offs, bias=None, is_transposed=False):
+    """transformers' own `_grouped_linear` (as it was before `install`)."""
+    return _ORIGINAL(input, weight, offs, bias=bias, is_transposed=is_transposed)
 
 
 def _grouped_linear(input, weight, offs, bias=None, is_transposed=False):
     from transformers.integrations import moe
 
-    out = _ORIGINAL(input, weight, offs, bias=bias, is_transposed=is_transposed)
+    from toolkit import redequantize
+
+    out = redequantize.grouped_linear(input, weight, offs, bias=bias, is_transposed=is_transposed)
     entry = _ACTIVE.get(tuple(weight.shape))
     if entry is None:
         return out
@@ -48,24 +55,15 @@ def _grouped_linear(input, weight, offs, bias=None, is_transposed=False):
     return out + scale * low
 
 
-@contextmanager
-def _grouped_linear_hooked() -> Iterator[None]:
-    """transformers' `_grouped_linear` wrapped by `_grouped_linear` inside the block, restored after it.
-
-    peft nests one ParamWrapper per expert tensor (gate_up_proj around down_proj around the experts), so an
-    inner adapter finds the hook already in place and leaves it to the outer one.
-    """
+def install() -> None:
+    """Wrap transformers' `_grouped_linear` once: the base GEMM (`toolkit.redequantize`), plus a registered low-rank
+    term. Both options patch through here, so there is one wrapper whatever their order."""
     global _ORIGINAL
     from transformers.integrations import moe
 
-    if moe._grouped_linear is _grouped_linear:
-        yield
-        return
-    _ORIGINAL, moe._grouped_linear = moe._grouped_linear, _grouped_linear
-    try:
-        yield
-    finally:
-        moe._grouped_linear, _ORIGINAL = _ORIGINAL, None
+    if _ORIGINAL is None:
+        _ORIGINAL = moe._grouped_linear
+        moe._grouped_linear = _grouped_linear
 
 
 def _lowrank_forward(self, x, *args, **kwargs):
@@ -80,8 +78,7 @@ def _lowrank_forward(self, x, *args, **kwargs):
                            "set train.lowrank_experts=false for this model.")
     entry = _ACTIVE[shape] = [lhs, rhs, scale, 0]
     try:
-        with _grouped_linear_hooked():
-            result = self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
     finally:
         del _ACTIVE[shape]
     if entry[3] == 0:
@@ -95,6 +92,7 @@ def enable(peft_model: Any) -> int:
     """Switches every expert-tensor adapter of `peft_model` to the low-rank path; returns how many."""
     from peft.tuners.lora.layer import ParamWrapper
 
+    install()
     count = 0
     for module in peft_model.modules():
         if isinstance(module, ParamWrapper) and getattr(module, "num_experts", 1) > 1:

@@ -315,6 +315,16 @@ def attach_lora(model: Any, cfg: TrainConfig):
         from toolkit import expert_lora
 
         expert_lora.enable(peft_model)
+    if cfg.redequantize_experts:
+        from toolkit import redequantize
+
+        if not redequantize.enable(peft_model):
+            log.warning("train.redequantize_experts: %s has no 4-bit expert tensors (mode %s): nothing to do",
+                        cfg.base_model, cfg.mode)
+    if cfg.compile_layers != "off":  # last: the compiled layers trace the modules as they are now
+        from toolkit.regional_compile import compile_layers
+
+        compile_layers(peft_model, cfg.compile_layers)
     return peft_model
 
 
