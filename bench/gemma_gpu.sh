@@ -19,11 +19,16 @@
 #
 # Calls (python bench/gpu_pack.py calls real-model): 4 x `python3 bench/gpu_pack.py stash real-model` with
 # carry [".gpu/real-model/pN"], then `bash bench/gemma_gpu.sh train` with carry [".gpu/real-model/p5"],
-# then `bash bench/gemma_gpu.sh measure` (no carry; a call may run 10 minutes: re-run it, finished evals are
+# then `bash bench/gemma_gpu.sh measure` (carry [".gpu/real-model/p5", ".gpu/evaldata"]; a call may run 10 minutes: re-run it, finished evals are
 # kept).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mode=${1:?usage: gemma_gpu.sh train | measure}
+mode=${1:?usage: gemma_gpu.sh slices | train | measure}
+if [ "$mode" = slices ]; then  # here: the news tuning slice (lines 1001-1200) and the first 500, with the header
+  news=../shared/eval/zh-nan.heldout.tsv
+  mkdir -p .gpu/evaldata && sed -n "1p;1002,1201p" $news > .gpu/evaldata/tune.tsv && head -501 $news > .gpu/evaldata/news500.tsv
+  wc -l .gpu/evaldata/*.tsv; exit 0
+fi
 VARIANTS=${VARIANTS:-chosen analysis hints both}
 WORK=${WORK:-/tmp/gm}
 JOBS=${JOBS:-8}
@@ -37,7 +42,9 @@ export PATH=/tmp/bin:$PATH
 base=$(toolkit fetch gemma3-270m --find-links "$PACK/model" | head -1)
 lex=("$SHARED/lexicons/itaigi/"*.csv "$SHARED/lexicons/moe-dialect-words/"*.csv)
 glossary=(); for f in "${lex[@]}"; do glossary+=(--glossary "$f"); done
-NEWS=$SHARED/eval/zh-nan.heldout.tsv; [ -f "$NEWS" ] || NEWS=../shared/eval/zh-nan.heldout.tsv
+# the news eval file is not in the pack (evaluation only, never trained on): its two slices travel in
+# .gpu/evaldata (`bash bench/gemma_gpu.sh slices` here), carried with the measure call
+EVALDATA=${EVALDATA:-.gpu/evaldata}
 
 variant_prep() {
   case $1 in
@@ -70,8 +77,7 @@ for v in $VARIANTS; do
 done
 grep -h "train: .* steps in" "$WORK"/*.log || true
 mkdir -p "$WORK/data" "$WORK/evals"
-sed -n "1p;1002,1201p" "$NEWS" > "$WORK/data/tune.tsv"
-head -501 "$NEWS" > "$WORK/data/news500.tsv"
+cp "$EVALDATA/tune.tsv" "$EVALDATA/news500.tsv" "$WORK/data/"
 cp "$SHARED/corpora/zh-nan-moe/dev.tsv" "$WORK/data/moe.tsv"
 
 gpu_eval() {  # NAME MODEL TEST DIRECTION BIAS [eval options]: one eval folder, skipped when done
@@ -88,7 +94,7 @@ for d in forward reverse; do  # the base model, greedy
   for t in news500 moe; do run_jobs; gpu_eval "base-$t-$d" "$base" "$t" "$d" 0 & done
 done
 for v in $VARIANTS; do
-  hint=(); case $v in hints|both) hint=("${glossary[@]}") ;; *) [ "$v" = chosen ] && hint=("${glossary[@]}" --set eval.glossary_hints=false) ;; esac
+  hint=("${glossary[@]}"); case $v in hints|both) ;; *) hint+=(--set eval.glossary_hints=false) ;; esac
   for d in forward reverse; do for t in tune moe; do for b in $BIASES; do
     run_jobs; gpu_eval "$v-$t-$d-b$b" "$WORK/$v/train" "$t" "$d" "$b" "${hint[@]}" &
   done; done; done
@@ -105,13 +111,13 @@ from pathlib import Path
 root, v, d, *biases = sys.argv[1:]
 def chrf(b):
     s = json.loads((Path(root) / f"{v}-tune-{d}-b{b}" / "scores.json").read_text())
-    name = next(n for n in s["systems"] if n != "copy")
+    name = next(n for n in s["systems"] if n != "copy source")
     return s["systems"][name]["chrf"]["score"]
 print(max(biases, key=chrf))
 EOF
 }
 for v in $VARIANTS; do
-  hint=(); case $v in hints|both) hint=("${glossary[@]}") ;; *) [ "$v" = chosen ] && hint=("${glossary[@]}" --set eval.glossary_hints=false) ;; esac
+  hint=("${glossary[@]}"); case $v in hints|both) ;; *) hint+=(--set eval.glossary_hints=false) ;; esac
   for d in forward reverse; do
     b=$(best_bias "$v" "$d" 2>/dev/null || echo 0)
     for bb in 0 "$b"; do run_jobs; gpu_eval "$v-news500-$d-b$bb" "$WORK/$v/train" news500 "$d" "$bb" "${hint[@]}" & done
