@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             from llama_cpp import Llama
 
             llm = Llama(model_path=str(args.gguf), vocab_only=True, verbose=False)
-            decode_ids = lambda ids: llm.detokenize(ids).decode("utf-8", "replace")  # noqa: E731
+            def decode_ids(ids):
+                return llm.detokenize(ids).decode("utf-8", "replace")
         elif args.tokenizer == "gpt-oss":
             from toolkit.tokenizer import tiktoken_encoding
 

@@ -89,9 +89,9 @@ def transformers_rows(args: argparse.Namespace, texts: list[str]) -> list[dict[s
                 spec = backends.spec_for("transformers", args.model)
             spec = spec.for_direction(args.direction)
             translator.translate(texts[:min(len(texts), 8)], spec, max_new_tokens=args.max_new_tokens)  # warm-up
-            rows.append(timed(f"transformers {mode}", lambda t=translator: [
-                r for start in range(0, len(texts), chunk)
-                for r in t.translate(texts[start:start + chunk], spec, max_new_tokens=args.max_new_tokens)],
+            rows.append(timed(f"transformers {mode}", lambda t=translator, n=chunk, sp=spec: [
+                r for start in range(0, len(texts), n)
+                for r in t.translate(texts[start:start + n], sp, max_new_tokens=args.max_new_tokens)],
                 texts, sync=args.device == "cuda"))
             del translator
     return rows
