@@ -226,8 +226,8 @@ def test_ollama_num_predict_is_each_sentences_own_limit():
         backends.load_translator("ollama", "taigi", host=server.url).translate(TEXTS, default_spec(),
                                                                                 max_new_tokens=1000)
         sent = [r["options"]["num_predict"] for r in server.generate_requests]
-    # 16 + 2 x the sentence's gpt-oss tokens + 192 for the analysis channel (the decoding defaults)
-    assert sent == [16 + 2 * len(tiktoken_encoding().encode(t)) + 192 for t in TEXTS]
+    # 24 + 2 x the sentence's gpt-oss tokens + 192 for the analysis channel (the decoding defaults)
+    assert sent == [24 + 2 * len(tiktoken_encoding().encode(t)) + 192 for t in TEXTS]
 
 
 def test_ollama_loop_is_cut_from_the_reply():

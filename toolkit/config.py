@@ -405,7 +405,8 @@ class DecodingFields:
     """Per-sentence token limits and the repetition stop, the same in `toolkit eval` and `toolkit serve`."""
 
     base_tokens: int = _help("Per-sentence token limit = base_tokens + tokens_per_source_token x the source's tokens "
-                             "(+ analysis_tokens for a Harmony model), at most max_new_tokens.", 16)
+                             "(+ analysis_tokens for a Harmony model), at most max_new_tokens. 24 + 2x lets every news and MOE dev "
+                             "reference through (bench/decoding_limits.py).", 24)
     tokens_per_source_token: float = _help("See base_tokens (0 = no per-sentence limit: every sentence may run to "
                                            "max_new_tokens).", 2.0)
     analysis_tokens: int = _help("Extra room for the analysis channel of a model that reasons first (Harmony: "
@@ -413,7 +414,7 @@ class DecodingFields:
     repeat_max_ngram: int = _help("Stop an output that ends in a loop of one n-gram of up to N tokens repeated, "
                                   "and keep one copy (0 = off).", 16)
     repeat_min_copies: int = _help("A loop is at least this many copies of its n-gram...", 3)
-    repeat_min_tokens: int = _help("...spanning at least this many tokens (so 10000 or 哈哈哈 is no loop).", 12)
+    repeat_min_tokens: int = _help("...spanning at least this many tokens (so 1,000,000 or 哈哈哈 is no loop).", 16)
 
     def decoding_problems(self, section: str) -> list[str]:
         out = [f"{section}.{k}: expected 0 or more, found {getattr(self, k)}"

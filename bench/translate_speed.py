@@ -1,0 +1,180 @@
+"""Benchmark: translation throughput (sentences/s) of `toolkit eval` / `toolkit serve` backends, before and after
+batched decoding (issue 21).
+
+    python bench/translate_speed.py --model MODEL_DIR [--limit 500] [--max-new-tokens 256] [--out DIR]
+    python bench/translate_speed.py --random gpt-oss-20b --device cuda       # full-size shapes, random weights
+    python bench/translate_speed.py --gguf FILE.gguf --threads 1,2 --n-batch 32,128,512   # llama.cpp on the CPU
+        [--chat-template toolkit/templates/gemma3.jinja]    # for the base GGUF of `toolkit fetch gemma3-270m`
+
+transformers rows (greedy, the first `--limit` sentences of the news set, `--direction`):
+- `before`: the old path, reproduced by its settings: sentences in the order given, 8 per generate call, every
+  sentence limited to `--max-new-tokens`, no repetition stop, an adapter left unmerged.
+- `after`: what `toolkit eval` does now: a pool of `--batch-size` x 4 sentences sorted by length, batches of
+  `--batch-size`, each row stopped on its own at its per-sentence limit (toolkit.decoding) or at a loop, an
+  adapter merged at load. `--cache static` adds transformers' static KV cache.
+Each row reports sentences/s, generated tokens/s, outputs at their limit and cut for repeating. A random model
+never ends a sentence itself, so there its rows mostly run to their limits: compare tokens/s as well.
+
+llama.cpp rows: one per (n_threads, n_batch) pair, same sentences, the toolkit defaults for the limits.
+The table goes to stdout, the results to OUT/translate_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+NEWS = ROOT.parent / "shared" / "eval" / "zh-nan.heldout.tsv"
+
+
+def sentences(path: Path, limit: int, direction: str) -> list[str]:
+    from toolkit.evaluate import read_test_set
+
+    return read_test_set(path, "zh", "nan", direction, limit).sources
+
+
+def random_model(name: str, device: str, folder: Path) -> tuple[Any, Any]:
+    """(model, tokenizer) with gpt-oss-20b's shapes and random weights (bench/train_speed.py), real tokenizer."""
+    from train_speed import build_model, model_config
+
+    from toolkit.config import TrainConfig
+    from toolkit.tokenizer import build_hf_tokenizer
+
+    if name not in ("gpt-oss-20b", "tiny"):
+        raise SystemExit(f"--random {name}: expected gpt-oss-20b or tiny")
+    cfg = TrainConfig(dtype="bfloat16" if device == "cuda" else "float32", device=device,
+                      attn_implementation="sdpa" if device == "cuda" else "eager",
+                      experts_implementation="grouped_mm" if device == "cuda" else "eager")
+    config = model_config(tiny=name == "tiny")
+    if name == "tiny":
+        config.vocab_size = 201088  # the real tokenizer's ids must fit
+    model = build_model(cfg, config, device)
+    return model.eval(), build_hf_tokenizer(folder)
+
+
+def transformers_rows(args: argparse.Namespace, texts: list[str]) -> list[dict[str, Any]]:
+    from toolkit import backends
+    from toolkit.decoding import Decoding, RepeatStop
+    from toolkit.evaluate import SORT_BATCHES
+    from toolkit.prompt import default_spec
+
+    modes = {
+        "before": ({"batch_size": 8, "sort": False, "merge_adapter": False,
+                    "decoding": Decoding(tokens_per_source_token=0, repeat=RepeatStop(max_ngram=0))}, 8),
+        "after": ({"batch_size": args.batch_size, "sort": True, "merge_adapter": True, "decoding": Decoding(),
+                   "generate_options": {"cache_implementation": "static"} if args.cache == "static" else None},
+                  args.batch_size * SORT_BATCHES),
+    }
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        shared = random_model(args.random, args.device, Path(tmp)) if args.random else None
+        for mode in args.modes.split(","):
+            options, chunk = modes[mode]
+            if shared is not None:
+                translator = backends.TransformersTranslator.from_model(*shared, name=f"random {args.random}",
+                                                                       device=args.device, **options)
+                spec = default_spec()
+            else:
+                translator = backends.load_translator("transformers", args.model, device=args.device,
+                                                      dtype=args.dtype, **options)
+                spec = backends.spec_for("transformers", args.model)
+            spec = spec.for_direction(args.direction)
+            translator.translate(texts[:min(len(texts), 8)], spec, max_new_tokens=args.max_new_tokens)  # warm-up
+            rows.append(timed(f"transformers {mode}", lambda t=translator, n=chunk, sp=spec: [
+                r for start in range(0, len(texts), n)
+                for r in t.translate(texts[start:start + n], sp, max_new_tokens=args.max_new_tokens)],
+                texts, sync=args.device == "cuda"))
+            del translator
+    return rows
+
+
+def llama_rows(args: argparse.Namespace, texts: list[str]) -> list[dict[str, Any]]:
+    from toolkit import backends
+
+    rows = []
+    spec = backends.spec_for("llama-cpp", args.gguf).for_direction(args.direction)
+    for threads in [int(t) for t in args.threads.split(",")]:
+        for n_batch in [int(b) for b in args.n_batch.split(",")]:
+            translator = backends.load_translator("llama-cpp", args.gguf, n_threads=threads, n_batch=n_batch,
+                                                  n_ctx=args.n_ctx)
+            if args.chat_template and translator.template is not None:  # a GGUF without one (fetched base model)
+                translator.template.template = args.chat_template.read_text(encoding="utf-8")
+            translator.translate(texts[:2], spec, max_new_tokens=args.max_new_tokens)  # warm-up
+            row = timed(f"llama-cpp threads {threads} n_batch {n_batch}",
+                        lambda t=translator: t.translate(texts, spec, max_new_tokens=args.max_new_tokens), texts)
+            rows.append({**row, "n_threads": threads, "n_batch": n_batch})
+            del translator
+    return rows
+
+
+def timed(name: str, run, texts: list[str], sync: bool = False) -> dict[str, Any]:
+    import torch
+
+    if sync:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    results = run()
+    if sync:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    tokens = sum(r.tokens for r in results)
+    row = {"name": name, "sentences": len(texts), "seconds": round(seconds, 2),
+           "sentences_per_s": round(len(texts) / seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+           "tokens": tokens, "hit_limit": sum(r.stop == "length" for r in results),
+           "stopped_repetition": sum(r.stop == "repetition" for r in results)}
+    print(f"| {name} | {row['sentences_per_s']:.2f} | {row['tokens_per_s']:.0f} | {tokens} | {row['hit_limit']} | "
+          f"{row['stopped_repetition']} | {seconds:.1f} |", flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="transformers model, merge or train folder")
+    what.add_argument("--random", help="gpt-oss-20b (full-size shapes, random weights) or tiny")
+    what.add_argument("--gguf", help="a GGUF for the llama.cpp rows")
+    ap.add_argument("--test", type=Path, default=NEWS, help="TSV with zh and nan columns (default: the news set)")
+    ap.add_argument("--limit", type=int, default=500)
+    ap.add_argument("--direction", default="forward", choices=["forward", "reverse"])
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--modes", default="before,after", help="transformers rows: before, after or both")
+    ap.add_argument("--batch-size", type=int, default=64, help="the after row's batch")
+    ap.add_argument("--cache", choices=["dynamic", "static"], default="dynamic", help="the after row's KV cache")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", default="2", help="llama.cpp: comma-separated n_threads values")
+    ap.add_argument("--n-batch", default="512", help="llama.cpp: comma-separated n_batch values")
+    ap.add_argument("--n-ctx", type=int, default=2048)
+    ap.add_argument("--chat-template", type=Path, default=None,
+                    help="llama.cpp: a .jinja template for a GGUF without one (toolkit/templates/gemma3.jinja for the "
+                         "GGUF `toolkit fetch gemma3-270m` gives)")
+    ap.add_argument("--out", type=Path, default=None, help="folder for translate_speed.json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    texts = sentences(args.test, args.limit, args.direction)
+    print("| row | sentences/s | tokens/s | tokens | hit limit | loop cut | seconds |\n|---|---|---|---|---|---|---|")
+    rows = llama_rows(args, texts) if args.gguf else transformers_rows(args, texts)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        info = {"args": {k: str(v) for k, v in vars(args).items()}, "python": platform.python_version(),
+                "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+        (args.out / "translate_speed.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n",
+                                                        encoding="utf-8")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()

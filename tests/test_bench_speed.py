@@ -1,0 +1,56 @@
+"""bench/copy_bias_domains.py, bench/translate_speed.py and bench/decoding_limits.py on the tiny models."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import copy_bias_domains as cbd
+import decoding_limits as dl
+import translate_speed as ts
+
+SHARED = ROOT.parent / "shared"
+needs_shared = pytest.mark.skipif(not (SHARED / "corpora" / "zh-nan-moe" / "dev.tsv").is_file(),
+                                  reason="../shared (news set, MOE corpus) is not beside this checkout")
+
+
+def test_lexicon_coverage_is_greedy_longest_match():
+    words = {"醫院", "看醫生", "醫生"}
+    assert cbd.coverage("去看醫生", words) == pytest.approx(3 / 4)  # 看醫生, not 醫生
+    assert cbd.coverage("今天", words) == 0.0
+
+
+@needs_shared
+@pytest.mark.llama
+def test_copy_bias_domains_on_the_tiny_gguf(tiny_gguf, tmp_path):
+    out = cbd.main(["--gguf", str(tiny_gguf), "--biases", "0,50", "--directions", "forward", "--limit", "3",
+                    "--max-new-tokens", "8", "--n-bootstrap", "1", "--n-ctx", "512", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "copy_bias_domains.json").read_text(encoding="utf-8"))
+    domains = saved["directions"]["forward"]["domains"]
+    assert set(domains) == {"news", "moe"} and all(d["sentences"] == 3 for d in domains.values())
+    for d in domains.values():
+        assert set(d["biases"]) == {"0.0", "50.0"} and d["best_bias"] in (0.0, 50.0)
+        assert all(0 <= b["hit_limit"] <= 3 for b in d["biases"].values())
+    assert out["directions"]["forward"]["rules"][0]["rule"].startswith("one bias")
+
+
+@needs_shared
+def test_translate_speed_before_and_after_on_the_tiny_model(tiny_model, tmp_path):
+    rows = ts.main(["--model", str(tiny_model), "--limit", "6", "--max-new-tokens", "12", "--batch-size", "4",
+                    "--device", "cpu", "--out", str(tmp_path)])
+    assert [r["name"] for r in rows] == ["transformers before", "transformers after"]
+    assert rows[0]["hit_limit"] + rows[0]["stopped_repetition"] <= 6 and rows[0]["tokens"] <= 6 * 12
+    assert all(r["sentences"] == 6 and r["sentences_per_s"] > 0 for r in rows)
+    assert json.loads((tmp_path / "translate_speed.json").read_text(encoding="utf-8"))["rows"] == rows
+
+
+def test_limit_table_counts_references_over_the_limit():
+    table = dl.limits_table([(10, 20), (10, 45), (1, 30)])
+    assert table["over_limit"]["16+2x"] == 2 and table["over_limit"]["32+2x"] == 0
+    assert table["longest_reference"] == 45
