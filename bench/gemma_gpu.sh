@@ -46,15 +46,7 @@ glossary=(); for f in "${lex[@]}"; do glossary+=(--glossary "$f"); done
 # .gpu/evaldata (`bash bench/gemma_gpu.sh slices` here), carried with the measure call
 EVALDATA=${EVALDATA:-.gpu/evaldata}
 
-variant_prep() {
-  case $1 in
-    chosen) ;;
-    analysis) echo "${glossary[@]}" ;;
-    hints) echo "${glossary[@]} --set prep.glossary_analysis_share=0 --set prep.glossary_hint_share=0.5" ;;
-    both) echo "${glossary[@]} --set prep.glossary_hint_share=0.5" ;;
-    *) echo "unknown variant $1" >&2; return 1 ;;
-  esac
-}
+. bench/glossary_variants.sh
 
 if [ "$mode" = train ]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

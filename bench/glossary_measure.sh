@@ -54,15 +54,7 @@ read -r -a lexicons <<< "$LEXICONS"
 glossary=()
 for f in "${lexicons[@]}"; do glossary+=(--glossary "$f"); done
 
-variant_prep() {  # the prep options of a variant
-    case $1 in
-    chosen) ;;
-    analysis) echo "${glossary[@]}" ;;
-    hints) echo "${glossary[@]} --set prep.glossary_analysis_share=0 --set prep.glossary_hint_share=0.5" ;;
-    both) echo "${glossary[@]} --set prep.glossary_hint_share=0.5" ;;
-    *) echo "unknown variant $1" >&2; return 1 ;;
-    esac
-}
+. bench/glossary_variants.sh
 
 if [ "$mode" = train ]; then
     data=${DATA:-.gpu10/w/data/train.tsv}
