@@ -38,7 +38,7 @@ def page_config(html: str) -> dict:
 # ---- routes, headers, package data (no browser) --------------------------------------------------------------
 
 def test_page_and_its_assets_are_served_with_a_strict_policy():
-    with client(max_chars=123) as c:
+    with client(max_chars=123, max_glossary_entries=7) as c:
         page = c.get("/")
         assets = {name: c.get(f"/web/{name}") for name in webpage.ASSETS}
         missing = [c.get(path).status_code for path in ("/web/index.html", "/web/../serve.py", "/web/%2e%2e/serve.py")]
@@ -47,7 +47,8 @@ def test_page_and_its_assets_are_served_with_a_strict_policy():
     assert "default-src 'none'" in policy and "script-src 'self'" in policy and "connect-src 'self'" in policy
     assert page_config(page.text) == {
         "model": "fake-model", "backend": "FakeTranslator", "max_chars": 123, "default_effort": "low",
-        "key_required": False, "languages": [{"code": "zh", "name": ZH}, {"code": "nan", "name": NAN}]}
+        "key_required": False, "languages": [{"code": "zh", "name": ZH}, {"code": "nan", "name": NAN}],
+        "glossary": {"max_entries": 7, "max_forms": serve.MAX_FORMS, "max_term_chars": serve.MAX_TERM_CHARS}}
     assert 'type="file"' not in page.text  # nothing in the page selects a file
     assert not re.search(r'(src|href)="(https?:)?//', page.text)  # nothing from another origin
     assert assets["page.js"].headers["content-type"].startswith("text/javascript")
@@ -270,11 +271,11 @@ def test_phone_width_labels_and_contrast(browser, page_server):
     page = browser.open(page_server, width=375, height=740)
     expect = _expect()
     order = []
-    for _ in range(7):  # every control in reading order from the keyboard, each showing its focus
+    for _ in range(8):  # every control in reading order from the keyboard, each showing its focus
         page.keyboard.press("Tab")
         order.append(page.evaluate("(e => [e.id || e.tagName, getComputedStyle(e).outlineStyle])(document.activeElement)"))
-    assert order == [[name, "solid"] for name in ("forward", "source", "target", "copy", "effort", "translate",
-                                                   "SUMMARY")]
+    assert order == [[name, "solid"] for name in ("forward", "source", "target", "copy", "glossary", "effort",
+                                                   "translate", "SUMMARY")]
     page.get_by_label(f"Text in {ZH}").fill(SENTENCE)
     assert translate(page).status == 200
     expect(page.get_by_role("status")).to_have_text(f"Translated into {NAN}.")
@@ -282,6 +283,7 @@ def test_phone_width_labels_and_contrast(browser, page_server):
     source, output = page.locator("#source").bounding_box(), page.locator("#target").bounding_box()
     assert output["y"] >= source["y"] + source["height"]  # the boxes stack
     assert source["width"] >= 300
+    assert page.locator("#glossary").bounding_box()["width"] >= 300
     unlabelled = page.evaluate("""[...document.querySelectorAll('input, select, textarea')]
         .filter(e => !e.labels || e.labels.length === 0).map(e => e.id)""")
     assert unlabelled == []
@@ -342,11 +344,12 @@ CONTRAST_JS = """(() => {
     }
     return [255, 255, 255];
   };
-  const shown = ["error", "note"].map((id) => document.getElementById(id)).filter((e) => e.hidden);
+  const shown = ["error", "note", "glossary-error"].map((id) => document.getElementById(id)).filter((e) => e.hidden);
   for (const e of shown) { e.hidden = false; e.textContent = "x"; }  // boxes that only show on occasion
   const out = {};
   for (const sel of ["h1", "#model", "legend", "label[for=source]", "#source", "#target", "#count", "#copy",
-                     "#translate", "summary", "#error", "#note", "#meta", "#keys-hint"]) {
+                     "#translate", "summary", "#error", "#note", "#meta", "#keys-hint",
+                     "label[for=glossary]", "#glossary-hint", "#glossary", "#glossary-error"]) {
     const e = document.querySelector(sel);
     const a = lum(rgb(getComputedStyle(e).color)), b = lum(background(e));
     out[sel] = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
@@ -424,3 +427,83 @@ def test_server_errors_in_plain_words(browser, case, status, message):
         expect(page.get_by_role("alert")).to_have_text(message)
         expect(page.get_by_role("status")).to_have_text("")
         browser.only_own_requests(url)
+
+
+# ---- the glossary box: read into the API's `glossary`, its mistakes said before anything is sent -------------------
+
+GLOSSARY_TEXT = "東西 → 物件\n\n  便宜\t俗 / 便宜  \n\n食飯->食飯|呷飯\n"
+GLOSSARY_SENT = [{"source": "東西", "target": "物件"}, {"source": "便宜", "target": ["俗", "便宜"]},
+                 {"source": "食飯", "target": ["食飯", "呷飯"]}]
+
+
+@pytest.mark.browser
+def test_glossary_is_sent_in_the_api_shape(browser):
+    fake = FakeTranslator()
+    with fake_server(fake) as url:
+        page = browser.open(url)
+        expect = _expect()
+        box = page.get_by_label("Glossary (optional)")
+        expect(page.locator("#glossary-hint")).to_contain_text(f"the term in {ZH}, then")
+        expect(page.locator("#glossary-hint")).to_contain_text(f"translation into {NAN}; up to 4 translations")
+        expect(box).to_have_attribute("aria-describedby", "glossary-hint glossary-error")
+        page.get_by_label(f"Text in {ZH}").fill("這個東西很便宜。")
+        box.fill(GLOSSARY_TEXT)
+        response = translate(page)
+        assert response.status == 200
+        assert response.request.post_data_json["glossary"] == GLOSSARY_SENT
+        # what the model's prompt gets: the server drops a form identical to its term
+        assert dict(fake.specs[-1].glossary.entries) == {"東西": ["物件"], "便宜": ["俗"], "食飯": ["呷飯"]}
+        expect(page.get_by_role("status")).to_have_text(f"Translated into {NAN}.")
+        expect(page.locator("#glossary-error")).to_be_hidden()
+        box.fill("  \n")  # only blank lines: no `glossary` field at all
+        assert "glossary" not in translate(page).request.post_data_json
+        browser.only_own_requests(url)
+
+
+@pytest.mark.browser
+def test_malformed_glossary_line_is_said_and_not_sent(browser):
+    with fake_server(FakeTranslator()) as url:
+        page = browser.open(url, width=375, height=740)  # at phone width
+        expect = _expect()
+        page.get_by_label(f"Text in {ZH}").fill("這個東西很便宜。")
+        box = page.get_by_label("Glossary (optional)")
+        box.fill("東西 → 物件\n便宜 俗\n→ 俗\n東西 →  / \na → b → c")
+        page.get_by_role("button", name="Translate", exact=True).click()
+        expect(page.locator("#glossary-error")).to_have_text(
+            "Line 2 has no “→” or tab between the term and its translation."
+            "Line 3 has no term before the “→”."
+            "Line 4 has no translation after the “→”."
+            "Line 5 has more than one “→” or tab: write one term per line.")
+        expect(page.get_by_role("alert")).to_have_text(
+            "A line of the glossary cannot be read, so nothing was sent: see under the glossary box.")
+        expect(box).to_be_focused()
+        expect(box).to_have_attribute("aria-invalid", "true")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        assert not any(u.endswith("/translate") for u in browser.requested)
+        box.fill("東西 → 物件\n便宜\t俗")  # mended: the message goes as it is typed, and the text is sent
+        expect(page.locator("#glossary-error")).to_be_hidden()
+        expect(box).to_have_attribute("aria-invalid", "false")
+        assert translate(page).request.post_data_json["glossary"] == [{"source": "東西", "target": "物件"},
+                                                                      {"source": "便宜", "target": "俗"}]
+        browser.only_own_requests(url)
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("glossary, status, alert, under_the_box", [
+    ("東西 → 物件\n便宜 → 俗\n\n好 → 好", 413,
+     "The glossary has 3 lines, and this server takes at most 2. Keep the terms this text needs.", ""),
+    ("東西 → 物件\n\n便宜 → 俗/a/b/c/d\n" + "長" * 101 + " → 長", 422,
+     "The server could not accept the glossary: see the lines named under the glossary box.",
+     "Line 3 has 5 translations; this server takes at most 4 per term."
+     "Line 4: “" + "長" * 20 + "…” is longer than 100 characters."),
+], ids=["413", "422"])
+def test_glossary_refused_by_the_server_in_plain_words(browser, glossary, status, alert, under_the_box):
+    with fake_server(FakeTranslator(), max_glossary_entries=2) as url:
+        page = browser.open(url)
+        expect = _expect()
+        page.get_by_label(f"Text in {ZH}").fill("這個東西很便宜。")
+        page.get_by_label("Glossary (optional)").fill(glossary)
+        assert translate(page).status == status  # the page leaves the limits to the server, which says why
+        expect(page.get_by_role("alert")).to_have_text(alert)
+        expect(page.locator("#glossary-error")).to_have_text(under_the_box)
+        expect(page.get_by_label(f"Translation into {NAN}")).to_have_value("")

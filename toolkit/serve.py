@@ -380,7 +380,9 @@ def create_app(translator: backends.Translator, spec: PromptSpec, settings: Serv
                               lambda request, given: authorized(request) or key_matches(given))
     webpage.add_routes(app, model=model_name, backend=backend_name, max_chars=settings.max_chars,
                        languages=[(codes[0], spec.source_name), (codes[1], spec.target_name)],
-                       default_effort=spec.reasoning_effort, key_required=api_key is not None)
+                       default_effort=spec.reasoning_effort, key_required=api_key is not None,
+                       glossary_limits={"max_entries": settings.max_glossary_entries, "max_forms": MAX_FORMS,
+                                        "max_term_chars": MAX_TERM_CHARS})
     return app
 
 

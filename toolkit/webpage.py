@@ -37,10 +37,12 @@ def script_json(value: Any) -> str:
 
 
 def add_routes(app: FastAPI, *, model: str, backend: str, languages: list[tuple[str, str]], max_chars: int,
-               default_effort: str, key_required: bool) -> None:
-    """GET / (the page) and GET /web/<asset> on `app`. `languages`: (code, name) of the model's two languages."""
+               default_effort: str, key_required: bool, glossary_limits: dict[str, int]) -> None:
+    """GET / (the page) and GET /web/<asset> on `app`. `languages`: (code, name) of the model's two languages;
+    `glossary_limits`: max_entries, max_forms and max_term_chars of a request's `glossary`."""
     config = {"model": model, "backend": backend, "max_chars": max_chars, "default_effort": default_effort,
-              "key_required": key_required, "languages": [{"code": c, "name": n} for c, n in languages]}
+              "key_required": key_required, "languages": [{"code": c, "name": n} for c, n in languages],
+              "glossary": glossary_limits}
     page = read("index.html").replace("{{config}}", script_json(config))
 
     @app.get("/", include_in_schema=False)

@@ -9,6 +9,7 @@
   const keyBox = $("key-box"), keyInput = $("key"), remember = $("remember");
   const effort = $("effort"), submit = $("translate"), errorBox = $("error"), status = $("status");
   const note = $("note"), analysis = $("analysis"), meta = $("meta");
+  const glossaryBox = $("glossary"), glossaryError = $("glossary-error");
   const STORE = "toolkit-serve-api-key";
   const [first, second] = config.languages;
   const directions = [{ source: first, target: second }, { source: second, target: first }];
@@ -21,6 +22,8 @@
   $("forward-label").textContent = `${first.name} → ${second.name}`;
   $("reverse-label").textContent = `${second.name} → ${first.name}`;
   $("effort-default").textContent = `model default (${config.default_effort})`;
+  $("glossary-max").textContent = numbers.format(config.glossary.max_entries);
+  $("glossary-forms").textContent = numbers.format(config.glossary.max_forms);
 
   function direction() {
     return directions[document.querySelector('input[name="direction"]:checked').value];
@@ -32,6 +35,8 @@
     $("target-label").textContent = `Translation into ${to.name}`;
     source.lang = from.code;
     target.lang = to.code;
+    $("glossary-from").textContent = from.name;
+    $("glossary-to").textContent = to.name;
   }
 
   for (const radio of document.querySelectorAll('input[name="direction"]')) {
@@ -85,12 +90,71 @@
   }
 
   source.addEventListener("input", showCount);
-  source.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
-      event.preventDefault();
-      form.requestSubmit();
-    }
+  for (const box of [source, glossaryBox]) {
+    box.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+        event.preventDefault();
+        form.requestSubmit();
+      }
+    });
+  }
+
+  // ---- the glossary: one term per line, read into POST /translate's `glossary` ----------------------------
+  const SEPARATOR = /→|->|\t/;
+  const FORMS = /[/|]/;
+
+  // The box's entries in the API's shape ({source, target: a form or a list of forms}), the line number of each
+  // (to name it in the server's errors), and a sentence for each line that cannot be read. Blank lines are skipped.
+  function readGlossary(text) {
+    const entries = [], lines = [], problems = [];
+    text.split(/\r\n|\r|\n/).forEach((line, i) => {
+      if (!line.trim()) return;
+      const n = i + 1;
+      const parts = line.split(SEPARATOR);
+      const term = parts[0].trim();
+      const forms = parts.length === 2 ? parts[1].split(FORMS).map((f) => f.trim()).filter(Boolean) : [];
+      if (parts.length < 2) problems.push(`Line ${n} has no “→” or tab between the term and its translation.`);
+      else if (parts.length > 2) problems.push(`Line ${n} has more than one “→” or tab: write one term per line.`);
+      else if (!term) problems.push(`Line ${n} has no term before the “→”.`);
+      else if (!forms.length) problems.push(`Line ${n} has no translation after the “→”.`);
+      else {
+        entries.push({ source: term, target: forms.length === 1 ? forms[0] : forms });
+        lines.push(n);
+      }
+    });
+    return { entries, lines, problems };
+  }
+
+  function showGlossaryProblems(problems) {
+    const shown = problems.length > 5 ? [...problems.slice(0, 4), `… and ${problems.length - 4} more.`] : problems;
+    glossaryError.replaceChildren(...shown.map((text) => {
+      const p = document.createElement("p");
+      p.textContent = text;
+      return p;
+    }));
+    glossaryError.hidden = problems.length === 0;
+    glossaryBox.setAttribute("aria-invalid", String(problems.length > 0));
+  }
+
+  // Checked when the text is sent, then as the lines are mended. Not on leaving the box: the message would push
+  // the Translate button away under the pointer that is clicking it.
+  glossaryBox.addEventListener("input", () => {
+    if (!glossaryError.hidden) showGlossaryProblems(readGlossary(glossaryBox.value).problems);
   });
+
+  // Why the server refused an entry the page sent (a 422 on `glossary`), in the words of the box.
+  function refusedEntry(error, glossary) {
+    const i = Array.isArray(error.loc) ? error.loc[2] : undefined;
+    const entry = glossary.entries[i];
+    if (!entry) return `The glossary: ${String(error.msg || "").replace(/^Value error, /, "")}`;
+    const n = glossary.lines[i], forms = [entry.target].flat(), limit = config.glossary.max_term_chars;
+    if (forms.length > config.glossary.max_forms) {
+      return `Line ${n} has ${forms.length} translations; this server takes at most ${config.glossary.max_forms} per term.`;
+    }
+    const long = [entry.source, ...forms].find((term) => characters(term) > limit);
+    if (long) return `Line ${n}: “${[...long].slice(0, 20).join("")}…” is longer than ${limit} characters.`;
+    return `Line ${n} holds something the server does not take in a term (a control character?).`;
+  }
 
   // ---- messages ------------------------------------------------------------------------------------
   function say(text) {
@@ -130,7 +194,7 @@
   }
 
   // Plain words for each status POST /translate answers with.
-  function explain(statusCode, body, text) {
+  function explain(statusCode, body, text, glossary) {
     const detail = detailOf(body);
     switch (statusCode) {
       case 401:
@@ -145,11 +209,24 @@
           return [`The text is too long: ${numbers.format(n)} characters, and this server takes at most ` +
             `${numbers.format(config.max_chars)}. Shorten it or translate it in parts.`];
         }
+        const terms = glossary.entries.length;
+        if (terms > config.glossary.max_entries) {
+          return [`The glossary has ${numbers.format(terms)} lines, and this server takes at most ` +
+            `${numbers.format(config.glossary.max_entries)}. Keep the terms this text needs.`];
+        }
         return ["The text is too long for the model’s context window. Shorten it or translate it in parts.",
           detail && `The server says: ${detail}`];
       }
-      case 422:
+      case 422: {
+        const refused = Array.isArray(body && body.detail) ?
+          body.detail.filter((e) => Array.isArray(e.loc) && e.loc[1] === "glossary") : [];
+        if (refused.length) {
+          showGlossaryProblems(refused.map((e) => refusedEntry(e, glossary)));
+          glossaryBox.focus();
+          return ["The server could not accept the glossary: see the lines named under the glossary box."];
+        }
         return ["The server could not accept this request.", detail && `The server says: ${detail}`];
+      }
       case 429:
         return ["The server is busy with other translations. Wait a moment and try again."];
       case 503:
@@ -185,12 +262,11 @@
   }
 
   // ---- translating ---------------------------------------------------------------------------------
-  function requestBody(text) {
+  function requestBody(text, glossary) {
     const { source: from, target: to } = direction();
     const body = { text, source_lang: from.code, target_lang: to.code, include_reasoning: true };
     if (effort.value) body.reasoning_effort = effort.value;
-    // GLOSSARY (issue 19): once POST /translate takes a per-request `glossary`, read the glossary box
-    // (index.html marks its place) into body.glossary here, in the shape the API documents.
+    if (glossary.entries.length) body.glossary = glossary.entries;
     return body;
   }
 
@@ -210,6 +286,13 @@
       source.focus();
       return;
     }
+    const glossary = readGlossary(glossaryBox.value);
+    showGlossaryProblems(glossary.problems);
+    if (glossary.problems.length) {
+      showError("A line of the glossary cannot be read, so nothing was sent: see under the glossary box.");
+      glossaryBox.focus();
+      return;
+    }
     const headers = { "Content-Type": "application/json" };
     const key = keyInput.value.trim();
     if (key) headers["X-API-Key"] = key;
@@ -219,7 +302,7 @@
       let response;
       try {
         response = await fetch("translate", {
-          method: "POST", headers, body: JSON.stringify(requestBody(text)), cache: "no-store",
+          method: "POST", headers, body: JSON.stringify(requestBody(text, glossary)), cache: "no-store",
           credentials: "omit", referrerPolicy: "no-referrer",
         });
       } catch {
@@ -235,7 +318,7 @@
       if (response.ok && body && Array.isArray(body.translations) && body.translations.length) {
         showResult(body);
       } else {
-        const [headline, detail] = explain(response.ok ? 500 : response.status, body, text);
+        const [headline, detail] = explain(response.ok ? 500 : response.status, body, text, glossary);
         showError(headline, detail);
       }
     } finally {
