@@ -464,3 +464,61 @@ def test_ollama_prompt_carries_the_hint_defused():
     assert specials.findall(prompt) == specials.findall(spec.harmony_prompt("x", hint=None))
     assert harmony.defuse_specials(spec.hint_for(TEXTS[2])) in prompt
     assert prompt.replace("\u200b", "") == spec.harmony_prompt(TEXTS[2])
+
+
+# ---- Gemma 3 (chat template architecture: sliding-window layers, left padding) -------------------
+
+GEMMA_TEXTS = ["花", "一朵花", "形容人多嘴雜。", "今天天氣很好，我們出去走走吧。", "他們要來。",
+               "屏東科技大學的動物醫院，為了醫治動物的骨刺和神經痛；運用中醫方面的針灸技術。", "謝謝你。", "好"]
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tiny_model):
+    """A real-architecture Gemma 3 (random weights) with a sliding window shorter than the prompts, so that
+    left padding, the sliding-window mask and the position ids all come into play in a batch."""
+    import torch
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention"] * 2, max_position_embeddings=512,
+                              initializer_range=0.3, pad_token_id=tokenizer.pad_token_id or 0)
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(config).eval(), tokenizer
+
+
+def _gemma_translator(tiny_gemma3, **options):
+    import copy
+
+    model, tokenizer = tiny_gemma3
+    return backends.TransformersTranslator.from_model(model, copy.deepcopy(tokenizer), name="tiny gemma3",
+                                                      device="cpu", **options)
+
+
+def test_gemma3_batched_equals_one_at_a_time(tiny_gemma3):
+    from toolkit.decoding import Decoding, RepeatStop
+
+    spec = default_spec()
+    decoding = Decoding(tokens_per_source_token=0, repeat=RepeatStop(0))
+    batched = _gemma_translator(tiny_gemma3, batch_size=8, decoding=decoding)
+    prompts = [batched.prompt_ids(t, spec) for t in GEMMA_TEXTS]
+    assert max(map(len, prompts)) - min(map(len, prompts)) > 8  # more padding than the sliding window
+    single = _gemma_translator(tiny_gemma3, batch_size=1, decoding=decoding)
+    a = batched.translate(GEMMA_TEXTS, spec, max_new_tokens=12)
+    b = single.translate(GEMMA_TEXTS, spec, max_new_tokens=12)
+    assert [t.raw for t in a] == [t.raw for t in b]
+    assert len({t.raw for t in a}) > 1  # the rows are not one degenerate output
+
+
+def test_gemma3_repetition_stop_is_per_row_in_a_batch(tiny_gemma3):
+    from toolkit.decoding import Decoding, RepeatStop
+
+    spec = default_spec()
+    decoding = Decoding(tokens_per_source_token=0, repeat=RepeatStop(max_ngram=8, min_copies=3, min_tokens=4))
+    batched = _gemma_translator(tiny_gemma3, batch_size=8, decoding=decoding)
+    single = _gemma_translator(tiny_gemma3, batch_size=1, decoding=decoding)
+    a = batched.translate(GEMMA_TEXTS, spec, max_new_tokens=40)
+    b = single.translate(GEMMA_TEXTS, spec, max_new_tokens=40)
+    assert [(t.raw, t.stop, t.tokens) for t in a] == [(t.raw, t.stop, t.tokens) for t in b]
+    assert any(t.stop == "repetition" for t in a)  # rows of one batch are cut each where its own loop began

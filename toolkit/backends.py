@@ -202,8 +202,9 @@ class TransformersTranslator:
                  generate_options: dict[str, Any] | None = None) -> None:
         path = Path(target)
         adapter = _adapter_dir(path) if path.is_dir() else None
+        manifest = runs.nearest_manifest(path) if path.exists() else None
         if adapter is not None:
-            base = runs.base_model_of(runs.nearest_manifest(path) or {}, adapter, base_model)
+            base = runs.base_model_of(manifest or {}, adapter, base_model)
         else:
             base = str(target)
         if path.is_dir() and adapter is None and not (path / "config.json").is_file():
@@ -231,7 +232,8 @@ class TransformersTranslator:
         if device != "cuda":
             model = model.to(device)
         self._setup(model, tokenizer, name=str(target), device=device, batch_size=batch_size, copy_bias=copy_bias,
-                    decoding=decoding, sort=sort, generate_options=generate_options)
+                    decoding=decoding, sort=sort, generate_options=generate_options,
+                    analysis=runs.trained_with_analysis(manifest))
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, *, name: str, device: str, merge_adapter: bool = True,
@@ -243,7 +245,7 @@ class TransformersTranslator:
 
     def _setup(self, model: Any, tokenizer: Any, *, name: str, device: str, batch_size: int = 32,
                copy_bias: float = 0.0, decoding: Decoding | None = None, sort: bool = True,
-               generate_options: dict[str, Any] | None = None) -> None:
+               generate_options: dict[str, Any] | None = None, analysis: bool = False) -> None:
         self.name, self.device, self.batch_size, self.copy_bias = name, device, batch_size, copy_bias
         self.decoding = decoding or Decoding()
         self.sort = sort
@@ -254,6 +256,9 @@ class TransformersTranslator:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = model.eval()
         self.harmony = is_harmony_tokenizer(self.tokenizer)
+        # Room for an analysis before the answer: Harmony's analysis channel, or the <think> block of a chat
+        # template model whose prep wrote analyses (`runs.trained_with_analysis`).
+        self.analysis = self.harmony or analysis
         vocab = self.tokenizer.get_vocab()
         self.forbidden = {vocab[t]: t for t in (*harmony.SPECIAL_TOKENS, *self.tokenizer.all_special_tokens)
                           if t in vocab}
@@ -278,7 +283,7 @@ class TransformersTranslator:
         context = getattr(self.model.config, "max_position_embeddings", None)
         check_fits(prompts, context, "the model's max_position_embeddings")
         sources = [plain_ids(t, self._encode, self.forbidden) for t in texts]
-        limits = [self.decoding.limit(len(src), max_new_tokens, analysis=self.harmony,
+        limits = [self.decoding.limit(len(src), max_new_tokens, analysis=self.analysis,
                                       room=None if context is None else context - len(ids))
                   for src, ids in zip(sources, prompts, strict=True)]
         order = list(range(len(texts)))
@@ -374,6 +379,8 @@ class LlamaCppTranslator:
         if self.harmony:
             self.stop_ids |= {self._token_id(t) for t in harmony.STOP_TOKENS} - {None}
         self.template = None if self.harmony else _GGUFTemplate(self.llm)
+        # Room for an analysis before the answer (see TransformersTranslator._setup).
+        self.analysis = self.harmony or runs.trained_with_analysis(runs.nearest_manifest(path))
 
     def _token_id(self, text: str) -> int | None:
         ids = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
@@ -410,7 +417,7 @@ class LlamaCppTranslator:
 
     def _one(self, text: str, tokens: list[int], max_new_tokens: int) -> Translation:
         source = plain_ids(text, self._encode, self.forbidden)
-        limit = self.decoding.limit(len(source), max_new_tokens, analysis=self.harmony,
+        limit = self.decoding.limit(len(source), max_new_tokens, analysis=self.analysis,
                                     room=self.llm.n_ctx() - len(tokens))  # > 0: `check_fits` passed
         processors = self.logits_processors(text, len(tokens))
         started = time.perf_counter()

@@ -337,13 +337,7 @@ def _term_scores(lexicon: Any, test: TestSet, systems: dict[str, tuple[list[str]
     return out
 
 
-def trained_with_analysis(manifest: dict[str, Any] | None) -> bool:
-    """Whether the model's prep wrote analyses: a reasoning column, or a glossary with an analysis share."""
-    try:
-        cfg = runs.prep_manifest(manifest)["config"] if manifest else {}
-    except ArtifactError:
-        return False
-    return bool(cfg.get("reasoning_column") or (cfg.get("glossary") and cfg.get("glossary_analysis_share", 0)))
+trained_with_analysis = runs.trained_with_analysis  # where it lived first
 
 
 def baseline(cfg: EvalConfig, test_file: Path, out_dir: Path, *, force: bool = False) -> dict[str, Any]:

@@ -195,6 +195,15 @@ def prep_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
+def trained_with_analysis(manifest: dict[str, Any] | None) -> bool:
+    """Whether the model's prep wrote analyses: a reasoning column, or a glossary with an analysis share."""
+    try:
+        cfg = prep_manifest(manifest)["config"] if manifest else {}
+    except ArtifactError:
+        return False
+    return bool(cfg.get("reasoning_column") or (cfg.get("glossary") and cfg.get("glossary_analysis_share", 0)))
+
+
 def prep_columns(manifest: dict[str, Any] | None) -> tuple[str, str]:
     """The (source, target) TSV columns of a model's prep config (e.g. zh, nan); prep's defaults without one."""
     from toolkit.config import PrepConfig
