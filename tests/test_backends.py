@@ -522,3 +522,25 @@ def test_gemma3_repetition_stop_is_per_row_in_a_batch(tiny_gemma3):
     b = single.translate(GEMMA_TEXTS, spec, max_new_tokens=40)
     assert [(t.raw, t.stop, t.tokens) for t in a] == [(t.raw, t.stop, t.tokens) for t in b]
     assert any(t.stop == "repetition" for t in a)  # rows of one batch are cut each where its own loop began
+
+
+def test_a_template_model_trained_with_analyses_gets_room_for_them(tiny_gemma3, monkeypatch):
+    """A chat-template model writes its analysis as a <think> block before the answer: when its prep wrote
+    analyses, each sentence's limit has `analysis_tokens` more (as a Harmony model's has), else not."""
+    from toolkit import runs
+    from toolkit.decoding import Decoding, RepeatStop
+
+    monkeypatch.setattr(backends, "is_harmony_tokenizer", lambda tokenizer: False)  # a Gemma-style template
+    decoding = Decoding(base_tokens=3, tokens_per_source_token=1, analysis_tokens=7, repeat=RepeatStop(0))
+    spec = default_spec()
+    plain, thinking = (_gemma_translator(tiny_gemma3, decoding=decoding, analysis=a) for a in (False, True))
+    a, b = (t.translate(GEMMA_TEXTS[:2], spec, max_new_tokens=200) for t in (plain, thinking))
+    assert [y.limit - x.limit for x, y in zip(a, b, strict=True)] == [7, 7]
+
+    def manifest(**prep):
+        return {"stage": "train", "upstream": {"stage": "prep", "config": prep}}
+
+    assert runs.trained_with_analysis(manifest(glossary=["g.tsv"], glossary_analysis_share=1.0))
+    assert runs.trained_with_analysis(manifest(reasoning_column="why"))
+    assert not runs.trained_with_analysis(manifest(glossary=["g.tsv"], glossary_analysis_share=0.0))
+    assert not runs.trained_with_analysis(manifest()) and not runs.trained_with_analysis(None)

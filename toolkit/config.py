@@ -409,8 +409,9 @@ class DecodingFields:
                              "reference through (bench/decoding_limits.py).", 24)
     tokens_per_source_token: float = _help("See base_tokens (0 = no per-sentence limit: every sentence may run to "
                                            "max_new_tokens).", 2.0)
-    analysis_tokens: int = _help("Extra room for the analysis channel of a model that reasons first (Harmony: "
-                                 "gpt-oss); models without one (Gemma's chat template) get none.", 192)
+    analysis_tokens: int = _help("Extra room for an analysis before the answer: a Harmony model's analysis channel "
+                                 "(gpt-oss), or the <think> block of a chat-template model whose prep wrote "
+                                 "analyses; other models get none.", 192)
     repeat_max_ngram: int = _help("Stop an output that ends in a loop of one n-gram of up to N tokens repeated, "
                                   "and keep one copy (0 = off).", 16)
     repeat_min_copies: int = _help("A loop is at least this many copies of its n-gram...", 3)
