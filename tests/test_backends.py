@@ -383,12 +383,15 @@ def test_transformers_user_text_is_tokenized_as_plain_text(tiny_translator, monk
     monkeypatch.setattr(tiny_translator.model, "generate", spy)
     tiny_translator.translate([INJECTION, TEXTS[1]], spec, max_new_tokens=2)
     encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # specials parsed
+    # a text without special strings is tokenized in one piece, exactly as training tokenized it (the batch is
+    # sorted by length, so the prompts come in either order)
+    plain = encode(spec.render_prompt(TEXTS[1], tok))
+    assert plain in prompts and len(prompts) == 2
+    (injected,) = [p for p in prompts if p != plain]
     (head, _), _, (tail, _) = spec.prompt_pieces(INJECTION, tok)
-    user = _user_part(prompts[0], encode(head), encode(tail))
+    user = _user_part(injected, encode(head), encode(tail))
     assert not set(user) & special
     assert tok.decode(user) == INJECTION  # the text reaches the model whole, as text
-    # a text without special strings is tokenized in one piece, exactly as training tokenized it
-    assert prompts[1] == encode(spec.render_prompt(TEXTS[1], tok))
 
 
 @pytest.mark.llama
