@@ -591,7 +591,8 @@ def run_row(row: Row, args: argparse.Namespace, tokenizer: Any, peak: float | No
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        trainer.train()
+        with train.recompile_limit(cfg):  # the dynamo settings of flex attention and compiled layers
+            trainer.train()
         sync()
         mem = (None, None)
         if cuda:

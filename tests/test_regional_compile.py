@@ -47,7 +47,10 @@ def test_compiled_layers_match_eager(tiny_model, checkpointing):
     counters.clear()
     model = lora.attach_lora(lora.load_base(cfg), cfg)
     assert regional_compile.compile_layers(model, "default", backend="aot_eager") == 2
-    compiled_loss, compiled_grads = loss_and_grads(model, checkpointing)
+    before = dict(torch._dynamo.config.get_config_copy())
+    with regional_compile.dynamo_settings():  # as toolkit.train trains compiled layers
+        compiled_loss, compiled_grads = loss_and_grads(model, checkpointing)
+    assert dict(torch._dynamo.config.get_config_copy()) == before  # nothing stays changed after
     assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
     assert compiled_grads.keys() == eager_grads.keys() and any("experts" in n for n in compiled_grads)
     for name, grad in eager_grads.items():
@@ -107,7 +110,8 @@ def test_4bit_experts_compile_once_per_layer_kind():
             torch._dynamo.reset()
             counters.clear()
             regional_compile.compile_layers(model, "default", backend="aot_eager")
-        return loss_and_grads(model, every_n_layers=2)
+        with regional_compile.dynamo_settings():
+            return loss_and_grads(model, every_n_layers=2)
 
     loss, grads = run(False)
     compiled_loss, compiled_grads = run(True)

@@ -140,15 +140,15 @@ def config_options(func):
     return func
 
 
-def glossary_option(func):
-    """--glossary FILE, repeatable: a list for the config, None (the config's own) when not given."""
+def glossary_option(section: str):
+    """--glossary FILE, repeatable (a list field, so declared here): a list for the config, None (the config's own)
+    when not given; the help text is the `section` config's field's."""
 
     def to_list(ctx, param, value):
         return list(value) or None
 
-    return click.option("--glossary", "glossary", multiple=True, metavar="FILE", callback=to_list,
-                        help="Term lexicon: TSV/CSV with the source and target columns, or the iTaigi / MOE "
-                             "file as it is (repeatable).")(func)
+    return click.option("--glossary", "glossary", multiple=True, metavar="FILE", callback=to_list, default=None,
+                        help=cfgmod.help_text(cfgmod.SECTIONS[section])["glossary"])
 
 
 def echo_result(manifest: dict, out_dir: Path, as_json: bool = False) -> None:
@@ -185,7 +185,7 @@ def main(verbose: int, quiet: bool, debug: bool) -> None:
 @stage_options("prep", "--src=source_column", "--tgt=target_column", "reasoning_column", "--src-name=source_name",
                "--tgt-name=target_name", "direction", "reasoning_language", "reasoning_effort", "instruction",
                "dev_fraction", "dev_file", "seed", "max_length", "length_unit", "dedupe", "skip_bad_lines")
-@glossary_option
+@glossary_option("prep")
 @click.option("--json", "as_json", is_flag=True, help="Print the output folder and statistics as JSON.")
 @config_options
 @handle_errors
@@ -342,7 +342,7 @@ def export(merged_dir: Path | None, out_dir: Path | None, run: str | None, quant
 @click.option("--host", "old_host", hidden=True)  # eval.host until it became eval.ollama_host
 @click.option("--baseline", type=click.Choice(["copy"]), help="Score the copy-source baseline alone (no model).")
 @click.option("--compare", is_flag=True, help="INPUTS are earlier eval folders: write their side-by-side report.")
-@glossary_option
+@glossary_option("eval")
 @click.option("--json", "as_json", is_flag=True, help="Print the output folder and scores as JSON.")
 @config_options
 @handle_errors
@@ -385,7 +385,7 @@ def eval_(inputs: tuple[Path, ...], out_dir: Path | None, run: str | None, basel
 @click.option("--run", "run", help="Serve this run's latest export GGUF > merge > train (default: the latest run).")
 @stage_options("serve", *BACKEND_OPTIONS, "host", "port", "api_key_env", "max_chars", "max_texts", "concurrency",
                "queue_size", "--timeout=request_timeout_s")
-@glossary_option
+@glossary_option("serve")
 @click.option("--config", "config", metavar="PRESET|FILE.toml", help="A shipped preset name or a TOML file.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override one config value, e.g. --set serve.n_ctx=4096 (repeatable).")

@@ -34,10 +34,27 @@ def decoder_layers(model: Any) -> list[Any]:
     return [m for m in base.modules() if type(m).__name__ in names]
 
 
-def compile_layers(model: Any, mode: str = "default", backend: str = "inductor") -> int:
-    """Compile each decoder layer of `model` in place with `mode`; returns how many ("off": none)."""
-    import torch
+def dynamo_settings() -> Any:
+    """The dynamo settings compiled layers train under, as a context manager (`torch._dynamo.config.patch`):
+    `toolkit.train` enters it around training when `train.compile_layers` is on, so nothing stays changed after.
+
+    toolkit.expert_lora / toolkit.redequantize register state while a layer's forward runs and remove it at its
+    end. Under checkpointing dynamo refuses such mutations (a graph break: the layer runs uncompiled) unless told
+    that the recompute need not replay them; the compiled recompute replays the traced graph, whose low-rank terms
+    and GEMM choices were fixed when it was traced, so nothing is lost. Data-dependent sizes in MoE routing stay in
+    the graph (capture_scalar_outputs), and layer kinds x train/eval x shapes need more than dynamo's 8 recompiles.
+    """
     import torch._dynamo
+
+    config = torch._dynamo.config
+    return config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True, capture_scalar_outputs=True,
+                        recompile_limit=max(config.recompile_limit, RECOMPILE_LIMIT),
+                        accumulated_recompile_limit=max(config.accumulated_recompile_limit, 16 * RECOMPILE_LIMIT))
+
+
+def compile_layers(model: Any, mode: str = "default", backend: str = "inductor") -> int:
+    """Compile each decoder layer of `model` in place with `mode`; returns how many ("off": none). The layers
+    compile at their first call: train them inside `dynamo_settings()`."""
 
     if mode not in MODES:
         raise ConfigError(f"train.compile_layers: expected one of {', '.join(MODES)}, found {mode!r}")
@@ -54,15 +71,6 @@ def compile_layers(model: Any, mode: str = "default", backend: str = "inductor")
         kwargs["mode"] = mode
     for layer in layers:
         layer.compile(**kwargs)
-    # toolkit.expert_lora / toolkit.redequantize register state while a layer's forward runs and remove it at its
-    # end. Under checkpointing dynamo refuses such mutations (a graph break: the layer runs uncompiled) unless
-    # told that the recompute need not replay them; the compiled recompute replays the traced graph, whose
-    # low-rank terms and GEMM choices were fixed when it was traced, so nothing is lost.
-    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-    torch._dynamo.config.capture_scalar_outputs = True  # data-dependent sizes in MoE routing stay in the graph
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
-                                                           16 * RECOMPILE_LIMIT)
     log.info("compile_layers: %d %s layers compiled (%s, mode %s)", len(layers), type(layers[0]).__name__,
              backend, mode)
     return len(layers)

@@ -170,17 +170,22 @@ def training_args(cfg: TrainConfig, out_dir: Path, fmt: str):
 
 @contextlib.contextmanager
 def recompile_limit(cfg: TrainConfig, at_least: int = FLEX_RECOMPILE_LIMIT) -> Iterator[None]:
-    """With flex attention, dynamo's recompile limit raised to `at_least` inside the block, restored after.
+    """With flex attention, dynamo's recompile limit raised to `at_least` inside the block, restored after; with
+    `train.compile_layers`, the compiled layers' dynamo settings too.
 
     Each new padded length, mask and train/eval switch can recompile flex attention; past dynamo's default
     limit (8) it silently falls back to a slow unfused form. Other attention kernels: nothing changes.
     """
-    if cfg.attn_implementation != "flex_attention":
-        yield
-        return
-    import torch._dynamo
+    with contextlib.ExitStack() as stack:
+        if cfg.compile_layers != "off":  # compiled decoder layers: their dynamo settings (toolkit.regional_compile)
+            from toolkit.regional_compile import dynamo_settings
 
-    with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, at_least)):
+            stack.enter_context(dynamo_settings())
+        if cfg.attn_implementation == "flex_attention":
+            import torch._dynamo
+
+            stack.enter_context(torch._dynamo.config.patch(
+                recompile_limit=max(torch._dynamo.config.recompile_limit, at_least)))
         yield
 
 
