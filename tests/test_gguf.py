@@ -464,9 +464,10 @@ def test_mxfp4_merge_exports_mxfp4_experts_without_float_copy(exported_mxfp4, mx
     files = {f["type"]: f for f in metrics["files"]}
     mx, q4 = files["MXFP4_MOE"], files["Q4_K_M"]
     assert mx["tensor_types"]["MXFP4"] == 3 * 2 and "MXFP4" not in q4["tensor_types"]  # Q4_K_M requantized them
-    # Same weights: held to the float criterion. What remains is llama.cpp's MXFP4 kernel rounding the activations
-    # to 8 bits (ggml's mxfp4 dot product takes Q8_0 activations), not the weights.
-    assert mx["criterion"] == "rel_diff_last <= 0.02" and mx["passed"] and mx["rel_diff_last"] < 0.02
+    # Same weights, 8-bit arithmetic: judged by top-1 like the quantized files. What the logits show beyond the
+    # weights is llama.cpp's MXFP4 kernel rounding the activations to 8 bits (ggml's mxfp4 dot product takes Q8_0
+    # activations): on this 2-layer model within 2 % of the logits' range.
+    assert mx["criterion"] == "top1_agreement >= 0.7" and mx["passed"] and mx["rel_diff_last"] < 0.02
     assert mx["tokenizer_match"] and mx["architecture"] == "gpt-oss" and mx["top1_agreement"] >= 0.9
     assert q4["criterion"].startswith("top1_agreement") and q4["passed"]
     assert metrics["reference"]["method"] == "layerwise"
@@ -504,4 +505,4 @@ def test_mixed_mxfp4_merge_exports_dense_adapted_experts(tiny_mxfp4, converter, 
                         tmp_path / "export")
     (mx,) = manifest["metrics"]["files"]
     assert mx["tensor_types"]["MXFP4"] == 3  # layer 1's gate, up and down; layer 0's are F32 like the rest
-    assert mx["passed"] and mx["criterion"] == "rel_diff_last <= 0.02"
+    assert mx["passed"] and mx["criterion"] == "top1_agreement >= 0.7" and mx["rel_diff_last"] < 0.02

@@ -358,7 +358,8 @@ class ExportConfig:
     ])
     float_rtol: float = _help("Largest allowed max|gguf - hf| / max|hf| of next-token logits for f32/f16/bf16.",
                               0.02)
-    min_top1: float = _help("Quantized files: least share of prompt positions whose top-1 token matches the "
+    min_top1: float = _help("Quantized files (and MXFP4_MOE, whose experts llama.cpp multiplies by 8-bit "
+                            "activations): least share of prompt positions whose top-1 token matches the "
                             "merged model. A gross-error check (a broken file scores near 0); the tiny random "
                             "model's flat logits give 0.78-0.98, so keep it well below that.", 0.7)
     n_threads: int = _help("CPU threads for quantization and verification (0 = all).", 0)
