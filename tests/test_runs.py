@@ -59,6 +59,10 @@ def test_eval_target(tmp_path, monkeypatch):
         runs.eval_target(None, "ollama", "r1", None)
     with pytest.raises(ArtifactError, match="no finished export stage"):
         runs.eval_target(None, "llama-cpp", "r1", None)
+    # An export folder means the GGUF its Modelfile names, through llama-cpp (as serve takes it).
+    finished(gguf.parent, "export", extra={"ollama": {"gguf": gguf.name, "name": "r1"}})
+    assert runs.eval_target(str(gguf.parent), None, None, None) == ("llama-cpp", str(gguf),
+                                                                     runs.EXPORT_ROOT / "r1" / "eval")
 
 
 def test_serve_target_defaults_to_the_latest_run(tmp_path, monkeypatch):

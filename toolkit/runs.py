@@ -109,6 +109,9 @@ def eval_target(model: str | None, backend: str | None, run: str | None,
         backend, path = latest_model(run_dir(run), backend)
         log.info("eval: %s through %s", path, backend)
         model = str(path)
+    if backend != "ollama" and Path(model).is_dir() and (Path(model) / MANIFEST).is_file() \
+            and read_manifest(Path(model)).get("stage") == "export":  # an export folder: its Modelfile's GGUF
+        backend, model = resolve(model, backend)[:2]
     backend = backend or default_backend(model)
     if out_dir is None:
         run = run or run_of(model)
