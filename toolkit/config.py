@@ -406,8 +406,8 @@ class DecodingFields:
     """Per-sentence token limits and the repetition stop, the same in `toolkit eval` and `toolkit serve`."""
 
     base_tokens: int = _help("Per-sentence token limit = base_tokens + tokens_per_source_token x the source's tokens "
-                             "(+ analysis_tokens for a Harmony model), at most max_new_tokens. 24 + 2x lets every news and MOE dev "
-                             "reference through (bench/decoding_limits.py).", 24)
+                             "(+ analysis_tokens for a model that writes an analysis first), at most max_new_tokens.",
+                             24)
     tokens_per_source_token: float = _help("See base_tokens (0 = no per-sentence limit: every sentence may run to "
                                            "max_new_tokens).", 2.0)
     analysis_tokens: int = _help("Extra room for an analysis before the answer: a Harmony model's analysis channel "

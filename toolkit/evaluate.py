@@ -356,7 +356,7 @@ def baseline(cfg: EvalConfig, test_file: Path, out_dir: Path, *, force: bool = F
     artifacts.atomic_write_text(out_dir / PREDICTIONS, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                                 for r in rows))
     scores = score_systems({}, test, cfg.n_bootstrap)
-    lexicon = _lexicon(cfg, PrepConfig().source_column, PrepConfig().target_column)
+    lexicon = _lexicon(cfg, *runs.prep_columns(None))  # prep's default columns
     if lexicon is not None:
         scores["terms"] = _term_scores(lexicon.reversed() if cfg.direction == "reverse" else lexicon, test, {})
     return _finish(out_dir, test, scores, config, _title(test), None, [test_file, *map(Path, cfg.glossary)], usage)
