@@ -514,6 +514,71 @@ def test_gemma3_batched_equals_one_at_a_time(tiny_gemma3):
     assert len({t.raw for t in a}) > 1  # the rows are not one degenerate output
 
 
+def _cuda_like_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False):
+    """SDPA as PyTorch's CUDA kernels compute it for a row that attends to no key: NaN (softmax over -inf
+    only). The CPU kernels return zeros there, so without this no CPU run can show the defect."""
+    import torch
+
+    if enable_gqa:
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], 1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], 1)
+    scores = query @ key.transpose(-1, -2) * (scale or query.shape[-1] ** -0.5)
+    if is_causal:
+        causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).triu(1)
+        scores = scores.masked_fill(causal, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return torch.softmax(scores, dim=-1) @ value
+
+
+def test_left_padded_batch_survives_cuda_sdpa_on_fully_masked_rows(tiny_gemma3, monkeypatch):
+    """The GPU defect of issue 24 (junk on every padded row of a batch, the unpadded row right): the pad rows
+    attend to nothing, CUDA's SDPA returns NaN for them and 0 x NaN spreads it along the row. The translator
+    switches the model to the padding-safe mask, so a batch decodes as its sentences do one at a time."""
+    import torch
+
+    from toolkit import attention
+    from toolkit.decoding import Decoding, RepeatStop
+
+    model, tokenizer = tiny_gemma3
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", _cuda_like_sdpa)
+    ids = torch.tensor([[0, 0, 0, 5, 6, 7, 8], [1, 2, 3, 5, 6, 7, 8]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1] * 7])
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        assert torch.isnan(plain[0]).any() and not torch.isnan(plain[1]).any()  # the defect, as on the GPU
+        assert attention.use_for(model) and model.config._attn_implementation == attention.NAME
+        safe = model(input_ids=ids, attention_mask=mask).logits
+        alone = model(input_ids=ids[:1, 3:]).logits
+    assert torch.allclose(safe[0, 3:], alone[0], atol=1e-5)
+    assert torch.allclose(safe[1], plain[1], atol=1e-5)  # an unpadded row is untouched
+
+    model.set_attn_implementation("sdpa")  # as loaded: the translator must switch it itself
+    spec = default_spec()
+    decoding = Decoding(tokens_per_source_token=0, repeat=RepeatStop(0))
+    batched = _gemma_translator(tiny_gemma3, batch_size=8, decoding=decoding)
+    assert model.config._attn_implementation == attention.NAME
+    a = batched.translate(GEMMA_TEXTS, spec, max_new_tokens=12)
+    b = _gemma_translator(tiny_gemma3, batch_size=1, decoding=decoding).translate(GEMMA_TEXTS, spec,
+                                                                                 max_new_tokens=12)
+    assert [t.raw for t in a] == [t.raw for t in b]
+
+
+def test_unmask_unattended_changes_only_rows_that_attend_to_nothing():
+    import torch
+
+    from toolkit.attention import unmask_unattended
+
+    mask = torch.tensor([[False, False, False], [True, False, False], [False, True, True]]).view(1, 1, 3, 3)
+    fixed = unmask_unattended(mask)
+    assert fixed[0, 0, 0].all() and torch.equal(fixed[0, 0, 1:], mask[0, 0, 1:])
+    assert unmask_unattended(None) is None
+    additive = torch.zeros(1, 1, 3, 3)
+    assert unmask_unattended(additive) is additive
+
+
 def test_gemma3_repetition_stop_is_per_row_in_a_batch(tiny_gemma3):
     from toolkit.decoding import Decoding, RepeatStop
 

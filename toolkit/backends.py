@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from toolkit import harmony, runs
+from toolkit import attention, harmony, runs
 from toolkit.config import EVAL_BACKENDS, ollama_host
 from toolkit.decoding import END, LENGTH, REPETITION, Decoding, trim
 from toolkit.devices import resolve_device
@@ -255,6 +255,9 @@ class TransformersTranslator:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = model.eval()
+        # A left-padded batch under CUDA SDPA: pad rows attend to nothing and return NaN, which spreads to every
+        # padded row (toolkit.attention); the padding-safe mask keeps each row what it is alone.
+        attention.use_for(self.model)
         self.harmony = is_harmony_tokenizer(self.tokenizer)
         # Room for an analysis before the answer: Harmony's analysis channel, or the <think> block of a chat
         # template model whose prep wrote analyses (`runs.trained_with_analysis`).
