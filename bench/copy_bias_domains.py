@@ -1,7 +1,7 @@
 """Benchmark: `copy_bias` per direction and per domain, for one GGUF through llama.cpp (issue 24).
 
     python bench/copy_bias_domains.py --gguf RUN/export/MODEL-Q4_K_M.gguf [--biases 0,0.5,1,1.5,2,3]
-        [--directions forward,reverse] [--limit N] [--n-threads 2] [--out DIR]
+        [--directions forward,reverse] [--limit N] [--n-threads 2] [--old-cap 96] [--out DIR]
 
 Domains: `news`, the tuning slice of the news set (data lines 1001-1200 of ../shared/eval/zh-nan.heldout.tsv,
 disjoint from the 500 the README reports), and `moe`, the MOE dictionary's dev split
@@ -83,6 +83,31 @@ def decode_all(translator: Any, spec: Any, sources: list[str], bias: float, max_
     return translator.translate(sources, spec, max_new_tokens=max_new_tokens)
 
 
+def decode_before(args: argparse.Namespace, translator: Any, spec: Any, sources: list[str], refs: list[str],
+                  after: list[str] | None) -> dict[str, Any]:
+    """Bias 0 decoded as before issue 24 (a fixed cap of --old-cap tokens, no repetition stop), scored, and
+    the paired test of the current decoding's bias-0 outputs against it."""
+    from toolkit import metrics
+    from toolkit.decoding import Decoding, RepeatStop
+
+    now = translator.decoding
+    translator.decoding = Decoding(tokens_per_source_token=0, repeat=RepeatStop(0))
+    started = time.perf_counter()
+    try:
+        done = decode_all(translator, spec, sources, 0.0, args.old_cap)
+    finally:
+        translator.decoding = now
+    hyps = [t.text for t in done]
+    block = {**score_block(hyps, refs, args.n_bootstrap), "cap": args.old_cap,
+             "hit_limit": sum(t.stop == "length" for t in done), "stopped_repetition": 0,
+             "seconds": round(time.perf_counter() - started, 1)}
+    if after is not None and args.n_bootstrap > 1:
+        paired = metrics.paired_many(hyps, {"after": after}, refs, n_samples=args.n_bootstrap)["after"]
+        block["after_vs_before"] = {k: {"delta": round(paired[k]["delta"], 2), "p": round(paired[k]["p_value"], 4)}
+                                    for k in ("chrf", "bleu")}
+    return block
+
+
 def score_block(hyps: list[str], refs: list[str], n_bootstrap: int) -> dict[str, Any]:
     from toolkit import metrics
 
@@ -126,6 +151,10 @@ def run_direction(args: argparse.Namespace, translator: Any, direction: str) -> 
                 block["biases"][b]["vs_first"] = {k: {"delta": round(per_metric[k]["delta"], 2),
                                                       "p": round(per_metric[k]["p_value"], 4)}
                                                   for k in ("chrf", "bleu")}
+        if args.old_cap:  # issue 24's "before": one fixed cap for every sentence, no repetition stop, bias 0
+            block["before"] = decode_before(args, translator, spec, sources, refs, outputs[domain].get(0.0))
+            print(f"  {direction} {domain} before (cap {args.old_cap}): chrF {block['before']['chrf']['score']:.1f}",
+                  file=sys.stderr, flush=True)
         block["best_bias"] = max(biases, key=lambda b: block["biases"][str(b)]["chrf"]["score"])
         result["domains"][domain] = block
     result["rules"] = rules(data, outputs, result, direction, args.n_bootstrap)
@@ -170,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--n-threads", type=int, default=2)
     ap.add_argument("--n-ctx", type=int, default=2048)
     ap.add_argument("--n-bootstrap", type=int, default=1000)
+    ap.add_argument("--old-cap", type=int, default=0,
+                    help="also decode bias 0 as before issue 24: this fixed cap for all, no repetition stop")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -184,6 +215,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"\n{direction}, {domain} ({block['sentences']} sentences): copy chrF {cell(block['copy']['chrf'])}, "
                   f"BLEU {cell(block['copy']['bleu'])}; best bias {block['best_bias']:g}\n\n"
                   "| bias | chrF | BLEU | vs bias 0: chrF (p) | hit limit | loop cut |\n|---|---|---|---|---|---|")
+            if "before" in block:
+                b = block["before"]
+                vs = b.get("after_vs_before", {}).get("chrf")
+                versus = "" if vs is None else f"bias 0 now {vs['delta']:+.1f} ({vs['p']:.3f})"
+                print(f"| 0, before (cap {b['cap']}, no stop) | {cell(b['chrf'])} | {cell(b['bleu'])} | {versus} | "
+                      f"{b['hit_limit']} | – |")
             for bias, b in block["biases"].items():
                 vs = b.get("vs_first", {}).get("chrf")
                 versus = "" if vs is None else f"{vs['delta']:+.1f} ({vs['p']:.3f})"

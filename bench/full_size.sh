@@ -24,6 +24,9 @@
 # On a machine without a GPU (merge, export, eval, serve: no accelerator needed), with the adapter that came back
 # unpacked into $RUNS/qlora and the venv's Python (no pack: the tokenizer is built into $RUNS/pack/tok):
 #   PY=.venv/bin/python STAGES="model merge-mxfp4 export eval serve merge-bf16" bash bench/full_size.sh
+# With no trained adapter at all, stage `adapter` writes a random one of the qlora preset's shapes into
+# $RUNS/qlora-random (bench/full_size_adapter.py; its manifest says synthetic) for the merges to fold:
+#   PY=.venv/bin/python STAGES="model adapter merge-bf16" ADAPTER=/tmp/full/qlora-random bash bench/full_size.sh
 #
 # Every stage runs under bench/measure.py: one JSON line each in $OUT/stages.jsonl (wall time, peak host RSS,
 # disk written and its high-water mark, GPU memory in use); everything printed goes to $OUT/log.
@@ -98,6 +101,11 @@ for stage in ${STAGES:-model qlora qlora2048 lora pack}; do
       (cd "$RUNS" && tar czf pack.tgz --exclude='checkpoints' --exclude='tensorboard' \
         $(ls -d qlora 2>/dev/null) $(ls qlora2048/*.json* lora/*.json* 2>/dev/null) stages.jsonl 2>/dev/null)
       split -b 15m -d "$RUNS/pack.tgz" "$OUT/pack.tgz.part" ;;
+    adapter)  # no GPU at hand to train one: a random adapter of the qlora preset's exact shapes, marked synthetic
+      [ -f "$RUNS/prep/manifest.json" ] || $PY -m toolkit prep corpora/zh-nan-moe-sample/sample.tsv \
+        --config gpt-oss-20b-qlora --set "train.base_model=\"$MODEL\"" --out "$RUNS/prep" || exit 1
+      measure --name adapter-random --out-dir "$RUNS/qlora-random" -- $PY bench/full_size_adapter.py "$RUNS/prep" \
+        "$RUNS/qlora-random" --model "$MODEL" ;;
     merge-mxfp4|merge-bf16)
       format=${stage#merge-}
       CUDA_VISIBLE_DEVICES= measure --name "$stage" --out-dir "$RUNS/$stage" --out-dir "$RUNS/.$stage.partial" -- \

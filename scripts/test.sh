@@ -16,4 +16,7 @@ fi
 export TOOLKIT_REQUIRE_BROWSER=1
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Free disk first (the suite writes about 0.2 GB of models and GGUFs at its peak, more where a test fails):
+# on a machine that runs out, the failures it causes then have a visible cause in the log.
+df -h . "${TMPDIR:-/tmp}" | awk 'NR == 1 || !seen[$0]++'
 python -m pytest "$@"
