@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("prep", type=Path, help="a `toolkit prep` folder (its manifest goes upstream)")
     parser.add_argument("out", type=Path)
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="train.KEY=VALUE",
                         help="a train setting over the preset's (e.g. train.expert_layers=[0] for a tiny model)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -77,10 +77,12 @@ def main() -> None:
                  "target_modules": targets["modules"], "target_parameters": targets["parameters"]},
     }
     metrics = {"steps": 0, "synthetic": True, "b_scale": args.scale, "seed": args.seed}
-    artifacts.write_manifest(args.out, stage="train", config=as_dict(cfg), inputs=[args.prep / artifacts.MANIFEST],
-                             metrics=metrics, upstream=prep, extra=extra)
+    manifest = artifacts.write_manifest(args.out, stage="train", config=as_dict(cfg),
+                                        inputs=[args.prep / artifacts.MANIFEST], metrics=metrics, upstream=prep,
+                                        extra=extra)
     print(f"{count} LoRA factors on {len(targets['modules'])} modules + {len(targets['parameters'])} expert "
           f"tensors -> {args.out}")
+    return manifest
 
 
 if __name__ == "__main__":

@@ -541,7 +541,7 @@ def test_left_padded_batch_survives_cuda_sdpa_on_fully_masked_rows(tiny_gemma3, 
     from toolkit import attention
     from toolkit.decoding import Decoding, RepeatStop
 
-    model, tokenizer = tiny_gemma3
+    model, _ = tiny_gemma3
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", _cuda_like_sdpa)
     ids = torch.tensor([[0, 0, 0, 5, 6, 7, 8], [1, 2, 3, 5, 6, 7, 8]])
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1] * 7])
