@@ -89,8 +89,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             return " / ".join(format(v, spec) for v in value)
         return format(value, spec)
 
-    lines = ["| run | engine | GPUs | steps | tokens/s (all GPUs) | tokens/s per GPU | scaling vs 1 GPU "
-             "| peak alloc GiB per GPU | peak reserved GiB per GPU | last loss |",
+    lines = [("| run | engine | GPUs | steps | tokens/s (all GPUs) | tokens/s per GPU | scaling vs 1 GPU "
+              "| peak alloc GiB per GPU | peak reserved GiB per GPU | last loss |"),
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['parallelism']} | {r['processes']} | {r['steps']} "

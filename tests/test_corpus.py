@@ -237,7 +237,7 @@ def test_join_pairs_adds_long_examples_of_consecutive_training_pairs(tmp_path):
         assert 2 <= len(sources) <= 3
         start = order.index(sources[0])
         assert order[start:start + len(sources)] == sources
-        assert row["target"] == "".join(dict((r["source"], r["target"]) for r in singles)[s] for s in sources)
+        assert row["target"] == "".join({r["source"]: r["target"] for r in singles}[s] for s in sources)
         assert row["messages"][1]["content"] == row["source"] and row["messages"][2]["content"] == row["target"]
         covered += sources
     assert covered == order[:len(covered)] and len(order) - len(covered) <= 1  # a lone last pair is not joined

@@ -167,7 +167,7 @@ class Adapter:
             keys = [t.key for t in group]
             found = {key: self._factor_shapes(key) for key in keys}
 
-            def fits(target: Target, key: str) -> bool:
+            def fits(target: Target, key: str, found: dict = found) -> bool:
                 (a_rows, a_in), (b_out, b_cols) = found[key]
                 _, first, second = target.shape  # [E, in, out], or [E, out, in] when peft swapped them
                 size_in, size_out = (second, first) if target.swapped else (first, second)

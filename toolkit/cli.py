@@ -465,7 +465,7 @@ def run_pipeline(corpus: Path, run: str | None, test_file: Path | None, until: s
         click.echo("interrupted: run the same command again to continue (finished stages are kept, train resumes "
                    "from its last checkpoint)", err=True)
         sys.exit(130)
-    for stage, manifest in manifests.items():
+    for stage in manifests:
         click.echo(f"{stage}\t{folder / stage}")
     if "eval" in manifests:
         from toolkit.evaluate import summary

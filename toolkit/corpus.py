@@ -56,8 +56,7 @@ class RowError(Exception):
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
     with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            yield number, raw
+        yield from enumerate(fh, start=1)
 
 
 def _decode(path: Path, number: int, raw: bytes, counts: Counter) -> str:
