@@ -98,14 +98,22 @@ def decode_before(args: argparse.Namespace, translator: Any, spec: Any, sources:
     finally:
         translator.decoding = now
     hyps = [t.text for t in done]
-    block = {**score_block(hyps, refs, args.n_bootstrap), "cap": args.old_cap,
-             "hit_limit": sum(t.stop == "length" for t in done), "stopped_repetition": 0,
+    block = {**score_block(hyps, refs, args.n_bootstrap), "cap": args.old_cap, **stop_counts(done),
              "seconds": round(time.perf_counter() - started, 1)}
     if after is not None and args.n_bootstrap > 1:
         paired = metrics.paired_many(hyps, {"after": after}, refs, n_samples=args.n_bootstrap)["after"]
-        block["after_vs_before"] = {k: {"delta": round(paired[k]["delta"], 2), "p": round(paired[k]["p_value"], 4)}
-                                    for k in ("chrf", "bleu")}
+        block["after_vs_before"] = paired_summary(paired)
     return block
+
+
+def stop_counts(done: list[Any]) -> dict[str, int]:
+    return {"hit_limit": sum(t.stop == "length" for t in done),
+            "stopped_repetition": sum(t.stop == "repetition" for t in done)}
+
+
+def paired_summary(per_metric: dict[str, Any]) -> dict[str, Any]:
+    return {k: {"delta": round(per_metric[k]["delta"], 2), "p": round(per_metric[k]["p_value"], 4)}
+            for k in ("chrf", "bleu")}
 
 
 def score_block(hyps: list[str], refs: list[str], n_bootstrap: int) -> dict[str, Any]:
@@ -139,8 +147,7 @@ def run_direction(args: argparse.Namespace, translator: Any, direction: str) -> 
             hyps = [t.text for t in done]
             outputs[domain][bias] = hyps
             block["biases"][str(bias)] = {**score_block(hyps, refs, args.n_bootstrap),
-                                          "hit_limit": sum(t.stop == "length" for t in done),
-                                          "stopped_repetition": sum(t.stop == "repetition" for t in done),
+                                          **stop_counts(done),
                                           "seconds": round(time.perf_counter() - started, 1)}
             print(f"  {direction} {domain} bias {bias:g}: chrF {block['biases'][str(bias)]['chrf']['score']:.1f}",
                   file=sys.stderr, flush=True)
@@ -148,9 +155,7 @@ def run_direction(args: argparse.Namespace, translator: Any, direction: str) -> 
             paired = metrics.paired_many(outputs[domain][biases[0]], {str(b): outputs[domain][b] for b in biases[1:]},
                                          refs, n_samples=args.n_bootstrap)
             for b, per_metric in paired.items():
-                block["biases"][b]["vs_first"] = {k: {"delta": round(per_metric[k]["delta"], 2),
-                                                      "p": round(per_metric[k]["p_value"], 4)}
-                                                  for k in ("chrf", "bleu")}
+                block["biases"][b]["vs_first"] = paired_summary(per_metric)
         if args.old_cap:  # issue 24's "before": one fixed cap for every sentence, no repetition stop, bias 0
             block["before"] = decode_before(args, translator, spec, sources, refs, outputs[domain].get(0.0))
             print(f"  {direction} {domain} before (cap {args.old_cap}): chrF {block['before']['chrf']['score']:.1f}",

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from toolkit import artifacts, lora
+    from toolkit import artifacts, lora, train
     from toolkit.config import as_dict, build
 
     base = [f'train.base_model="{args.model}"', *args.overrides]
@@ -69,17 +69,11 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer.save_pretrained(str(args.out))
     (args.out / "README.md").unlink(missing_ok=True)
     targets = lora.lora_targets(peft_model)
-    extra = {
-        "base_model": cfg.base_model,
-        "chat_format": lora.chat_format(cfg, config, tokenizer),
-        "adapter": "adapter_model.safetensors",
-        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
-                 "target_modules": targets["modules"], "target_parameters": targets["parameters"]},
-    }
     metrics = {"steps": 0, "synthetic": True, "b_scale": args.scale, "seed": args.seed}
     manifest = artifacts.write_manifest(args.out, stage="train", config=as_dict(cfg),
                                         inputs=[args.prep / artifacts.MANIFEST], metrics=metrics, upstream=prep,
-                                        extra=extra)
+                                        extra=train.manifest_extra(cfg, lora.chat_format(cfg, config, tokenizer),
+                                                                   targets))
     print(f"{count} LoRA factors on {len(targets['modules'])} modules + {len(targets['parameters'])} expert "
           f"tensors -> {args.out}")
     return manifest

@@ -26,7 +26,7 @@ NAME = "sdpa_padding_safe"
 
 def unmask_unattended(mask: Any) -> Any:
     """A boolean 4-D mask (True = attend) in which every row that attends to no key attends to all of them."""
-    if mask is None or getattr(mask, "dtype", None) is None or mask.ndim != 4 or mask.dtype.is_floating_point:
+    if mask is None or mask.dtype.is_floating_point:  # no mask (no padding), or an additive one: no -inf row
         return mask
     return mask | ~mask.any(dim=-1, keepdim=True)
 

@@ -40,6 +40,7 @@ CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PNG = "loss.png"
+ADAPTER_FILE = "adapter_model.safetensors"  # what peft's save_pretrained writes
 FLEX_RECOMPILE_LIMIT = 64  # dynamo recompiles of flex attention allowed while training (its default: 8)
 
 
@@ -297,6 +298,17 @@ def steady_tokens_per_second(history: list[dict[str, Any]], resumed_from: int | 
     return round(tokens / seconds, 1) if seconds > 0 else None
 
 
+def manifest_extra(cfg: TrainConfig, fmt: str, targets: dict[str, list[str]]) -> dict[str, Any]:
+    """What a train manifest says of its adapter beside the config: base, chat format, file, LoRA placement."""
+    return {
+        "base_model": cfg.base_model,
+        "chat_format": fmt,
+        "adapter": ADAPTER_FILE,
+        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+                 "target_modules": targets["modules"], "target_parameters": targets["parameters"]},
+    }
+
+
 def peak_gpu_memory_gib() -> dict[str, list[float]] | None:
     """Peak GPU memory (allocated, reserved) of every process in rank order, in GiB; None without CUDA.
 
@@ -436,13 +448,5 @@ def _train(cfg: TrainConfig, data_dir: Path, out_dir: Path, config: dict[str, An
     }
     if metrics["eval_loss"] is not None and not math.isfinite(metrics["eval_loss"]):
         log.warning("train: eval loss is %s", metrics["eval_loss"])
-    adapter = out_dir / "adapter_model.safetensors"
-    extra = {
-        "base_model": cfg.base_model,
-        "chat_format": fmt,
-        "adapter": adapter.name,
-        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
-                 "target_modules": targets["modules"], "target_parameters": targets["parameters"]},
-    }
     return artifacts.write_manifest(out_dir, stage="train", config=config, inputs=inputs, metrics=metrics,
-                                    upstream=prep, extra=extra)
+                                    upstream=prep, extra=manifest_extra(cfg, fmt, targets))
