@@ -1,29 +1,38 @@
 #!/usr/bin/env bash
-# Issues 19 and 24 on the lent GPU machine: Gemma 3 270M adapters trained side by side, then scored there with
-# transformers on the GPU (batched, greedy, float32; base + adapter merged at load), so that a grid of evals
-# fits one device session. The GGUF route (llama.cpp, CPU) of the same adapters: bench/glossary_measure.sh.
+# Issues 19, 21 and 24 on the lent GPU machine: Gemma 3 270M adapters trained side by side, scored there through
+# GGUF Q4_K_M and llama.cpp (built there with CUDA), and translation throughput measured there.
 #
-#   bash bench/gemma_gpu.sh train     prep + train each of $VARIANTS in the background (setsid: they outlive
-#                                     the call while the machine stays warm); returns at once
-#   bash bench/gemma_gpu.sh measure   waits for the trainings, then the eval grid below; results in
-#                                     $OUT/gemma-gpu.tgz (every eval folder, the train manifests and metrics)
+#   bash bench/gemma_gpu.sh start     (the last call of the pack) starts `pipeline` below in the background
+#                                     (setsid: it outlives the call while the machine stays warm); returns at once
+#   bash bench/gemma_gpu.sh wait      waits up to $WAIT seconds (default 560) for it, prints where it is; once it
+#                                     is done, its results in $OUT (results.tgz, translate_speed*.json, log)
+#   bash bench/gemma_gpu.sh pipeline  in order, each stage skipped when its stamp exists:
+#     1. llama-cpp-python from the pack's pinned sdist, with CUDA (sm_90) in the background; if that fails,
+#        the CPU build (then the GGUF grid is cut to N=200 and MOE_N=200 sentences to fit the call budget)
+#     2. the four adapters of issue 19 (`train`), 1,200 steps of 32 each, side by side on the one GPU
+#     3. issue 24's GPU check: the chosen adapter through transformers in batches of 200 (float32) on the
+#        reverse tuning slice, where the padded rows of the 2026-12-02 run decoded to junk
+#     4. issue 19's grid: bench/glossary_measure.sh measure (merge, GGUF Q4_K_M, copy_bias re-tuned per adapter
+#        and direction on the tuning slice, news first 500 + MOE dev 400 both ways, greedy and tuned, copy,
+#        base, paired tests), llama.cpp with every layer on the GPU, $JOBS evals at once
+#     5. issue 21's translation throughput (bench/translate_speed.py, before/after): the chosen Gemma adapter
+#        and gpt-oss-20b shapes with random weights (the real tokenizer from the pack), 500 news sentences
+#   bash bench/gemma_gpu.sh train     stage 2 alone (returns at once);  bash bench/gemma_gpu.sh measure: the
+#                                     transformers eval grid of the 2026-12-02 run (copy_bias 0-3 on the tuning
+#                                     slice and MOE dev, news greedy and tuned, base, the old decoding)
 #
 # Variants (prep options; every one trained with --config gemma3-270m-gpu, its 1,200 steps of 32, and
-# train.max_length=320 for room for the analysis and hints): chosen (the preset as it is, now without the
-# reasoning line: prep.chat_format=template), analysis / hints / both (bench/glossary_measure.sh's glossary
-# variants, issue 19).
-# Eval grid, both directions: copy_bias 0 1 2 3 on the news tuning slice (lines 1001-1200) and on the MOE dev
-# split (400); greedy and the slice-tuned bias on the news eval set (first 500); the base model greedy on news
-# and MOE dev; issue 24's "before": the chosen adapter with the old decoding (a fixed cap of 96 tokens, no
-# per-sentence limit, no repetition stop) on the slice and MOE dev. Never trains on the news file.
+# train.max_length=320 for room for the analysis and hints): chosen (the preset as it is, without the
+# reasoning line: prep.chat_format=template), analysis / hints / both (bench/glossary_variants.sh, issue 19).
+# Never trains on the news file: its two slices (tuning lines 1001-1200, the first 500) travel in .gpu/evaldata
+# for evaluation only (`bash bench/gemma_gpu.sh slices` here).
 #
-# Calls (python bench/gpu_pack.py calls real-model): 4 x `python3 bench/gpu_pack.py stash real-model` with
-# carry [".gpu/real-model/pN"], then `bash bench/gemma_gpu.sh train` with carry [".gpu/real-model/p5"],
-# then `bash bench/gemma_gpu.sh measure` (carry [".gpu/real-model/p5", ".gpu/evaldata"]; a call may run 10 minutes: re-run it, finished evals are
-# kept).
+# Calls (python bench/gpu_pack.py build gemma-gpu, then `calls gemma-gpu`): `python3 bench/gpu_pack.py stash
+# gemma-gpu` with carry [".gpu/gemma-gpu/pN"] for every part but the last, then `bash bench/gemma_gpu.sh start`
+# with carry [".gpu/gemma-gpu/pLAST", ".gpu/evaldata"], then `bash bench/gemma_gpu.sh wait` until it says done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mode=${1:?usage: gemma_gpu.sh slices | train | measure}
+mode=${1:?usage: gemma_gpu.sh slices | start | wait | pipeline | train | measure}
 if [ "$mode" = slices ]; then  # here: the news tuning slice (lines 1001-1200) and the first 500, with the header
   news=../shared/eval/zh-nan.heldout.tsv
   mkdir -p .gpu/evaldata && sed -n "1p;1002,1201p" $news > .gpu/evaldata/tune.tsv && head -501 $news > .gpu/evaldata/news500.tsv
@@ -33,8 +42,25 @@ VARIANTS=${VARIANTS:-chosen analysis hints both}
 WORK=${WORK:-/tmp/gm}
 JOBS=${JOBS:-8}
 BIASES=${BIASES:-0 1 2 3}
-. bench/gpu_site.sh real-model
 OUT=${OUT:-/tmp/out}
+if [ "$mode" = wait ]; then  # no pack needed: reports on the pipeline, packs its results once it is done
+  for _ in $(seq "${WAIT:-560}"); do [ -f "$WORK/pipeline.done" ] && break; sleep 1; done
+  date -u; (cd "$WORK" && ls ./*.stamp 2>/dev/null) || true
+  echo "evals finished: $( (ls "$WORK"/gg/eval/*/*/scores.json "$WORK"/gg/tune/*/*/scores.json 2>/dev/null || true) | wc -l)"
+  tail -n 15 "$WORK/pipeline.log"
+  if [ -f "$WORK/pipeline.done" ]; then
+    mkdir -p "$OUT"
+    (cd "$WORK" && tar czf "$OUT/results.tgz" --exclude='*.png' --exclude='*.gguf' --exclude='*.safetensors' \
+      gg/summary.md gg/tuned_biases.txt gg/eval gg/report gg/tune gg/logs check24 ./*.log \
+      $(ls -d */train/manifest.json */train/metrics.jsonl */train/train_config.json */prep/stats.json \
+        */prep/manifest.json 2>/dev/null)) || true
+    split -b 15m "$OUT/results.tgz" "$OUT/results.tgz.part-" && rm "$OUT/results.tgz"  # 16 MiB a file comes back
+    cp "$WORK"/speed/*.json "$WORK/pipeline.log" "$OUT/" 2>/dev/null || true
+    ls -la "$OUT"; echo "pipeline done"
+  fi
+  exit 0
+fi
+. bench/gpu_site.sh gemma-gpu
 mkdir -p "$OUT" "$WORK" /tmp/bin
 export TOOLKIT_CACHE=/tmp/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
 printf '#!/bin/sh\nexec python3 -m toolkit "$@"\n' > /tmp/bin/toolkit && chmod +x /tmp/bin/toolkit
@@ -62,7 +88,85 @@ if [ "$mode" = train ]; then
   exit 0
 fi
 
-[ "$mode" = measure ] || { echo "usage: gemma_gpu.sh train | measure" >&2; exit 2; }
+if [ "$mode" = start ]; then
+  [ -f "$EVALDATA/tune.tsv" ] && [ -f "$EVALDATA/news500.tsv" ] || { echo "$EVALDATA: carry it (slices)" >&2; exit 1; }
+  mkdir -p "$WORK/data" && cp "$EVALDATA/tune.tsv" "$EVALDATA/news500.tsv" "$WORK/data/"  # kept past the call
+  [ -d "$WORK/tok" ] || cp -r "$PACK/tok" "$WORK/tok"
+  setsid nohup bash bench/gemma_gpu.sh pipeline > "$WORK/pipeline.log" 2>&1 < /dev/null &
+  sleep 20; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; tail -n 5 "$WORK/pipeline.log"
+  exit 0
+fi
+
+if [ "$mode" = pipeline ]; then
+  stage() { echo "== $(date -u +%H:%M:%S) $*"; }
+  export PYTHONPATH=/tmp/site-llama:$PYTHONPATH TOOLKIT_LLAMA_CPP=$PACK/conv
+  if [ ! -f "$WORK/llama.stamp" ]; then  # 1. llama-cpp-python: CUDA first, in the background
+    stage "llama-cpp-python build (CUDA sm_90) in the background"
+    mkdir -p /tmp/llama-src && tar xJf "$PACK"/llama/llama_cpp_python-*-trimmed.tar.xz -C /tmp/llama-src
+    (
+      t0=$(date +%s)
+      if CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_FA=OFF -DGGML_CUDA_NCCL=OFF -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" \
+          CMAKE_BUILD_PARALLEL_LEVEL=12 nice -n 10 python3 -m pip install --no-index --no-deps --no-build-isolation \
+          --target /tmp/site-llama /tmp/llama-src/llama_cpp_python-* > "$WORK/llama-build.log" 2>&1; then
+        echo "cuda $(( $(date +%s) - t0 )) s" > "$WORK/llama.stamp"
+      else
+        rm -rf /tmp/site-llama
+        CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=12 python3 -m pip install --no-index \
+          --no-deps --no-build-isolation --target /tmp/site-llama /tmp/llama-src/llama_cpp_python-* \
+          > "$WORK/llama-build-cpu.log" 2>&1 && echo "cpu $(( $(date +%s) - t0 )) s" > "$WORK/llama.stamp" \
+          || echo failed > "$WORK/llama.failed"
+      fi
+    ) &
+  fi
+  if [ ! -f "$WORK/train.stamp" ]; then  # 2. the four adapters
+    stage "train $VARIANTS"
+    bash bench/gemma_gpu.sh train
+    for v in $VARIANTS; do
+      until [ -f "$WORK/$v.done" ] || [ -f "$WORK/$v.failed" ]; do sleep 5; done
+      [ -f "$WORK/$v.failed" ] && { tail -5 "$WORK/$v.log"; exit 1; }
+    done
+    grep -h "train: .* steps in" "$WORK"/*.log || true
+    touch "$WORK/train.stamp"
+  fi
+  if [ ! -f "$WORK/check24.stamp" ]; then  # 3. issue 24: batched GPU decoding with the padding-safe mask
+    stage "issue 24 check: batched transformers on the reverse tuning slice"
+    toolkit eval "$WORK/data/tune.tsv" --model "$WORK/chosen/train" --backend transformers --config gemma3-270m-gpu \
+      --set eval.device=cuda --set eval.dtype=float32 --set eval.batch_size=200 --set eval.copy_bias=0 \
+      --set eval.n_bootstrap=1000 --direction reverse --out "$WORK/check24" --force > "$WORK/check24.log" 2>&1 \
+      && touch "$WORK/check24.stamp"; tail -n 3 "$WORK/check24.log"
+  fi
+  until [ -f "$WORK/llama.stamp" ] || [ -f "$WORK/llama.failed" ]; do sleep 5; done
+  stage "llama-cpp-python: $(cat "$WORK/llama.stamp" 2>/dev/null || echo failed)"; tail -n 3 "$WORK"/llama-build*.log
+  [ -f "$WORK/llama.stamp" ] || exit 1
+  if [ ! -f "$WORK/grid.stamp" ]; then  # 4. issue 19's grid through GGUF Q4_K_M
+    stage "glossary grid (GGUF Q4_K_M, llama.cpp)"
+    cut=(); grep -q ^cpu "$WORK/llama.stamp" && cut=(N=200 MOE_N=200)
+    env "${cut[@]}" WORK="$WORK/gg" BASE_HF="$base" TOOLKIT=toolkit NEWS="$WORK/data/news500.tsv" \
+      MOE_DEV="$SHARED/corpora/zh-nan-moe/dev.tsv" TUNE="$WORK/data/tune.tsv" \
+      LEXICONS="${lex[*]}" BIASES="$BIASES" JOBS="${GRID_JOBS:-12}" \
+      EVAL_SET="--set eval.n_gpu_layers=-1 --set eval.n_threads=1" BASE_SET="--set eval.device=cuda" \
+      bash bench/glossary_measure.sh measure "$WORK/chosen/train" "$WORK/analysis/train" "$WORK/hints/train" \
+      "$WORK/both/train" && touch "$WORK/grid.stamp"
+  fi
+  if [ ! -f "$WORK/speed.stamp" ]; then  # 5. issue 21: translation throughput on the GPU
+    stage "translate speed"
+    mkdir -p "$WORK/speed"
+    python3 bench/translate_speed.py --model "$WORK/chosen/train" --test "$WORK/data/news500.tsv" --device cuda \
+      --dtype float32 --batch-size 200 --out "$WORK/speed/gemma" && mv "$WORK/speed/gemma/translate_speed.json" \
+      "$WORK/speed/translate_speed-gemma.json"
+    python3 bench/translate_speed.py --random gpt-oss-20b --tokenizer "$WORK/tok" --test "$WORK/data/news500.tsv" \
+      --device cuda --modes after --batch-size 128 --out "$WORK/speed/oss" && mv "$WORK/speed/oss/translate_speed.json" \
+      "$WORK/speed/translate_speed-oss-after.json"
+    python3 bench/translate_speed.py --random gpt-oss-20b --tokenizer "$WORK/tok" --test "$WORK/data/news500.tsv" \
+      --device cuda --modes before --limit 64 --out "$WORK/speed/oss0" && mv "$WORK/speed/oss0/translate_speed.json" \
+      "$WORK/speed/translate_speed-oss-before.json"
+    touch "$WORK/speed.stamp"
+  fi
+  stage "done"; touch "$WORK/pipeline.done"
+  exit 0
+fi
+
+[ "$mode" = measure ] || { echo "usage: gemma_gpu.sh slices | start | wait | pipeline | train | measure" >&2; exit 2; }
 for v in $VARIANTS; do
   until [ -f "$WORK/$v.done" ] || [ -f "$WORK/$v.failed" ]; do sleep 5; done
   [ -f "$WORK/$v.failed" ] && { tail -5 "$WORK/$v.log"; exit 1; }

@@ -31,7 +31,8 @@
 # Knobs (environment): WORK, BASE_HF (default: `toolkit fetch gemma3-270m`), CFG (merge/export/eval preset,
 # default gemma3-270m-cpu), EVAL_SET (extra eval --set, e.g. "--set eval.n_threads=4"), BASE_SET (extra for the
 # base model's transformers eval, e.g. "--set eval.device=cuda"), JOBS (evals at once), BIASES (the tuning grid),
-# N, MOE_N, NEWS, MOE_DEV, LEXICONS, HINTED (variants evaluated with hints), MAX_NEW (tokens per sentence).
+# N, MOE_N, NEWS, MOE_DEV, TUNE (the tuning slice as a file; default: lines TUNE_FROM+1.. of NEWS), LEXICONS,
+# HINTED (variants evaluated with hints), MAX_NEW (tokens per sentence).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:?usage: glossary_measure.sh train | measure CHOSEN ANALYSIS HINTS BOTH}
@@ -95,7 +96,11 @@ shift
 declare -A TRAIN_DIR=([chosen]=$1 [analysis]=$2 [hints]=$3 [both]=$4)
 BASE_HF=${BASE_HF:-$($TOOLKIT fetch gemma3-270m | head -1)}
 mkdir -p "$WORK/data" "$WORK/logs"
-sed -n "1p;$((TUNE_FROM + 1)),$((TUNE_FROM + TUNE_N))p" "$NEWS" > "$WORK/data/tune.tsv"  # header + data lines
+if [ -n "${TUNE:-}" ]; then  # the tuning slice as a file of its own (the GPU machine has only the two slices)
+    cp "$TUNE" "$WORK/data/tune.tsv"
+else
+    sed -n "1p;$((TUNE_FROM + 1)),$((TUNE_FROM + TUNE_N))p" "$NEWS" > "$WORK/data/tune.tsv"  # header + data lines
+fi
 declare -A TEST=([news]=$NEWS [moe]=$MOE_DEV)
 declare -A LIMIT=([news]=$N [moe]=$MOE_N)
 
@@ -117,12 +122,17 @@ eval_model() {  # VARIANT TEST DIRECTION BIAS OUT [eval options]
         --out "$out" "$@"
 }
 
+merge_export() {  # VARIANT: merged (float32), then GGUF Q4_K_M; the logs in $WORK/logs
+    $TOOLKIT merge "${TRAIN_DIR[$1]}" --config "$CFG" --base-model "$BASE_HF" --out "$WORK/$1/merge" \
+        > "$WORK/logs/merge-$1.log" 2>&1 \
+    && $TOOLKIT export "$WORK/$1/merge" --config "$CFG" --name "gemma3-270m-$1" --quant Q4_K_M --out "$WORK/$1/export" \
+        > "$WORK/logs/export-$1.log" 2>&1
+}
 echo "== merge and export (GGUF Q4_K_M)" >&2
 for v in $VARIANTS; do
-    $TOOLKIT merge "${TRAIN_DIR[$v]}" --config "$CFG" --base-model "$BASE_HF" --out "$WORK/$v/merge" > "$WORK/logs/merge-$v.log" 2>&1
-    $TOOLKIT export "$WORK/$v/merge" --config "$CFG" --name "gemma3-270m-$v" --quant Q4_K_M --out "$WORK/$v/export" \
-        > "$WORK/logs/export-$v.log" 2>&1
+    [ -n "$(ls "$WORK/$v/export/"*Q4_K_M.gguf 2>/dev/null)" ] || submit "$WORK/logs/merge-export-$v.log" merge_export "$v"
 done
+drain
 
 echo "== copy_bias of each adapter and direction on the tuning slice ($BIASES)" >&2
 for v in $VARIANTS; do for d in forward reverse; do for b in $BIASES; do

@@ -9,7 +9,8 @@ small enough to travel (one part per device call), with a manifest (each part's 
                                                    there; prints the folder, or fails in one line naming
                                                    the missing parts and the call that brings them
 
-USE is one of `USES` below, one per bench script: real-model (bench/real_model_gpu.sh), train-speed
+USE is one of `USES` below, one per bench script: real-model (bench/real_model_gpu.sh), gemma-gpu
+(bench/gemma_gpu.sh), train-speed
 (bench/run_gpu.sh), multi-gpu (bench/multi_gpu.sh), full-size and full-size-serve (bench/full_size.sh). The GPU
 machine reaches nothing outside it, and a device call carries at most 64 MiB of working tree, so a pack larger
 than that travels in several calls to one warm machine: each call but the last runs `stash`, the last runs
@@ -106,6 +107,8 @@ class Use:
 USES = {
     "real-model": Use("bench/real_model_gpu.sh", TRAIN + ("gguf==0.19.0",), model=GEMMA,
                       shared=("corpora/zh-nan-moe", "lexicons"), run="bash bench/real_model_gpu.sh device"),
+    "gemma-gpu": Use("bench/gemma_gpu.sh", TRAIN + SERVE, model=GEMMA, shared=("corpora/zh-nan-moe", "lexicons"),
+                     tokenizer=True, llama=True, run="bash bench/gemma_gpu.sh start"),
     "train-speed": Use("bench/run_gpu.sh", TRAIN + KERNELS, run="bash bench/run_gpu.sh"),
     "multi-gpu": Use("bench/multi_gpu.sh", TRAIN + ("liger-kernel==0.8.5", "hjson==3.1.0"), tokenizer=True,
                      deepspeed=True,

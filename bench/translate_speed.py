@@ -42,8 +42,10 @@ def sentences(path: Path, limit: int, direction: str) -> list[str]:
     return read_test_set(path, "zh", "nan", direction, limit).sources
 
 
-def random_model(name: str, device: str, folder: Path) -> tuple[Any, Any]:
-    """(model, tokenizer) with gpt-oss-20b's shapes and random weights (bench/train_speed.py), real tokenizer."""
+def random_model(name: str, device: str, folder: Path, tokenizer: Path | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) with gpt-oss-20b's shapes and random weights (bench/train_speed.py), real tokenizer:
+    built into `folder`, or read from `tokenizer` (a saved one; a lone tokenizer.json.gz is unpacked first, as
+    bench/gpu_pack.py packs it for a machine that cannot build it)."""
     from train_speed import build_model, model_config
 
     from toolkit.config import TrainConfig
@@ -58,7 +60,20 @@ def random_model(name: str, device: str, folder: Path) -> tuple[Any, Any]:
     if name == "tiny":
         config.vocab_size = 201088  # the real tokenizer's ids must fit
     model = build_model(cfg, config, device)
-    return model.eval(), build_hf_tokenizer(folder)
+    if tokenizer is None:
+        return model.eval(), build_hf_tokenizer(folder)
+    import gzip
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    packed = tokenizer / "tokenizer.json.gz"
+    if not (tokenizer / "tokenizer.json").is_file() and packed.is_file():
+        shutil.copytree(tokenizer, folder / "tok")
+        with gzip.open(packed) as src, open(folder / "tok" / "tokenizer.json", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        tokenizer = folder / "tok"
+    return model.eval(), AutoTokenizer.from_pretrained(tokenizer)
 
 
 def transformers_rows(args: argparse.Namespace, texts: list[str]) -> list[dict[str, Any]]:
@@ -76,7 +91,7 @@ def transformers_rows(args: argparse.Namespace, texts: list[str]) -> list[dict[s
     }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        shared = random_model(args.random, args.device, Path(tmp)) if args.random else None
+        shared = random_model(args.random, args.device, Path(tmp), args.tokenizer) if args.random else None
         for mode in args.modes.split(","):
             options, chunk = modes[mode]
             if shared is not None:
@@ -142,6 +157,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     what.add_argument("--model", help="transformers model, merge or train folder")
     what.add_argument("--random", help="gpt-oss-20b (full-size shapes, random weights) or tiny")
     what.add_argument("--gguf", help="a GGUF for the llama.cpp rows")
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="--random: a saved o200k_harmony tokenizer folder instead of building one")
     ap.add_argument("--test", type=Path, default=NEWS, help="TSV with zh and nan columns (default: the news set)")
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--direction", default="forward", choices=["forward", "reverse"])

@@ -54,3 +54,23 @@ def test_limit_table_counts_references_over_the_limit():
     table = dl.limits_table([(10, 20), (10, 45), (1, 30)])
     assert table["over_limit"]["16+2x"] == 2 and table["over_limit"]["32+2x"] == 0
     assert table["longest_reference"] == 45
+
+
+@needs_shared
+def test_translate_speed_random_model_reads_a_packed_tokenizer(tmp_path):
+    """--tokenizer: the folder bench/gpu_pack.py ships (tokenizer.json gzipped) instead of building one."""
+    import gzip
+    import shutil
+
+    from toolkit.tokenizer import build_hf_tokenizer
+
+    tok = tmp_path / "tok"
+    build_hf_tokenizer(tok)
+    with open(tok / "tokenizer.json", "rb") as src, gzip.open(tok / "tokenizer.json.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    (tok / "tokenizer.json").unlink()
+    rows = ts.main(["--random", "tiny", "--tokenizer", str(tok), "--modes", "after", "--limit", "3",
+                    "--max-new-tokens", "4", "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert [r["name"] for r in rows] == ["transformers after"] and rows[0]["sentences"] == 3
+    assert 0 < rows[0]["tokens"] <= 3 * 4
+    assert not (tok / "tokenizer.json").exists()  # unpacked into a temporary folder, the pack left as it was
