@@ -4,8 +4,9 @@
 #
 #   bash bench/gemma_gpu.sh start     (the last call of the pack) starts `pipeline` below in the background
 #                                     (setsid: it outlives the call while the machine stays warm); returns at once
-#   bash bench/gemma_gpu.sh wait      waits up to $WAIT seconds (default 560) for it, prints where it is; once it
-#                                     is done, its results in $OUT (results.tgz, translate_speed*.json, log)
+#   bash bench/gemma_gpu.sh wait      waits up to $WAIT seconds (default 560) for it, or until a stage fails, and
+#                                     prints where it is; once it is done, its results in $OUT (results.tgz in
+#                                     parts, translate_speed*.json, log)
 #   bash bench/gemma_gpu.sh pipeline  in order, each stage skipped when its stamp exists:
 #     1. llama-cpp-python from the pack's pinned sdist, with CUDA (sm_90) in the background; if that fails,
 #        the CPU build (then the GGUF grid is cut to N=200 and MOE_N=200 sentences to fit the call budget)
@@ -44,7 +45,11 @@ JOBS=${JOBS:-8}
 BIASES=${BIASES:-0 1 2 3}
 OUT=${OUT:-/tmp/out}
 if [ "$mode" = wait ]; then  # no pack needed: reports on the pipeline, packs its results once it is done
-  for _ in $(seq "${WAIT:-560}"); do [ -f "$WORK/pipeline.done" ] && break; sleep 1; done
+  for _ in $(seq "${WAIT:-560}"); do  # back at once on a failure: a lent machine's minutes are few
+    [ -f "$WORK/pipeline.done" ] && break
+    grep -q -e FAILED -e "some evals failed" -e Traceback "$WORK/pipeline.log" 2>/dev/null && { echo "A STAGE FAILED"; break; }
+    sleep 1
+  done
   date -u; (cd "$WORK" && ls ./*.stamp 2>/dev/null) || true
   echo "evals finished: $( (ls "$WORK"/gg/eval/*/*/scores.json "$WORK"/gg/tune/*/*/scores.json 2>/dev/null || true) | wc -l)"
   tail -n 15 "$WORK/pipeline.log"
@@ -107,7 +112,17 @@ if [ "$mode" = pipeline ]; then
       t0=$(date +%s)
       if CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_FA=OFF -DGGML_CUDA_NCCL=OFF -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" \
           CMAKE_BUILD_PARALLEL_LEVEL=12 nice -n 10 python3 -m pip install --no-index --no-deps --no-build-isolation \
-          --target /tmp/site-llama /tmp/llama-src/llama_cpp_python-* > "$WORK/llama-build.log" 2>&1; then
+          --target /tmp/site-llama /tmp/llama-src/llama_cpp_python-* > "$WORK/llama-build.log" 2>&1 \
+          && python3 - "$(dirname "$base")"/*.gguf >> "$WORK/llama-build.log" 2>&1 <<'PY'
+# smoke test: the base GGUF on the GPU as toolkit.gguf's export check loads it (on 2026-12-02 the CUDA build
+# built but the export check segfaulted in every process)
+import sys
+import llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_gpu_layers=-1, logits_all=True, n_ctx=256, verbose=False)
+llm.eval(llm.tokenize(b"Hello there"))
+print("cuda smoke test:", llm.tokenize(b"Hello there"), llama_cpp.llama_supports_gpu_offload())
+PY
+      then
         echo "cuda $(( $(date +%s) - t0 )) s" > "$WORK/llama.stamp"
       else
         rm -rf /tmp/site-llama
@@ -151,9 +166,13 @@ if [ "$mode" = pipeline ]; then
   if [ ! -f "$WORK/speed.stamp" ]; then  # 5. issue 21: translation throughput on the GPU
     stage "translate speed"
     mkdir -p "$WORK/speed"
+    # the old path ran 500 sentences in 400 s on 2026-12-02: its rate from the first 100
     python3 bench/translate_speed.py --model "$WORK/chosen/train" --test "$WORK/data/news500.tsv" --device cuda \
-      --dtype float32 --batch-size 200 --out "$WORK/speed/gemma" && mv "$WORK/speed/gemma/translate_speed.json" \
-      "$WORK/speed/translate_speed-gemma.json"
+      --dtype float32 --modes after --batch-size 200 --out "$WORK/speed/gemma" \
+      && mv "$WORK/speed/gemma/translate_speed.json" "$WORK/speed/translate_speed-gemma-after.json"
+    python3 bench/translate_speed.py --model "$WORK/chosen/train" --test "$WORK/data/news500.tsv" --device cuda \
+      --dtype float32 --modes before --limit 100 --out "$WORK/speed/gemma0" \
+      && mv "$WORK/speed/gemma0/translate_speed.json" "$WORK/speed/translate_speed-gemma-before.json"
     python3 bench/translate_speed.py --random gpt-oss-20b --tokenizer "$WORK/tok" --test "$WORK/data/news500.tsv" \
       --device cuda --modes after --batch-size 128 --out "$WORK/speed/oss" && mv "$WORK/speed/oss/translate_speed.json" \
       "$WORK/speed/translate_speed-oss-after.json"

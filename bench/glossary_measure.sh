@@ -32,7 +32,7 @@
 # default gemma3-270m-cpu), EVAL_SET (extra eval --set, e.g. "--set eval.n_threads=4"), BASE_SET (extra for the
 # base model's transformers eval, e.g. "--set eval.device=cuda"), JOBS (evals at once), BIASES (the tuning grid),
 # N, MOE_N, NEWS, MOE_DEV, TUNE (the tuning slice as a file; default: lines TUNE_FROM+1.. of NEWS), LEXICONS,
-# HINTED (variants evaluated with hints), MAX_NEW (tokens per sentence).
+# HINTED (variants evaluated with hints), MAX_NEW (tokens per sentence), WITH_BASE (0: no base-model evals).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:?usage: glossary_measure.sh train | measure CHOSEN ANALYSIS HINTS BOTH}
@@ -47,6 +47,7 @@ TUNE_N=${TUNE_N:-200}
 BIASES=${BIASES:-0 1 2 3 4}
 HINTED=${HINTED:-hints both}
 MAX_NEW=${MAX_NEW:-160}
+WITH_BASE=${WITH_BASE:-1}
 JOBS=${JOBS:-1}
 CFG=${CFG:-gemma3-270m-cpu}
 TOOLKIT=${TOOLKIT:-toolkit}
@@ -154,23 +155,26 @@ EOF
 done; done
 
 echo "== news (first $N) and MOE dev (first $MOE_N), both directions, greedy and tuned; copy and base" >&2
-for s in news moe; do for d in forward reverse; do
+for s in news moe; do for d in forward reverse; do  # copy, base and greedy first: tuned runs come after all of them
     dir=$WORK/eval/$s-$d
     submit "$WORK/logs/$s-$d-copy.log" $TOOLKIT eval "${TEST[$s]}" --baseline copy "${glossary[@]}" --direction "$d" \
         --limit "${LIMIT[$s]}" --out "$dir/copy"
     # the base is a pretrained model: through transformers (the package's GGUF has no chat template), capped
     # shellcheck disable=SC2086
-    submit "$WORK/logs/$s-$d-base.log" $TOOLKIT eval "${TEST[$s]}" --model "$BASE_HF" --backend transformers \
-        --config "$CFG" ${BASE_SET:-} "${glossary[@]}" --set eval.glossary_hints=false --max-new-tokens 48 \
-        --direction "$d" --limit "${LIMIT[$s]}" --out "$dir/base"
+    [ "$WITH_BASE" = 1 ] && submit "$WORK/logs/$s-$d-base.log" $TOOLKIT eval "${TEST[$s]}" --model "$BASE_HF" \
+        --backend transformers --config "$CFG" ${BASE_SET:-} "${glossary[@]}" --set eval.glossary_hints=false \
+        --max-new-tokens 48 --direction "$d" --limit "${LIMIT[$s]}" --out "$dir/base"
     for v in $VARIANTS; do
         submit "$WORK/logs/$s-$d-$v-greedy.log" eval_model "$v" "${TEST[$s]}" "$d" 0 "$dir/$v-greedy" --limit "${LIMIT[$s]}"
-        b=${BIAS[$v-$d]}
-        if [ "$b" != 0 ]; then
-            submit "$WORK/logs/$s-$d-$v-tuned.log" eval_model "$v" "${TEST[$s]}" "$d" "$b" "$dir/$v-tuned" --limit "${LIMIT[$s]}"
-        fi
     done
 done; done
+for s in news moe; do for d in forward reverse; do for v in $VARIANTS; do
+    b=${BIAS[$v-$d]}
+    if [ "$b" != 0 ]; then
+        submit "$WORK/logs/$s-$d-$v-tuned.log" eval_model "$v" "${TEST[$s]}" "$d" "$b" "$WORK/eval/$s-$d/$v-tuned" \
+            --limit "${LIMIT[$s]}"
+    fi
+done; done; done
 drain
 for s in news moe; do for d in forward reverse; do
     dir=$WORK/eval/$s-$d
@@ -179,7 +183,8 @@ for s in news moe; do for d in forward reverse; do
         for v in $VARIANTS; do
             if [ "$dec" = tuned ] && [ "${BIAS[$v-$d]}" = 0 ]; then runs+=("$dir/$v-greedy"); else runs+=("$dir/$v-$dec"); fi
         done
-        $TOOLKIT eval --compare "${runs[@]}" "$dir/base" "$dir/copy" --out "$WORK/report/$s-$d-$dec" --force \
+        [ "$WITH_BASE" = 1 ] && runs+=("$dir/base")
+        $TOOLKIT eval --compare "${runs[@]}" "$dir/copy" --out "$WORK/report/$s-$d-$dec" --force \
             > "$WORK/logs/compare-$s-$d-$dec.log" 2>&1
     done
 done; done
