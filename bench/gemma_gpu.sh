@@ -166,19 +166,16 @@ PY
   if [ ! -f "$WORK/speed.stamp" ]; then  # 5. issue 21: translation throughput on the GPU
     stage "translate speed"
     mkdir -p "$WORK/speed"
+    speed() {  # NAME [translate_speed options]: $WORK/speed/translate_speed-NAME.json
+      python3 bench/translate_speed.py --test "$WORK/data/news500.tsv" --device cuda --out "$WORK/speed/$1" "${@:2}" \
+        && mv "$WORK/speed/$1/translate_speed.json" "$WORK/speed/translate_speed-$1.json" \
+        || echo "translate speed $1: no result, see above"  # the next rows still run
+    }
+    speed gemma-after --model "$WORK/chosen/train" --dtype float32 --modes after --batch-size 200
     # the old path ran 500 sentences in 400 s on 2026-12-02: its rate from the first 100
-    python3 bench/translate_speed.py --model "$WORK/chosen/train" --test "$WORK/data/news500.tsv" --device cuda \
-      --dtype float32 --modes after --batch-size 200 --out "$WORK/speed/gemma" \
-      && mv "$WORK/speed/gemma/translate_speed.json" "$WORK/speed/translate_speed-gemma-after.json"
-    python3 bench/translate_speed.py --model "$WORK/chosen/train" --test "$WORK/data/news500.tsv" --device cuda \
-      --dtype float32 --modes before --limit 100 --out "$WORK/speed/gemma0" \
-      && mv "$WORK/speed/gemma0/translate_speed.json" "$WORK/speed/translate_speed-gemma-before.json"
-    python3 bench/translate_speed.py --random gpt-oss-20b --tokenizer "$WORK/tok" --test "$WORK/data/news500.tsv" \
-      --device cuda --modes after --batch-size 128 --out "$WORK/speed/oss" && mv "$WORK/speed/oss/translate_speed.json" \
-      "$WORK/speed/translate_speed-oss-after.json"
-    python3 bench/translate_speed.py --random gpt-oss-20b --tokenizer "$WORK/tok" --test "$WORK/data/news500.tsv" \
-      --device cuda --modes before --limit 64 --out "$WORK/speed/oss0" && mv "$WORK/speed/oss0/translate_speed.json" \
-      "$WORK/speed/translate_speed-oss-before.json"
+    speed gemma-before --model "$WORK/chosen/train" --dtype float32 --modes before --limit 100
+    speed oss-after --random gpt-oss-20b --tokenizer "$WORK/tok" --modes after --batch-size 128
+    speed oss-before --random gpt-oss-20b --tokenizer "$WORK/tok" --modes before --limit 64
     touch "$WORK/speed.stamp"
   fi
   stage "done"; touch "$WORK/pipeline.done"

@@ -108,8 +108,9 @@ USES = {
     "real-model": Use("bench/real_model_gpu.sh", TRAIN + ("gguf==0.19.0",), model=GEMMA,
                       shared=("corpora/zh-nan-moe", "lexicons"), run="bash bench/real_model_gpu.sh device"),
     # sentencepiece: the image's 0.2.2 refuses the tokenizer.model of a Gemma merge ("unk is not defined")
-    "gemma-gpu": Use("bench/gemma_gpu.sh", TRAIN + SERVE + ("sentencepiece==0.2.3",), model=GEMMA, shared=("corpora/zh-nan-moe", "lexicons"),
-                     tokenizer=True, llama=True, run="bash bench/gemma_gpu.sh start"),
+    "gemma-gpu": Use("bench/gemma_gpu.sh", TRAIN + SERVE + ("sentencepiece==0.2.3",), model=GEMMA,
+                     shared=("corpora/zh-nan-moe", "lexicons"), tokenizer=True, llama=True,
+                     run="bash bench/gemma_gpu.sh start"),
     "train-speed": Use("bench/run_gpu.sh", TRAIN + KERNELS, run="bash bench/run_gpu.sh"),
     "multi-gpu": Use("bench/multi_gpu.sh", TRAIN + ("liger-kernel==0.8.5", "hjson==3.1.0"), tokenizer=True,
                      deepspeed=True,
