@@ -5,20 +5,23 @@
 #   bash bench/gemma_gpu.sh start     (the last call of the pack) starts `pipeline` below in the background
 #                                     (setsid: it outlives the call while the machine stays warm); returns at once
 #   bash bench/gemma_gpu.sh wait      waits up to $WAIT seconds (default 560) for it, or until a stage fails, and
-#                                     prints where it is; once it is done, its results in $OUT (results.tgz in
-#                                     parts, translate_speed*.json, log)
+#                                     prints where it is; once it is done (or with PACK_NOW=1), its results in
+#                                     $OUT (results.tgz in parts, translate_speed*.json, log, llama-smoke.txt)
 #   bash bench/gemma_gpu.sh pipeline  in order, each stage skipped when its stamp exists:
-#     1. llama-cpp-python from the pack's pinned sdist, with CUDA (sm_90) in the background; if that fails,
-#        the CPU build (then the GGUF grid is cut to N=200 and MOE_N=200 sentences to fit the call budget)
-#     2. the four adapters of issue 19 (`train`), 1,200 steps of 32 each, side by side on the one GPU
-#     3. issue 24's GPU check: the chosen adapter through transformers in batches of 200 (float32) on the
-#        reverse tuning slice, where the padded rows of the 2026-12-02 run decoded to junk
-#     4. issue 19's grid: bench/glossary_measure.sh measure (merge, GGUF Q4_K_M, copy_bias re-tuned per adapter
+#     1. llama-cpp-python from the pack's pinned sdist, with CUDA (sm_90) in the background, then
+#        bench/llama_gpu_smoke.py on the base GGUF (eval and export-check loads, each in its own process); if the
+#        build or the eval case fails, the CPU build (then the GGUF grid is cut to N=200 and MOE_N=200 sentences
+#        to fit the call budget); if only the export-check cases fail, the grid verifies its GGUFs on the CPU
+#     2. issue 21's translation throughput for gpt-oss-20b shapes with random weights (bench/translate_speed.py
+#        after: 500 news sentences, batches of 128; before: the first 32), while llama.cpp builds (niced)
+#     3. the four adapters of issue 19 (`train`), 1,200 steps of 32 each, side by side on the one GPU
+#     4. issue 21's translation throughput for the chosen Gemma adapter (after: 500 sentences, before: 48)
+#     (CHECK24=1: issue 24's GPU check, the chosen adapter through transformers in batches of 200 on the reverse
+#        tuning slice, where the padded rows of the 2026-12-02 run decoded to junk; confirmed on 2026-12-02)
+#     5. issue 19's grid: bench/glossary_measure.sh measure (merge, GGUF Q4_K_M, copy_bias re-tuned per adapter
 #        and direction on the tuning slice, news first 500 + MOE dev 400 both ways, greedy and tuned, copy,
-#        base, paired tests), llama.cpp with every layer on the GPU, $JOBS evals at once
-#     5. issue 21's translation throughput (bench/translate_speed.py, before/after): the chosen Gemma adapter
-#        and gpt-oss-20b shapes with random weights (the real tokenizer from the pack), 500 news sentences
-#   bash bench/gemma_gpu.sh train     stage 2 alone (returns at once);  bash bench/gemma_gpu.sh measure: the
+#        base, paired tests), llama.cpp with every layer on the GPU, $GRID_JOBS evals at once
+#   bash bench/gemma_gpu.sh train     stage 3 alone (returns at once);  bash bench/gemma_gpu.sh measure: the
 #                                     transformers eval grid of the 2026-12-02 run (copy_bias 0-3 on the tuning
 #                                     slice and MOE dev, news greedy and tuned, base, the old decoding)
 #
@@ -45,23 +48,25 @@ JOBS=${JOBS:-8}
 BIASES=${BIASES:-0 1 2 3}
 OUT=${OUT:-/tmp/out}
 if [ "$mode" = wait ]; then  # no pack needed: reports on the pipeline, packs its results once it is done
-  for _ in $(seq "${WAIT:-560}"); do  # back at once on a failure: a lent machine's minutes are few
+  seen=$(wc -l < "$WORK/pipeline.log" 2>/dev/null || echo 0)  # a failure logged before this call was reported
+  for _ in $(seq "${WAIT:-560}"); do  # back at once on a new failure: a lent machine's minutes are few
     [ -f "$WORK/pipeline.done" ] && break
-    grep -q -e FAILED -e "some evals failed" -e Traceback "$WORK/pipeline.log" 2>/dev/null && { echo "A STAGE FAILED"; break; }
+    tail -n +"$((seen + 1))" "$WORK/pipeline.log" 2>/dev/null | grep -q -e FAILED -e "some evals failed" -e Traceback \
+      && { echo "A STAGE FAILED"; break; }
     sleep 1
   done
   date -u; (cd "$WORK" && ls ./*.stamp 2>/dev/null) || true
   echo "evals finished: $( (ls "$WORK"/gg/eval/*/*/scores.json "$WORK"/gg/tune/*/*/scores.json 2>/dev/null || true) | wc -l)"
   tail -n 15 "$WORK/pipeline.log"
-  if [ -f "$WORK/pipeline.done" ]; then
+  if [ -f "$WORK/pipeline.done" ] || [ "${PACK_NOW:-0}" = 1 ]; then  # PACK_NOW=1: what is there so far
     mkdir -p "$OUT"
     (cd "$WORK" && tar czf "$OUT/results.tgz" --exclude='*.png' --exclude='*.gguf' --exclude='*.safetensors' \
       gg/summary.md gg/tuned_biases.txt gg/eval gg/report gg/tune gg/logs check24 ./*.log \
       $(ls -d */train/manifest.json */train/metrics.jsonl */train/train_config.json */prep/stats.json \
         */prep/manifest.json 2>/dev/null)) || true
     split -b 15m "$OUT/results.tgz" "$OUT/results.tgz.part-" && rm "$OUT/results.tgz"  # 16 MiB a file comes back
-    cp "$WORK"/speed/*.json "$WORK/pipeline.log" "$OUT/" 2>/dev/null || true
-    ls -la "$OUT"; echo "pipeline done"
+    cp "$WORK"/speed/*.json "$WORK/pipeline.log" "$WORK/llama-smoke.txt" "$OUT/" 2>/dev/null || true
+    ls -la "$OUT"; [ -f "$WORK/pipeline.done" ] && echo "pipeline done"
   fi
   exit 0
 fi
@@ -113,15 +118,7 @@ if [ "$mode" = pipeline ]; then
       if CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_FA=OFF -DGGML_CUDA_NCCL=OFF -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" \
           CMAKE_BUILD_PARALLEL_LEVEL=12 nice -n 10 python3 -m pip install --no-index --no-deps --no-build-isolation \
           --target /tmp/site-llama /tmp/llama-src/llama_cpp_python-* > "$WORK/llama-build.log" 2>&1 \
-          && python3 - "$(dirname "$base")"/*.gguf >> "$WORK/llama-build.log" 2>&1 <<'PY'
-# smoke test: the base GGUF on the GPU as toolkit.gguf's export check loads it (on 2026-12-02 the CUDA build
-# built but the export check segfaulted in every process)
-import sys
-import llama_cpp
-llm = llama_cpp.Llama(model_path=sys.argv[1], n_gpu_layers=-1, logits_all=True, n_ctx=256, verbose=False)
-llm.eval(llm.tokenize(b"Hello there"))
-print("cuda smoke test:", llm.tokenize(b"Hello there"), llama_cpp.llama_supports_gpu_offload())
-PY
+          && python3 bench/llama_gpu_smoke.py "$(dirname "$base")"/*.gguf > "$WORK/llama-smoke.txt" 2>&1
       then
         echo "cuda $(( $(date +%s) - t0 )) s" > "$WORK/llama.stamp"
       else
@@ -133,7 +130,19 @@ PY
       fi
     ) &
   fi
-  if [ ! -f "$WORK/train.stamp" ]; then  # 2. the four adapters
+  speed() {  # NAME [translate_speed options]: $WORK/speed/translate_speed-NAME.json
+    python3 bench/translate_speed.py --test "$WORK/data/news500.tsv" --device cuda --out "$WORK/speed/$1" "${@:2}" \
+      && mv "$WORK/speed/$1/translate_speed.json" "$WORK/speed/translate_speed-$1.json" \
+      || echo "translate speed $1: no result, see above"  # the next rows still run
+  }
+  mkdir -p "$WORK/speed"
+  if [ ! -f "$WORK/speed-oss.stamp" ]; then  # 2. issue 21: gpt-oss-20b shapes, while llama.cpp builds (niced)
+    stage "translate speed: gpt-oss-20b shapes, random weights"
+    speed oss-after --random gpt-oss-20b --tokenizer "$WORK/tok" --modes after --batch-size 128
+    speed oss-before --random gpt-oss-20b --tokenizer "$WORK/tok" --modes before --limit 32
+    touch "$WORK/speed-oss.stamp"
+  fi
+  if [ ! -f "$WORK/train.stamp" ]; then  # 3. the four adapters
     stage "train $VARIANTS"
     bash bench/gemma_gpu.sh train
     for v in $VARIANTS; do
@@ -143,7 +152,14 @@ PY
     grep -h "train: .* steps in" "$WORK"/*.log || true
     touch "$WORK/train.stamp"
   fi
-  if [ ! -f "$WORK/check24.stamp" ]; then  # 3. issue 24: batched GPU decoding with the padding-safe mask
+  if [ ! -f "$WORK/speed-gemma.stamp" ]; then  # 4. issue 21: the chosen Gemma adapter, after and before
+    stage "translate speed: Gemma 3 270M, the chosen adapter"
+    speed gemma-after --model "$WORK/chosen/train" --dtype float32 --modes after --batch-size 200
+    # the old path ran 500 sentences in 400 s on 2026-12-02: its rate from the first 48
+    speed gemma-before --model "$WORK/chosen/train" --dtype float32 --modes before --limit 48
+    touch "$WORK/speed-gemma.stamp"
+  fi
+  if [ "${CHECK24:-0}" = 1 ] && [ ! -f "$WORK/check24.stamp" ]; then  # issue 24 (confirmed on 2026-12-02)
     stage "issue 24 check: batched transformers on the reverse tuning slice"
     toolkit eval "$WORK/data/tune.tsv" --model "$WORK/chosen/train" --backend transformers --config gemma3-270m-gpu \
       --set eval.device=cuda --set eval.dtype=float32 --set eval.batch_size=200 --set eval.copy_bias=0 \
@@ -151,32 +167,21 @@ PY
       && touch "$WORK/check24.stamp"; tail -n 3 "$WORK/check24.log"
   fi
   until [ -f "$WORK/llama.stamp" ] || [ -f "$WORK/llama.failed" ]; do sleep 5; done
-  stage "llama-cpp-python: $(cat "$WORK/llama.stamp" 2>/dev/null || echo failed)"; tail -n 3 "$WORK"/llama-build*.log
+  stage "llama-cpp-python: $(cat "$WORK/llama.stamp" 2>/dev/null || echo failed)"
+  tail -n 3 "$WORK"/llama-build*.log; cat "$WORK/llama-smoke.txt" 2>/dev/null || true
   [ -f "$WORK/llama.stamp" ] || exit 1
-  if [ ! -f "$WORK/grid.stamp" ]; then  # 4. issue 19's grid through GGUF Q4_K_M
+  if [ ! -f "$WORK/grid.stamp" ]; then  # 5. issue 19's grid through GGUF Q4_K_M
     stage "glossary grid (GGUF Q4_K_M, llama.cpp)"
     cut=(); grep -q ^cpu "$WORK/llama.stamp" && cut=(N=200 MOE_N=200)
+    # the export check on the CPU unless the smoke test's GPU export-check cases passed
+    export_set="--set export.n_gpu_layers=0"
+    [ "$(grep -c -e '^verify ok' -e '^torch-verify ok' "$WORK/llama-smoke.txt" 2>/dev/null)" = 2 ] && export_set=
     env "${cut[@]}" WORK="$WORK/gg" BASE_HF="$base" TOOLKIT=toolkit NEWS="$WORK/data/news500.tsv" \
       MOE_DEV="$SHARED/corpora/zh-nan-moe/dev.tsv" TUNE="$WORK/data/tune.tsv" \
-      LEXICONS="${lex[*]}" BIASES="$BIASES" JOBS="${GRID_JOBS:-12}" \
+      LEXICONS="${lex[*]}" BIASES="$BIASES" JOBS="${GRID_JOBS:-12}" EXPORT_SET="$export_set" \
       EVAL_SET="--set eval.n_gpu_layers=-1 --set eval.n_threads=1" BASE_SET="--set eval.device=cuda" \
       bash bench/glossary_measure.sh measure "$WORK/chosen/train" "$WORK/analysis/train" "$WORK/hints/train" \
       "$WORK/both/train" && touch "$WORK/grid.stamp"
-  fi
-  if [ ! -f "$WORK/speed.stamp" ]; then  # 5. issue 21: translation throughput on the GPU
-    stage "translate speed"
-    mkdir -p "$WORK/speed"
-    speed() {  # NAME [translate_speed options]: $WORK/speed/translate_speed-NAME.json
-      python3 bench/translate_speed.py --test "$WORK/data/news500.tsv" --device cuda --out "$WORK/speed/$1" "${@:2}" \
-        && mv "$WORK/speed/$1/translate_speed.json" "$WORK/speed/translate_speed-$1.json" \
-        || echo "translate speed $1: no result, see above"  # the next rows still run
-    }
-    speed gemma-after --model "$WORK/chosen/train" --dtype float32 --modes after --batch-size 200
-    # the old path ran 500 sentences in 400 s on 2026-12-02: its rate from the first 100
-    speed gemma-before --model "$WORK/chosen/train" --dtype float32 --modes before --limit 100
-    speed oss-after --random gpt-oss-20b --tokenizer "$WORK/tok" --modes after --batch-size 128
-    speed oss-before --random gpt-oss-20b --tokenizer "$WORK/tok" --modes before --limit 64
-    touch "$WORK/speed.stamp"
   fi
   stage "done"; touch "$WORK/pipeline.done"
   exit 0

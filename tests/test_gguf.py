@@ -242,6 +242,26 @@ def test_another_merge_folder_is_no_no_op(exported, merged_dir, tmp_path):
     assert gguf.run(export_cfg(), merged_dir, out)["created"] == manifest["created"]
 
 
+@pytest.mark.parametrize("layers", [0, -1])
+def test_verify_offloads_as_configured(layers, tmp_path, monkeypatch):
+    """export.n_gpu_layers reaches llama.cpp: 0 keeps the check on the CPU (a CUDA build whose GPU check crashed
+    on the H200 on 2026-12-02 can still verify there)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def fake_llama(**kwargs):
+        seen.update(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(llama_cpp, "Llama", fake_llama)
+    with pytest.raises(Loaded):
+        gguf.verify(tmp_path / "model-F32.gguf", "f32", ["你好"], {"ids": [[1, 2]]}, export_cfg(n_gpu_layers=layers))
+    assert seen["n_gpu_layers"] == layers and seen["type_k"] == llama_cpp.GGML_TYPE_F32
+
+
 @pytest.mark.llama
 def test_failed_check_writes_no_manifest(exported, merged_dir, tmp_path, monkeypatch):
     _reuse_conversion(monkeypatch, exported)

@@ -363,6 +363,8 @@ class ExportConfig:
                             "merged model. A gross-error check (a broken file scores near 0); the tiny random "
                             "model's flat logits give 0.78-0.98, so keep it well below that.", 0.7)
     n_threads: int = _help("CPU threads for quantization and verification (0 = all).", 0)
+    n_gpu_layers: int = _help("Layers llama-cpp-python offloads to the GPU while verifying (-1 = all, 0 = none; a "
+                              "CPU-only build ignores it).", -1)
     ollama_gguf: str | None = _help("Which file the Modelfile uses: the outtype or one of the quants (default: "
                                     "Q4_K_M when made, else the first quant, else the outtype).", None)
     modelfile_template: str = _help("Template in modelfiles/ (name without .Modelfile) or a file path.",

@@ -176,7 +176,8 @@ def verify(path: Path, kind: str, prompts: list[str], ref: dict[str, Any], cfg: 
     ids = ref["ids"]
     n_ctx = max(len(row) for row in ids) + 16
     # f32 KV cache: the default f16 cache alone moves logits by ~1e-4 and would hide what we measure.
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_gpu_layers=-1,
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
+                          n_gpu_layers=cfg.n_gpu_layers,
                           seed=0, n_threads=cfg.n_threads or None, type_k=llama_cpp.GGML_TYPE_F32,
                           type_v=llama_cpp.GGML_TYPE_F32)
     same_tokens, agree, total = True, 0, 0
