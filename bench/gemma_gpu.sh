@@ -73,7 +73,10 @@ fi
 . bench/gpu_site.sh gemma-gpu
 mkdir -p "$OUT" "$WORK" /tmp/bin
 export TOOLKIT_CACHE=/tmp/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
-printf '#!/bin/sh\nexec python3 -m toolkit "$@"\n' > /tmp/bin/toolkit && chmod +x /tmp/bin/toolkit
+# export sees no GPU: llama.cpp's CUDA backend segfaults in a process where torch has started CUDA (the smoke
+# test's torch-verify case, 2026-12-02), and a 270M export check is quick on the CPU
+printf '#!/bin/sh\n[ "$1" = export ] && export CUDA_VISIBLE_DEVICES=\nexec python3 -m toolkit "$@"\n' > /tmp/bin/toolkit
+chmod +x /tmp/bin/toolkit
 export PATH=/tmp/bin:$PATH
 base=$(toolkit fetch gemma3-270m --find-links "$PACK/model" | head -1)
 lex=("$SHARED/lexicons/itaigi/"*.csv "$SHARED/lexicons/moe-dialect-words/"*.csv)
@@ -176,6 +179,7 @@ if [ "$mode" = pipeline ]; then
     # the export check on the CPU unless the smoke test's GPU export-check cases passed
     export_set="--set export.n_gpu_layers=0"
     [ "$(grep -c -e '^verify ok' -e '^torch-verify ok' "$WORK/llama-smoke.txt" 2>/dev/null)" = 2 ] && export_set=
+    [ -n "${GRID_EXPORT_SET:-}" ] && export_set=$GRID_EXPORT_SET  # e.g. "--set export.verify=false"
     env "${cut[@]}" WORK="$WORK/gg" BASE_HF="$base" TOOLKIT=toolkit NEWS="$WORK/data/news500.tsv" \
       MOE_DEV="$SHARED/corpora/zh-nan-moe/dev.tsv" TUNE="$WORK/data/tune.tsv" \
       LEXICONS="${lex[*]}" BIASES="$BIASES" JOBS="${GRID_JOBS:-12}" EXPORT_SET="$export_set" \

@@ -53,8 +53,8 @@ def random_model(name: str, device: str, folder: Path, tokenizer: Path | None = 
 
     if name not in ("gpt-oss-20b", "tiny"):
         raise SystemExit(f"--random {name}: expected gpt-oss-20b or tiny")
-    cfg = TrainConfig(dtype="bfloat16" if device == "cuda" else "float32", device=device,
-                      attn_implementation="sdpa" if device == "cuda" else "eager",
+    # eager attention: transformers' gpt-oss runs no sdpa (its attention sinks); the eval's own default too
+    cfg = TrainConfig(dtype="bfloat16" if device == "cuda" else "float32", device=device, attn_implementation="eager",
                       experts_implementation="grouped_mm" if device == "cuda" else "eager")
     config = model_config(tiny=name == "tiny")
     if name == "tiny":

@@ -155,3 +155,23 @@ def test_train_warns_when_prep_wrote_for_another_chat_format(caplog):
         assert not caplog.records
         check_prep_format({"config": {}}, "template")
     assert "prep.chat_format=template" in caplog.text and "reasoning language" in caplog.text
+
+
+def test_harmony_detection_looks_up_two_tokens_not_the_whole_vocabulary(tiny_model, monkeypatch):
+    """get_vocab() builds a dict of the whole vocabulary (0.16 s for Gemma 3): run twice per prompt, it once took
+    most of a batched GPU eval's time. The answer must not depend on it."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    def no_vocab(self):
+        raise AssertionError("get_vocab() called")
+
+    harmony_tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    with_unk = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, "[UNK]")),
+                                       unk_token="[UNK]")
+    without_unk = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<|message|>": 1})))
+    for tok in (harmony_tok, with_unk, without_unk):
+        monkeypatch.setattr(type(tok), "get_vocab", no_vocab)
+    assert prompt.is_harmony_tokenizer(harmony_tok)
+    assert not prompt.is_harmony_tokenizer(with_unk) and not prompt.is_harmony_tokenizer(without_unk)
+    assert not prompt.is_harmony_tokenizer(GemmaStub())  # no token look-up: its (empty) vocabulary decides
