@@ -287,10 +287,6 @@ def run(cfg: ExportConfig, merged_dir: Path, out_dir: Path, *, force: bool = Fal
 def _export(cfg: ExportConfig, merged_dir: Path, merged: dict[str, Any], folder: Path, config: dict[str, Any],
             inputs: list[Path], out_dir: Path, usage: resources.Usage) -> dict[str, Any]:
     started = time.monotonic()
-    if cfg.verify:
-        # transformers' tokenizer modules before llama.cpp's libraries: the other order segfaulted at this import
-        # with a CUDA build of llama-cpp-python on the H200 (2026-12-02), even with no GPU visible
-        import transformers.models.auto.tokenization_auto  # noqa: F401
     name = cfg.name or "model"
     mxfp4_merge = is_mxfp4_checkpoint(merged_dir)
     # The converted file: for an MXFP4 merge its experts stay MXFP4 (only the other tensors take outtype).
