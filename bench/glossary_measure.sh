@@ -33,7 +33,9 @@
 # base model's transformers eval, e.g. "--set eval.device=cuda"), EXPORT_SET (extra export --set, e.g. "--set
 # export.n_gpu_layers=0" to verify the GGUF on the CPU), JOBS (evals at once), BIASES (the tuning grid),
 # N, MOE_N, NEWS, MOE_DEV, TUNE (the tuning slice as a file; default: lines TUNE_FROM+1.. of NEWS), LEXICONS,
-# HINTED (variants evaluated with hints), MAX_NEW (tokens per sentence), WITH_BASE (0: no base-model evals).
+# HINTED (variants evaluated with hints), MAX_NEW (tokens per sentence), WITH_BASE (0: no base-model evals),
+# TUNED_BIASES (an earlier run's tuned_biases.txt for the same slice: no tuning evals; e.g.
+# bench/results/glossary-2026-12-02-tuned-biases.txt, what both 2026-12-02 runs tuned).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:?usage: glossary_measure.sh train | measure CHOSEN ANALYSIS HINTS BOTH}
@@ -137,13 +139,22 @@ for v in $VARIANTS; do
 done
 drain
 
+declare -A BIAS
+if [ -n "${TUNED_BIASES:-}" ]; then  # the biases an earlier run tuned on the same slice: its tuned_biases.txt
+    echo "== copy_bias of each adapter and direction: from $TUNED_BIASES" >&2
+    [ "$TUNED_BIASES" -ef "$WORK/tuned_biases.txt" ] || cp "$TUNED_BIASES" "$WORK/tuned_biases.txt"
+    for v in $VARIANTS; do for d in forward reverse; do
+        BIAS[$v-$d]=$(sed -n "s/^$v $d: copy_bias //p" "$TUNED_BIASES")
+        [ -n "${BIAS[$v-$d]}" ] || { echo "$TUNED_BIASES: no line \"$v $d: copy_bias B\"" >&2; exit 2; }
+    done; done
+else
 echo "== copy_bias of each adapter and direction on the tuning slice ($BIASES)" >&2
 for v in $VARIANTS; do for d in forward reverse; do for b in $BIASES; do
     submit "$WORK/logs/tune-$v-$d-$b.log" eval_model "$v" "$WORK/data/tune.tsv" "$d" "$b" "$WORK/tune/$v-$d/bias$b" \
         --set eval.n_bootstrap=1
 done; done; done
 drain
-declare -A BIAS
+rm -f "$WORK/tuned_biases.txt"
 for v in $VARIANTS; do for d in forward reverse; do
     BIAS[$v-$d]=$(python3 - "$WORK/tune/$v-$d" <<'EOF'
 import json, sys
@@ -155,6 +166,7 @@ EOF
 )
     echo "$v $d: copy_bias ${BIAS[$v-$d]}" | tee -a "$WORK/tuned_biases.txt" >&2
 done; done
+fi
 
 echo "== news (first $N) and MOE dev (first $MOE_N), both directions, greedy and tuned; copy and base" >&2
 for s in news moe; do for d in forward reverse; do  # copy, base and greedy first: tuned runs come after all of them
