@@ -612,3 +612,15 @@ def test_a_template_model_trained_with_analyses_gets_room_for_them(tiny_gemma3, 
     assert runs.trained_with_analysis(manifest(reasoning_column="why"))
     assert not runs.trained_with_analysis(manifest(glossary=["g.tsv"], glossary_analysis_share=0.0))
     assert not runs.trained_with_analysis(manifest()) and not runs.trained_with_analysis(None)
+
+
+def test_copy_bias_processor_adds_the_bias_once_per_source_token_of_each_row():
+    import torch
+
+    scores = torch.zeros(3, 10)
+    bias = backends._CopyBias([backends.source_token_ids([4, 1, 4]), [], [9, 0]], 2.5)
+    for step in (1, 2):  # the index is built once and reused
+        out = bias(None, scores)
+        want = torch.zeros(3, 10)
+        want[0, [1, 4]] = want[2, [0, 9]] = 2.5 * step
+        assert torch.equal(out, want)
