@@ -9,8 +9,9 @@ Cases, each as toolkit loads llama.cpp:
 - torch-verify: the same after torch has started CUDA in the process (export computes its reference with torch
   first). On 2026-12-02 every GPU export check segfaulted on the H200 while a plain load did not.
 
-One line per case on stdout, `CASE ok ...` or `CASE FAILED (exit N)`; exit status 1 when `eval` failed (the build
-is of no use for the eval grid then), else 0.
+One line per case on stdout, `CASE ok ...` or `CASE failed (exit N)` (lower case: `gemma_gpu.sh wait` takes
+FAILED in its log for a failed stage); exit status 1 when `eval` failed (the build is of no use for the eval grid
+then), else 0.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def main() -> int:
         if proc.returncode:
             failed.add(case)
             tail = proc.stderr.strip().splitlines()[-1:] or [""]
-            print(f"{case} FAILED (exit {proc.returncode}) {tail[0][:200]}", flush=True)
+            print(f"{case} failed (exit {proc.returncode}) {tail[0][:200]}", flush=True)
         else:
             print(line[0] if line else f"{case} ok", flush=True)
     return 1 if "eval" in failed else 0
