@@ -1,4 +1,5 @@
-"""bench/copy_bias_domains.py, bench/translate_speed.py and bench/decoding_limits.py on the tiny models."""
+"""bench/copy_bias_domains.py, bench/translate_speed.py, bench/decoding_limits.py and bench/llama_gpu_smoke.py on
+the tiny models."""
 
 from __future__ import annotations
 
@@ -79,3 +80,21 @@ def test_translate_speed_random_model_reads_a_packed_tokenizer(tmp_path, monkeyp
     assert [r["name"] for r in rows] == ["transformers after"] and rows[0]["sentences"] == 3
     assert 0 < rows[0]["tokens"] <= 3 * 4
     assert not (tok / "tokenizer.json").exists()  # unpacked into a temporary folder, the pack left as it was
+
+
+@pytest.mark.llama
+def test_llama_smoke_cases_run_in_their_own_processes(tiny_gguf):
+    """Each case in a child process: a crashing case is reported as failed with its exit code, the next still runs
+    (on the CPU build here every case but torch-verify passes; torch-verify needs CUDA)."""
+    import subprocess
+
+    script = ROOT / "bench" / "llama_gpu_smoke.py"
+    proc = subprocess.run([sys.executable, str(script), str(tiny_gguf), "--cases", "torch-verify,eval,verify"],
+                          capture_output=True, text=True, check=False, timeout=300)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split()[:2] for line in lines] == [["torch-verify", "failed"], ["eval", "ok:"], ["verify", "ok:"]]
+    assert "tokens generated" in lines[1] and "finite: True" in lines[2]
+    crash = subprocess.run([sys.executable, str(script), str(tiny_gguf) + ".missing", "--cases", "eval"],
+                           capture_output=True, text=True, check=False, timeout=300)
+    assert crash.returncode == 1 and crash.stdout.startswith("eval failed (exit ")
