@@ -183,7 +183,8 @@ if [ "$mode" = pipeline ]; then
     # started CUDA, then llama.cpp loads) segfaults too. A CUDA build whose smoke test shows that skips the check
     # (the grid scores every GGUF anyway); GRID_EXPORT_SET overrides.
     export_set=
-    grep -q '^torch-verify failed' "$WORK/llama-smoke.txt" 2>/dev/null && export_set="--set export.verify=false"
+    grep -q ^cuda "$WORK/llama.stamp" && grep -q '^torch-verify failed' "$WORK/llama-smoke.txt" 2>/dev/null \
+      && export_set="--set export.verify=false"
     [ -n "${GRID_EXPORT_SET:-}" ] && export_set=$GRID_EXPORT_SET
     env "${cut[@]}" WORK="$WORK/gg" BASE_HF="$base" TOOLKIT=toolkit NEWS="$WORK/data/news500.tsv" \
       MOE_DEV="$SHARED/corpora/zh-nan-moe/dev.tsv" TUNE="$WORK/data/tune.tsv" \
