@@ -624,3 +624,32 @@ def test_copy_bias_processor_adds_the_bias_once_per_source_token_of_each_row():
         want = torch.zeros(3, 10)
         want[0, [1, 4]] = want[2, [0, 9]] = 2.5 * step
         assert torch.equal(out, want)
+
+
+def test_gguf_chat_template_renders_the_stored_template():
+    """A non-Harmony GGUF (the Gemma exports) builds its prompt from the template stored in the file; the template
+    is compiled once however many prompts it renders."""
+    from importlib import resources
+
+    class StoredTemplate:  # the parts of llama_cpp.Llama that _GGUFTemplate reads
+        def __init__(self):
+            self.metadata = {"tokenizer.chat_template": (resources.files("toolkit") / "templates" /
+                                                         "gemma3.jinja").read_text(encoding="utf-8")}
+
+        def token_bos(self):
+            return 2
+
+        def token_eos(self):
+            return 1
+
+        def detokenize(self, ids, special=False):
+            return {2: b"<bos>", 1: b"<eos>"}[ids[0]]
+
+    template = backends._GGUFTemplate(StoredTemplate())
+    assert not backends.is_harmony_tokenizer(template)
+    backends._compiled_template.cache_clear()
+    spec = default_spec()
+    prompts = [spec.render_prompt(text, template) for text in ("你好", "多謝")]
+    assert all(p.startswith("<bos><start_of_turn>user\n") and p.endswith("<start_of_turn>model\n") for p in prompts)
+    assert "你好<end_of_turn>" in prompts[0] and "多謝<end_of_turn>" in prompts[1]
+    assert backends._compiled_template.cache_info().misses == 1

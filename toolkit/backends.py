@@ -8,6 +8,7 @@ the answer, after a leading `<think>` analysis block when there is one (`prompt.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import re
@@ -338,6 +339,14 @@ class TransformersTranslator:
 
 # ---- llama.cpp ----------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=8)
+def _compiled_template(source: str) -> Any:
+    """A chat template compiled once (3 ms for Gemma 3's; rendering it takes 0.02 ms, twice per prompt)."""
+    import jinja2.sandbox
+
+    return jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(source)
+
+
 class _GGUFTemplate:
     """The chat template stored in a GGUF, with `apply_chat_template` so `PromptSpec.render_prompt` can use it."""
 
@@ -353,11 +362,8 @@ class _GGUFTemplate:
         if not self.template:
             raise ArtifactError("the GGUF has no tokenizer.chat_template and no Harmony tokens: cannot build "
                                 "the prompt. Export it with `toolkit export`.")
-        import jinja2
-
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         detok = self.llm.detokenize
-        return env.from_string(self.template).render(
+        return _compiled_template(self.template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=detok([self.llm.token_bos()], special=True).decode("utf-8", "replace"),
             eos_token=detok([self.llm.token_eos()], special=True).decode("utf-8", "replace"),
