@@ -31,7 +31,8 @@
 # Knobs (environment): WORK, BASE_HF (default: `toolkit fetch gemma3-270m`), CFG (merge/export/eval preset,
 # default gemma3-270m-cpu), EVAL_SET (extra eval --set, e.g. "--set eval.n_threads=4"), BASE_SET (extra for the
 # base model's transformers eval, e.g. "--set eval.device=cuda"), EXPORT_SET (extra export --set, e.g. "--set
-# export.n_gpu_layers=0" to verify the GGUF on the CPU), JOBS (evals at once), BIASES (the tuning grid),
+# export.n_gpu_layers=0" to verify the GGUF on the CPU), EXPORT_FALLBACK_SET (an export that fails is redone once
+# with these, e.g. "--set export.verify=false"; its log says so), JOBS (evals at once), BIASES (the tuning grid),
 # N, MOE_N, NEWS, MOE_DEV, TUNE (the tuning slice as a file; default: lines TUNE_FROM+1.. of NEWS), LEXICONS,
 # HINTED (variants evaluated with hints), MAX_NEW (tokens per sentence), WITH_BASE (0: no base-model evals),
 # TUNED_BIASES (an earlier run's tuned_biases.txt for the same slice: no tuning evals; e.g.
@@ -130,8 +131,11 @@ merge_export() {  # VARIANT: merged (float32), then GGUF Q4_K_M; the logs in $WO
     # shellcheck disable=SC2086
     $TOOLKIT merge "${TRAIN_DIR[$1]}" --config "$CFG" --base-model "$BASE_HF" --out "$WORK/$1/merge" \
         > "$WORK/logs/merge-$1.log" 2>&1 \
-    && $TOOLKIT export "$WORK/$1/merge" --config "$CFG" ${EXPORT_SET:-} --name "gemma3-270m-$1" --quant Q4_K_M \
-        --out "$WORK/$1/export" > "$WORK/logs/export-$1.log" 2>&1
+    && { $TOOLKIT export "$WORK/$1/merge" --config "$CFG" ${EXPORT_SET:-} --name "gemma3-270m-$1" --quant Q4_K_M \
+        --out "$WORK/$1/export" > "$WORK/logs/export-$1.log" 2>&1 \
+      || { [ -n "${EXPORT_FALLBACK_SET:-}" ] && echo "export failed; again with $EXPORT_FALLBACK_SET" \
+        && $TOOLKIT export "$WORK/$1/merge" --config "$CFG" $EXPORT_FALLBACK_SET --name "gemma3-270m-$1" \
+          --quant Q4_K_M --out "$WORK/$1/export" --force > "$WORK/logs/export-$1-fallback.log" 2>&1; }; }
 }
 echo "== merge and export (GGUF Q4_K_M)" >&2
 for v in $VARIANTS; do

@@ -161,8 +161,8 @@ def test_interrupted_quantization_leaves_no_half_file(exported, merged_dir, tmp_
     _reuse_conversion(monkeypatch, exported)
     monkeypatch.setattr(llama_cpp, "llama_model_quantize", interrupted)
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        gguf.run(export_cfg(verify=False), merged_dir, out)
+    with pytest.raises(KeyboardInterrupt):  # llama.cpp in this process: the patch must reach it
+        gguf.run(export_cfg(verify=False, llama_process="same"), merged_dir, out)
     assert list(tmp_path.iterdir()) == []  # the export was built beside OUT: no half file, no folder, no manifest
 
 
@@ -203,7 +203,7 @@ def killed(src, dst, params):  # SIGKILL half way through writing the quantized 
     os.kill(os.getpid(), signal.SIGKILL)
 gguf.convert, llama_cpp.llama_model_quantize = convert, killed
 cfg = config.build("export", None, [], outtype="f32", quants=["Q8_0"], pre_tokenizer="gpt-4o", ollama_gguf="Q8_0",
-                   verify=False)
+                   verify=False, llama_process="same")
 gguf.run(cfg, Path(merged), Path(out))
 """
 
@@ -240,6 +240,54 @@ def test_another_merge_folder_is_no_no_op(exported, merged_dir, tmp_path):
     with pytest.raises(ArtifactError, match=rf"from other inputs \({other / 'manifest.json'} instead of"):
         gguf.run(export_cfg(), other, out)
     assert gguf.run(export_cfg(), merged_dir, out)["created"] == manifest["created"]
+
+
+@pytest.mark.llama
+def test_llama_steps_run_in_a_worker_process(exported, merged_dir, tmp_path, monkeypatch):
+    """By default quantize and verify run in worker processes (toolkit.llama_worker), never in the export's own
+    process, which holds torch: patched to fail here, they still succeed there, and their figures come back."""
+    from toolkit import llama_worker
+
+    _reuse_conversion(monkeypatch, exported)
+    steps = []
+    real_run = llama_worker.run
+
+    def spy(step, *args):
+        steps.append(step)
+        return real_run(step, *args)
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("llama.cpp step ran in the export's process")
+
+    monkeypatch.setattr(llama_worker, "run", spy)
+    monkeypatch.setattr(gguf, "quantize", not_here)
+    monkeypatch.setattr(gguf, "verify", not_here)
+    manifest = gguf.run(export_cfg(quants=["Q8_0"], ollama_gguf="Q8_0"), merged_dir, tmp_path / "out")
+    assert steps == ["quantize", "verify", "verify"]
+    files = {f["type"]: f for f in manifest["metrics"]["files"]}
+    assert files["f32"]["rel_diff_last"] < 1e-5 and files["Q8_0"]["top1_agreement"] >= 0.7
+
+
+@pytest.mark.parametrize(("script", "reason"), [
+    ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "killed by SIGSEGV"),
+    ("raise SystemExit(3)", "exit status 3"),
+])
+def test_a_failed_llama_worker_is_one_clear_error(script, reason, tmp_path, monkeypatch):
+    from toolkit import llama_worker
+
+    monkeypatch.setattr(llama_worker, "command", lambda job, result, level: [sys.executable, "-c", script])
+    with pytest.raises(ExternalToolError, match=rf"llama.cpp quantize \(src.gguf\) failed in its worker process: "
+                                                rf"{reason}; see the log above.*export.verify=false"):
+        llama_worker.run("quantize", tmp_path / "src.gguf", tmp_path / "q.gguf", "Q8_0", 1, False)
+
+
+def test_llama_worker_returns_what_the_step_returns_and_reports_its_errors(tmp_path):
+    from toolkit import llama_worker
+
+    with pytest.raises(ExternalToolError, match="exit status 1"):  # a step that raises in the worker
+        llama_worker.run("verify", tmp_path / "missing.gguf", "f32", [], {"ids": []}, export_cfg())
+    with pytest.raises(ValueError, match="unknown step"):
+        llama_worker.run("convert")
 
 
 @pytest.mark.parametrize("layers", [0, -1])

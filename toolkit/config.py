@@ -365,6 +365,9 @@ class ExportConfig:
     n_threads: int = _help("CPU threads for quantization and verification (0 = all).", 0)
     n_gpu_layers: int = _help("Layers llama-cpp-python offloads to the GPU while verifying (-1 = all, 0 = none; a "
                               "CPU-only build ignores it).", -1)
+    llama_process: str = _help("Where llama.cpp quantizes and verifies: `child` (a fresh process per step, which "
+                               "never holds torch: a CUDA build of llama-cpp-python segfaulted beside it) or `same` "
+                               "(the export's own process).", "child", choices=("child", "same"))
     ollama_gguf: str | None = _help("Which file the Modelfile uses: the outtype or one of the quants (default: "
                                     "Q4_K_M when made, else the first quant, else the outtype).", None)
     modelfile_template: str = _help("Template in modelfiles/ (name without .Modelfile) or a file path.",

@@ -9,7 +9,8 @@
 2. llama-cpp-python's `llama_model_quantize` makes the quantized files (Q8_0, Q4_K_M, MXFP4_MOE ...)
    from the converted file. From an MXFP4 file that needs llama.cpp's `allow_requantize`: the MXFP4
    values ARE the merged weights, so quantizing them again loses nothing a float source would keep.
-3. Every file is loaded with llama-cpp-python and its logits on Harmony prompts (the training prompt
+3. Every file is loaded with llama-cpp-python (steps 2 and 3 run in a process of their own,
+   `toolkit.llama_worker`: a CUDA build crashed beside torch) and its logits on Harmony prompts (the training prompt
    format, from the manifests) are compared with the merged checkpoint's, computed layer by layer
    (`toolkit.layerwise`: one decoder layer's weights in memory at a time, never the whole model):
    float files, and the MXFP4_MOE file of an mxfp4 merge (same weights), by the largest next-token
@@ -108,6 +109,16 @@ def quantize(src: Path, dst: Path, kind: str, n_threads: int, allow_requantize: 
         if status != 0:
             raise ExternalToolError(f"llama_model_quantize({src.name} -> {kind}) returned {status}; see the log "
                                     "above for llama.cpp's reason.")
+
+
+def _llama(cfg: ExportConfig, step: str, *args: Any) -> Any:
+    """`quantize` or `verify` where `export.llama_process` says: a fresh process of its own (`toolkit.llama_worker`:
+    llama.cpp never shares a process with torch) or this one."""
+    if cfg.llama_process == "same":
+        return {"quantize": quantize, "verify": verify}[step](*args)
+    from toolkit import llama_worker
+
+    return llama_worker.run(step, *args)
 
 
 def match_llama_cpp_rope(config: Any) -> bool:
@@ -300,7 +311,7 @@ def _export(cfg: ExportConfig, merged_dir: Path, merged: dict[str, Any], folder:
         if kind == source:
             continue  # the converted file is already this type
         paths[kind] = out_dir / gguf_name(name, kind)
-        quantize(paths[source], paths[kind], kind, cfg.n_threads, allow_requantize=mxfp4_merge)
+        _llama(cfg, "quantize", paths[source], paths[kind], kind, cfg.n_threads, mxfp4_merge)
     ollama_kind = cfg.ollama_file_type()
     if ollama_kind == cfg.outtype:
         ollama_kind = source
@@ -316,7 +327,7 @@ def _export(cfg: ExportConfig, merged_dir: Path, merged: dict[str, Any], folder:
         ref = reference_logits(merged_dir, prompts)
         reference = {"dtype": ref["dtype"], "rope_rounded_like_llama_cpp": ref["rope_rounded"],
                      "prompts": len(prompts), "tokens": [len(row) for row in ref["ids"]], "method": "layerwise"}
-        files = [verify(path, kind, prompts, ref, cfg) for kind, path in paths.items()]
+        files = [_llama(cfg, "verify", path, kind, prompts, ref, cfg) for kind, path in paths.items()]
         failed = [f for f in files if not f["passed"]]
         if failed:
             raise ArtifactError("export check failed: " + "; ".join(
