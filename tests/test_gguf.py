@@ -292,8 +292,7 @@ def test_llama_worker_returns_what_the_step_returns_and_reports_its_errors(tmp_p
 
 @pytest.mark.parametrize("layers", [0, -1])
 def test_verify_offloads_as_configured(layers, tmp_path, monkeypatch):
-    """export.n_gpu_layers reaches llama.cpp: 0 keeps the check on the CPU (a CUDA build whose GPU check crashed
-    on the H200 on 2026-12-02 can still verify there)."""
+    """export.n_gpu_layers reaches llama.cpp: 0 keeps the check on the CPU (a GPU build, its VRAM busy)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     seen = {}
 
