@@ -24,7 +24,6 @@ from typing import Any
 
 from toolkit.errors import ExternalToolError
 
-log = logging.getLogger(__name__)
 STEPS = ("quantize", "verify")
 
 
