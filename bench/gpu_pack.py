@@ -11,7 +11,7 @@ small enough to travel (one part per device call), with a manifest (each part's 
 
 USE is one of `USES` below, one per bench script: real-model (bench/real_model_gpu.sh), gemma-gpu
 (bench/gemma_gpu.sh), train-speed
-(bench/run_gpu.sh), multi-gpu (bench/multi_gpu.sh), full-size and full-size-serve (bench/full_size.sh). The GPU
+(bench/run_gpu.sh), speed (bench/speed_gpu.sh), multi-gpu (bench/multi_gpu.sh), full-size and full-size-serve (bench/full_size.sh). The GPU
 machine reaches nothing outside it, and a device call carries at most 64 MiB of working tree, so a pack larger
 than that travels in several calls to one warm machine: each call but the last runs `stash`, the last runs
 the bench script, whose `ready` stashes what that call carries and refuses to start unless every part arrived.
@@ -112,6 +112,8 @@ USES = {
                      shared=("corpora/zh-nan-moe", "lexicons"), tokenizer=True, llama=True,
                      run="bash bench/gemma_gpu.sh start"),
     "train-speed": Use("bench/run_gpu.sh", TRAIN + KERNELS, run="bash bench/run_gpu.sh"),
+    "speed": Use("bench/speed_gpu.sh", TRAIN + KERNELS + SERVE, tokenizer=True, llama=True,
+                 run="bash bench/speed_gpu.sh train"),
     "multi-gpu": Use("bench/multi_gpu.sh", TRAIN + ("liger-kernel==0.8.5", "hjson==3.1.0"), tokenizer=True,
                      deepspeed=True,
                      prep=("../shared/corpora/zh-nan-moe/train.tsv", "gpt-oss-20b-lora"),

@@ -129,6 +129,18 @@ def _issue21_rows(lora: str, qlora: str) -> list[Row]:
              Row("qlora+cudagraphs-1024", qlora, 1024, 1, {"compile_layers": "reduce-overhead"}),
              Row("qlora-embeddings-on-gpu-2048", qlora, 2048, 1, {"offload_embeddings": False}),
              Row("qlora+ckpt2-1024", qlora, 1024, 1, {"checkpoint_every_n_layers": 2})]
+    fused = {"fused_experts": True}
+    rows += [Row("lora+fused-2048", lora, 2048, 4, fused),
+             Row("lora+fused-ckpt6-2048", lora, 2048, 4, {**fused, "checkpoint_every_n_layers": 6}),
+             Row("lora+fused-ckpt12-2048", lora, 2048, 4, {**fused, "checkpoint_every_n_layers": 12}),
+             Row("lora+fused-mb6-ckpt3-2048", lora, 2048, 6, {**fused, "checkpoint_every_n_layers": 3}),
+             Row("lora+fused+compile-2048", lora, 2048, 4, {**fused, **compiled}),
+             Row("qlora+fused-mb4-1024", qlora, 1024, 4, fused),
+             Row("qlora+fused-mb8-1024", qlora, 1024, 8, fused),
+             Row("qlora+fused-mb2-2048", qlora, 2048, 2, fused),
+             Row("qlora+fused-mb4-2048", qlora, 2048, 4, fused),
+             Row("qlora+fused+compile-mb4-1024", qlora, 1024, 4, {**fused, **compiled}),
+             Row("qlora+fused+compile-mb2-2048", qlora, 2048, 2, {**fused, **compiled})]
     redeq = {"redequantize_experts": True}
     rows += [Row(f"qlora+ckpt{n}+redeq-{seq}", qlora, seq, 1, {**redeq, "checkpoint_every_n_layers": n})
              for seq in (1024, 2048) for n in (2, 3)]
@@ -147,6 +159,12 @@ ROW_SETS = {
         "lora-mb8-ckpt1-2048", "lora+accum4-2048", "lora-mb6-ckpt2-2048",
         "qlora+compile-2048", "qlora+compile-mb4-1024", "lora+compile-mb8-ckpt1-2048", "qlora+compile-mb2-2048",
         "qlora+compile+accum4-1024", "qlora+cudagraphs-1024", "lora+compile-max-2048"],
+    # the fused MoE element-wise work (train.fused_experts), 2026-12-03: baselines, lora, qlora, then compiled
+    "issue21-fused": [
+        "recipe-2048", "lora-2048", "lora+fused-2048", "lora+fused-ckpt6-2048", "lora+fused-ckpt12-2048",
+        "lora+fused-mb6-ckpt3-2048", "qlora-mb4-1024", "qlora+fused-mb4-1024", "qlora+fused-mb8-1024",
+        "qlora+fused-mb2-2048", "qlora+fused-mb4-2048", "qlora+fused+compile-mb4-1024",
+        "qlora+fused+compile-mb2-2048", "lora+fused+compile-2048", "lora+compile-2048"],
     "issue21-quick": ["recipe-2048", "lora-2048", "qlora-2048", "qlora-1024", "qlora+compile-1024",
                       "lora+compile-2048"],
 }
@@ -427,6 +445,8 @@ def row_config(row: Row, args: argparse.Namespace):
     if args.tiny:
         fields.update(dtype="float32" if args.device == "cpu" else "bfloat16", expert_layers=[1],
                       optimizer="adamw_torch")
+    if args.device == "cpu":  # a CPU check of the rows' machinery: Liger's kernels and flex attention's sinks
+        fields.update(liger_kernel=False, attn_implementation="eager")  # are CUDA only
     cfg = dataclasses.replace(cfg, **fields)
     problems = cfg.problems()
     if problems:
@@ -457,13 +477,14 @@ class ModelCache:
     """The last row's LoRA model, reused by the next row when only per-row settings differ.
 
     Per-row settings: sequence length, micro-batch, accumulation, checkpointing interval (the Trainer sets it
-    on every layer) and `compile_layers` (applied or removed here). Everything else (mode, kernels, LoRA
+    on every layer), `compile_layers` and `fused_experts` (applied or removed here). Everything else (mode, kernels, LoRA
     placement, offload) is the cache key. On reuse the LoRA weights go back to their initial values, so
     step 1 sees the same weights as a fresh build (a qlora build costs ~8 s of quantization; a bf16 one <1 s).
     """
 
     FIELDS: ClassVar[dict[str, Any]] = {"max_length": 0, "batch_size": 1, "grad_accum": 1, "max_steps": 0,
-                                         "checkpoint_every_n_layers": 1, "compile_layers": "off"}
+                                         "checkpoint_every_n_layers": 1, "compile_layers": "off",
+                                         "fused_experts": False}
 
     def __init__(self):
         self.key: str | None = None
@@ -485,7 +506,7 @@ class ModelCache:
         """(the LoRA model for `cfg`, whether it was reused), compiled or not as `cfg.compile_layers` says."""
         import torch
 
-        from toolkit import lora, regional_compile
+        from toolkit import fused_experts, lora, regional_compile
 
         key = self.key_of(cfg)
         reused = key == self.key
@@ -502,6 +523,9 @@ class ModelCache:
             self.model = lora.attach_lora(build_model(plain, config, device, seed=seed), plain)
             self.initial = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
             self.key = key
+        fused_experts.disable(self.model)
+        if cfg.fused_experts:
+            fused_experts.enable(self.model)
         for layer in regional_compile.decoder_layers(self.model):
             layer._compiled_call_impl = None  # what nn.Module.compile sets; None runs the plain forward
         regional_compile.compile_layers(self.model, cfg.compile_layers)

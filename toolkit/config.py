@@ -173,6 +173,9 @@ class TrainConfig:
     lowrank_experts: bool = _help("Apply the expert LoRA as two thin grouped GEMMs on the routed tokens "
                                   "(x A) B instead of peft's full-size W + BA and its dense gradient "
                                   "(toolkit.expert_lora). Needs experts_implementation = grouped_mm.", False)
+    fused_experts: bool = _help("gpt-oss: the MoE element-wise work between the expert GEMMs (bias gathers, the "
+                                "clamped SwiGLU, routing weights, the token-order sum) as two torch.compile'd "
+                                "functions (toolkit.fused_experts). Needs experts_implementation = grouped_mm.", False)
     checkpoint_every_n_layers: int = _help("With gradient_checkpointing: recompute only every n-th decoder layer "
                                            "(1 = all; larger gives memory back for speed).", 1)
     redequantize_experts: bool = _help("qlora: a decoder layer that is not recomputed (checkpoint_every_n_layers > 1) "
@@ -265,6 +268,9 @@ class TrainConfig:
         if self.lowrank_experts and self.lora_experts and self.lora_r % per_row:
             out.append(f"train.lowrank_experts: grouped GEMMs need lora_r a multiple of {per_row} in {self.dtype}, "
                        f"found {self.lora_r}; change lora_r or set lowrank_experts=false")
+        if self.fused_experts and self.experts_implementation != "grouped_mm":
+            out.append(f"train.fused_experts: needs experts_implementation = grouped_mm, found "
+                       f"{self.experts_implementation!r}")
         if self.redequantize_experts and self.experts_implementation != "grouped_mm":
             out.append(f"train.redequantize_experts: needs experts_implementation = grouped_mm, found "
                        f"{self.experts_implementation!r}")

@@ -321,6 +321,11 @@ def attach_lora(model: Any, cfg: TrainConfig):
         if not redequantize.enable(peft_model):
             log.warning("train.redequantize_experts: %s has no 4-bit expert tensors (mode %s): nothing to do",
                         cfg.base_model, cfg.mode)
+    if cfg.fused_experts:
+        from toolkit import fused_experts
+
+        if not fused_experts.enable(peft_model):
+            log.warning("train.fused_experts: %s has no gpt-oss experts modules: nothing to do", cfg.base_model)
     if cfg.compile_layers != "off":  # last: the compiled layers trace the modules as they are now
         from toolkit.regional_compile import compile_layers
 
