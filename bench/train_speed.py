@@ -139,6 +139,11 @@ def _issue21_rows(lora: str, qlora: str) -> list[Row]:
              Row("qlora+fused-mb8-1024", qlora, 1024, 8, fused),
              Row("qlora+fused-mb2-2048", qlora, 2048, 2, fused),
              Row("qlora+fused-mb4-2048", qlora, 2048, 4, fused),
+             Row("qlora+fused-mb6-1024", qlora, 1024, 6, fused),
+             Row("qlora+fused-mb3-2048", qlora, 2048, 3, fused),
+             Row("qlora+fused+offload-mb8-1024", qlora, 1024, 8, {**fused, "activation_offloading": True}),
+             Row("qlora+fused+offload-mb4-2048", qlora, 2048, 4, {**fused, "activation_offloading": True}),
+             Row("lora+fused+offload-mb8-ckpt4-2048", lora, 2048, 8, {**fused, "activation_offloading": True}),
              Row("qlora+fused+compile-mb4-1024", qlora, 1024, 4, {**fused, **compiled}),
              Row("qlora+fused+compile-mb2-2048", qlora, 2048, 2, {**fused, **compiled})]
     redeq = {"redequantize_experts": True}
@@ -165,6 +170,11 @@ ROW_SETS = {
         "lora+fused-mb6-ckpt3-2048", "qlora-mb4-1024", "qlora+fused-mb4-1024", "qlora+fused-mb8-1024",
         "qlora+fused-mb2-2048", "qlora+fused-mb4-2048", "qlora+fused+compile-mb4-1024",
         "qlora+fused+compile-mb2-2048", "lora+fused+compile-2048", "lora+compile-2048"],
+    # the second call of 2026-12-03: qlora within 14 GiB (interpolated micro-batches, TRL's activation offloading)
+    "issue21-fused2": [
+        "qlora+fused-mb8-1024", "qlora+fused-mb6-1024", "qlora+fused-mb3-2048", "qlora+fused+offload-mb8-1024",
+        "qlora+fused+offload-mb4-2048", "qlora-mb4-1024", "lora+fused-ckpt12-2048",
+        "lora+fused+offload-mb8-ckpt4-2048"],
     "issue21-quick": ["recipe-2048", "lora-2048", "qlora-2048", "qlora-1024", "qlora+compile-1024",
                       "lora+compile-2048"],
 }
@@ -445,8 +455,6 @@ def row_config(row: Row, args: argparse.Namespace):
     if args.tiny:
         fields.update(dtype="float32" if args.device == "cpu" else "bfloat16", expert_layers=[1],
                       optimizer="adamw_torch")
-    if args.device == "cpu":  # a CPU check of the rows' machinery: Liger's kernels and flex attention's sinks
-        fields.update(liger_kernel=False, attn_implementation="eager")  # are CUDA only
     cfg = dataclasses.replace(cfg, **fields)
     problems = cfg.problems()
     if problems:
@@ -484,7 +492,7 @@ class ModelCache:
 
     FIELDS: ClassVar[dict[str, Any]] = {"max_length": 0, "batch_size": 1, "grad_accum": 1, "max_steps": 0,
                                          "checkpoint_every_n_layers": 1, "compile_layers": "off",
-                                         "fused_experts": False}
+                                         "fused_experts": False, "activation_offloading": False}
 
     def __init__(self):
         self.key: str | None = None

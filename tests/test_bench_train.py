@@ -100,6 +100,11 @@ def test_switches_reach_transformers_and_trl():
     auto = config.build("train", "tiny-cpu")
     assert "experts_implementation" not in lora.kernel_kwargs(auto)
     assert train.checkpointing_kwargs(auto) is None  # tiny-cpu trains without checkpointing
+    offloaded = config.build("train", "tiny-cpu", ["train.activation_offloading=true", "train.device=cuda"])
+    assert train.training_args(offloaded, Path("/nonexistent"), "harmony").activation_offloading
+    assert not train.training_args(auto, Path("/nonexistent"), "harmony").activation_offloading
+    with pytest.raises(ConfigError, match="activation_offloading"):
+        config.build("train", "tiny-cpu", ["train.activation_offloading=true", "train.device=cpu"])
     import dataclasses
     import importlib.util
 

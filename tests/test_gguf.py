@@ -245,9 +245,13 @@ def test_another_merge_folder_is_no_no_op(exported, merged_dir, tmp_path):
 @pytest.mark.llama
 def test_llama_steps_run_in_a_worker_process(exported, merged_dir, tmp_path, monkeypatch):
     """By default quantize and verify run in worker processes (toolkit.llama_worker), never in the export's own
-    process, which holds torch: patched to fail here, they still succeed there, and their figures come back."""
+    process, which holds torch: patched to fail here, they still succeed there, and their figures come back; and
+    the export's process never loads llama.cpp at all (on the H200 a CUDA build imported only for the
+    precondition check made torch segfault later in that process)."""
     from toolkit import llama_worker
 
+    for name in [n for n in sys.modules if n == "llama_cpp" or n.startswith("llama_cpp.")]:
+        monkeypatch.delitem(sys.modules, name)  # what earlier tests loaded here: put back afterwards
     _reuse_conversion(monkeypatch, exported)
     steps = []
     real_run = llama_worker.run
@@ -264,6 +268,7 @@ def test_llama_steps_run_in_a_worker_process(exported, merged_dir, tmp_path, mon
     monkeypatch.setattr(gguf, "verify", not_here)
     manifest = gguf.run(export_cfg(quants=["Q8_0"], ollama_gguf="Q8_0"), merged_dir, tmp_path / "out")
     assert steps == ["quantize", "verify", "verify"]
+    assert "llama_cpp" not in sys.modules
     files = {f["type"]: f for f in manifest["metrics"]["files"]}
     assert files["f32"]["rel_diff_last"] < 1e-5 and files["Q8_0"]["top1_agreement"] >= 0.7
 

@@ -187,6 +187,9 @@ class TrainConfig:
                                 "compile (minutes); fewer kernel launches after.", "off")
     offload_embeddings: bool = _help("Keep the frozen input embedding table in CPU memory (gpt-oss: 1.1 GiB); each "
                                      "step copies its rows to the GPU. For qlora on small GPUs.", False)
+    activation_offloading: bool = _help("TRL's activation offloading: tensors saved for backward wait in pinned CPU "
+                                        "memory (copies overlapped on a side stream). Less GPU memory for "
+                                        "larger micro-batches; needs CUDA.", False)
     chat_format: str = _help("auto (Harmony for gpt-oss, else the tokenizer's chat template), harmony or template.",
                              "auto", choices=("auto", "harmony", "template"))
     chat_template: str | None = _help("A .jinja chat template for a tokenizer that has none.", None)
@@ -281,6 +284,9 @@ class TrainConfig:
         if self.compile_layers not in COMPILE_MODES:
             out.append(f"train.compile_layers: expected one of {', '.join(COMPILE_MODES)}, "
                        f"found {self.compile_layers!r}")
+        if self.activation_offloading and self.device == "cpu":
+            out.append("train.activation_offloading: moves saved tensors from a GPU to the CPU; set it to false on "
+                       "the CPU")
         if self.liger_kernel and self.device == "cpu":
             out.append("train.liger_kernel: Liger's kernels are Triton (CUDA); set it to false on the CPU")
         packed_ok = "flash" in self.attn_implementation or self.attn_implementation == "flex_attention"

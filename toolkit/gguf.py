@@ -259,18 +259,35 @@ def check_preconditions(cfg: ExportConfig) -> Path:
             raise ConfigError(f"--pre-tokenizer {cfg.pre_tokenizer!r}: not a name llama.cpp knows. Known: "
                               f"{', '.join(names)}.")
     if cfg.quants or cfg.verify:
-        try:
-            import llama_cpp
-        except ImportError as exc:
+        version = llama_cpp_version()
+        if version is None:
             raise ExternalToolError(
-                f"llama-cpp-python is not importable ({exc}); quantizing and verifying need it. Install it with "
+                "llama-cpp-python is not installed; quantizing and verifying need it. Install it with "
                 f"`pip install llama-cpp-python=={llamacpp.LLAMA_CPP_PYTHON_VERSION}` (builds from source, minutes), "
-                "or pass --quant none --no-verify."
-            ) from None
-        if llama_cpp.__version__ != llamacpp.LLAMA_CPP_PYTHON_VERSION:
+                "or pass --quant none --no-verify.")
+        if version != llamacpp.LLAMA_CPP_PYTHON_VERSION:
             log.warning("export: llama-cpp-python %s runs files converted by the llama.cpp of %s",
-                        llama_cpp.__version__, llamacpp.LLAMA_CPP_PYTHON_VERSION)
+                        version, llamacpp.LLAMA_CPP_PYTHON_VERSION)
     return folder
+
+
+def llama_cpp_version() -> str | None:
+    """llama-cpp-python's version from its metadata, None when it is not installed: without importing it.
+
+    Importing it loads llama.cpp's shared libraries into this process, and with `export.llama_process=child` the
+    export's own process must never hold them beside torch: on the H200 (2026-12-03) a CUDA build imported here
+    for this check alone made torch segfault later in the same process (importing torch.quantization) while the
+    worker process did its part. A package that is installed but fails to load fails in the worker, as one error.
+    """
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    try:
+        return importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:  # importable from a folder on the path without metadata
+        return "unknown"
 
 
 def run(cfg: ExportConfig, merged_dir: Path, out_dir: Path, *, force: bool = False) -> dict[str, Any]:

@@ -144,6 +144,7 @@ def training_args(cfg: TrainConfig, out_dir: Path, fmt: str):
         activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
         activation_checkpointing_kwargs=checkpointing_kwargs(cfg),
         use_liger_kernel=cfg.liger_kernel,
+        activation_offloading=cfg.activation_offloading,
         bf16=cfg.dtype == "bfloat16",
         fp16=cfg.dtype == "float16",
         use_cpu=resolve_device(cfg.device) == "cpu",
