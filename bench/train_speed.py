@@ -56,7 +56,7 @@ ACTIVE_PARAMS = 3.6e9  # gpt-oss-20b parameters used per token (OpenAI's model c
 PROMPT_SHARE = 0.75  # share of each fixed row that is prompt (label -100)
 RECIPE = {"attn_implementation": "eager", "experts_implementation": "eager", "liger_kernel": False,
           "checkpoint_every_n_layers": 1, "packing": False, "padding_free": False, "offload_embeddings": False,
-          "lowrank_experts": False}
+          "lowrank_experts": False, "fused_experts": False, "activation_offloading": False}
 FAST = {**RECIPE, "attn_implementation": "flex_attention", "experts_implementation": "grouped_mm"}
 PRESET = {**FAST, "liger_kernel": True, "checkpoint_every_n_layers": 2}  # the lora preset until run 4 (bench/results/train_speed-2026-11-25-h100.md)
 
@@ -111,8 +111,21 @@ def _rows() -> list[Row]:
     return rows
 
 
+# The presets as they were until 2026-12-03, which issue 21's rows are measured against (their names say what is
+# added on top: "lora-2048" is the lora preset of that time, "lora+fused-2048" it with train.fused_experts).
+LORA_UNTIL_1203 = {"fused_experts": False, "checkpoint_every_n_layers": 4}
+QLORA_UNTIL_1203 = {"fused_experts": False, "activation_offloading": False}
+
+
 def _issue21_rows(lora: str, qlora: str) -> list[Row]:
-    """Issue 21's levers on top of the presets as shipped (an empty `train` dict: the preset unchanged)."""
+    """Issue 21's levers on top of the presets as they were before 2026-12-03, then the presets as shipped."""
+    rows = [dataclasses.replace(row, train={**(LORA_UNTIL_1203 if row.preset == lora else QLORA_UNTIL_1203),
+                                            **row.train}) for row in _issue21_levers(lora, qlora)]
+    return rows + [Row("lora-preset-2048", lora, 2048, 4, {}), Row("qlora-preset-1024", qlora, 1024, 8, {}),
+                   Row("qlora-preset-2048", qlora, 2048, 4, {})]
+
+
+def _issue21_levers(lora: str, qlora: str) -> list[Row]:
     compiled = {"compile_layers": "default"}
     rows = [Row("lora-2048", lora, 2048, 4, {}), Row("lora+compile-2048", lora, 2048, 4, compiled),
             Row("lora+compile-max-2048", lora, 2048, 4, {"compile_layers": "max-autotune-no-cudagraphs"}),
@@ -175,6 +188,7 @@ ROW_SETS = {
         "qlora+fused-mb8-1024", "qlora+fused-mb6-1024", "qlora+fused-mb3-2048", "qlora+fused+offload-mb8-1024",
         "qlora+fused+offload-mb4-2048", "qlora-mb4-1024", "lora+fused-ckpt12-2048",
         "lora+fused+offload-mb8-ckpt4-2048"],
+    "presets": ["recipe-2048", "lora-preset-2048", "qlora-preset-1024", "qlora-preset-2048"],
     "issue21-quick": ["recipe-2048", "lora-2048", "qlora-2048", "qlora-1024", "qlora+compile-1024",
                       "lora+compile-2048"],
 }

@@ -105,6 +105,8 @@ def test_switches_reach_transformers_and_trl():
     assert not train.training_args(auto, Path("/nonexistent"), "harmony").activation_offloading
     with pytest.raises(ConfigError, match="activation_offloading"):
         config.build("train", "tiny-cpu", ["train.activation_offloading=true", "train.device=cpu"])
+    with pytest.raises(ConfigError, match="needs every layer recomputed"):  # the lora preset checkpoints every 12th
+        config.build("train", "gpt-oss-20b-lora", ["train.activation_offloading=true"])
     import dataclasses
     import importlib.util
 
@@ -116,9 +118,13 @@ def test_switches_reach_transformers_and_trl():
     lora_preset, qlora_preset = config.build("train", "gpt-oss-20b-lora"), config.build("train", "gpt-oss-20b-qlora")
     assert lora.kernel_kwargs(lora_preset) == {"attn_implementation": "flex_attention",
                                                "experts_implementation": "grouped_mm"}
-    # the fast path the lora preset uses: recompute every 4th layer, expert LoRA as low-rank grouped GEMMs
-    assert lora_preset.liger_kernel and train.checkpointing_kwargs(lora_preset)["every_n_layers"] == 4
+    # the fast path the lora preset uses: recompute every 12th layer, expert LoRA as low-rank grouped GEMMs, the
+    # MoE element-wise work fused; qlora: micro-batch 8 with the layer inputs offloaded (every layer recomputed)
+    assert lora_preset.liger_kernel and train.checkpointing_kwargs(lora_preset)["every_n_layers"] == 12
     assert lora_preset.lowrank_experts and qlora_preset.lowrank_experts
+    assert lora_preset.fused_experts and qlora_preset.fused_experts and not lora_preset.activation_offloading
+    assert qlora_preset.activation_offloading and train.checkpointing_kwargs(qlora_preset) == {"use_reentrant": False}
+    assert (qlora_preset.batch_size, qlora_preset.grad_accum) == (8, 2)
     assert qlora_preset.offload_embeddings and not qlora_preset.liger_kernel  # measured: liger costs qlora 1 GiB
     with pytest.raises(ConfigError) as err:
         config.build("train", "tiny-cpu", ["train.experts_implementation=fast", "train.liger_kernel=true"])
@@ -165,7 +171,10 @@ def test_row_sets_name_known_rows():
     issue21 = train_speed.ROW_SETS["issue21"]
     # the table of issue 21: recipe and both presets first, qlora at its own max_length (1024) and at 2048
     assert issue21[:4] == ["recipe-2048", "lora-2048", "qlora-2048", "qlora-1024"]
-    assert train_speed.ROWS["lora-2048"].train == {} and train_speed.ROWS["qlora-1024"].seq == 1024
+    # measured against the presets of their time; the presets as shipped now have rows of their own
+    assert train_speed.ROWS["lora-2048"].train == train_speed.LORA_UNTIL_1203
+    assert train_speed.ROWS["lora+fused-2048"].train == {"checkpoint_every_n_layers": 4, "fused_experts": True}
+    assert train_speed.ROWS["qlora-1024"].seq == 1024 and train_speed.ROWS["lora-preset-2048"].train == {}
 
 
 def test_reused_model_starts_each_row_from_the_same_weights(tmp_path):

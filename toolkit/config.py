@@ -284,6 +284,13 @@ class TrainConfig:
         if self.compile_layers not in COMPILE_MODES:
             out.append(f"train.compile_layers: expected one of {', '.join(COMPILE_MODES)}, "
                        f"found {self.compile_layers!r}")
+        if self.activation_offloading and self.attn_implementation == "flex_attention" and not (
+                self.gradient_checkpointing and self.checkpoint_every_n_layers == 1):
+            # measured on the H200 (2026-12-03): flex attention's compiled backward refuses the tensors that come
+            # back from the CPU (other strides); a layer that is recomputed saves none of them
+            out.append("train.activation_offloading with flex attention needs every layer recomputed: set "
+                       "train.gradient_checkpointing=true and train.checkpoint_every_n_layers=1, or "
+                       "train.activation_offloading=false")
         if self.activation_offloading and self.device == "cpu":
             out.append("train.activation_offloading: moves saved tensors from a GPU to the CPU; set it to false on "
                        "the CPU")
