@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     # the LoRA placement of the preset, on a bf16 meta model: 4-bit quantisation changes how the base is
     # stored, not which tensors carry LoRA factors or their shapes
     placement = build("train", args.config, [*base, 'train.mode="lora"', 'train.device="cpu"',
-                                             "train.lowrank_experts=false"])
+                                             "train.lowrank_experts=false", "train.activation_offloading=false"])
     prep = artifacts.read_manifest(args.prep, "prep")
     tokenizer = lora.load_tokenizer(cfg)
     config = lora.model_config(cfg)

@@ -31,10 +31,11 @@ case $mode in
     [ -d "$WORK/tok" ] || cp -r "$PACK/tok" "$WORK/tok"
     if [ ! -f /tmp/site-llama/llama_cpp/__init__.py ]; then
       mkdir -p /tmp/llama-src && tar xJf "$PACK"/llama/llama_cpp_python-*-trimmed.tar.xz -C /tmp/llama-src
+      # the stamp is written inside the setsid'd shell: a `... && touch` outside it dies with the call (2026-12-03)
       CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_FA=OFF -DGGML_CUDA_NCCL=OFF -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" \
-        CMAKE_BUILD_PARALLEL_LEVEL=6 setsid nohup nice -n 19 python3 -m pip install --no-index --no-deps \
-        --no-build-isolation --target /tmp/site-llama /tmp/llama-src/llama_cpp_python-* > "$WORK/llama-build.log" 2>&1 \
-        < /dev/null && touch "$WORK/llama.built" &
+        CMAKE_BUILD_PARALLEL_LEVEL=6 setsid nohup bash -c "nice -n 19 python3 -m pip install --no-index --no-deps \
+        --no-build-isolation --target /tmp/site-llama /tmp/llama-src/llama_cpp_python-* && touch '$WORK/llama.built'" \
+        > "$WORK/llama-build.log" 2>&1 < /dev/null &
     fi
     python3 bench/train_speed.py --rows "${ROWS:-issue21-fused}" --budget-s "${BUDGET:-400}" --steps "${STEPS:-3}" \
       --out "$OUT" ;;
@@ -48,7 +49,7 @@ case $mode in
     done
     tail -n 3 "$WORK/llama-build.log" ;;
   export)
-    for _ in $(seq 300); do [ -f "$WORK/llama.built" ] && break; sleep 1; done
+    for _ in $(seq 300); do [ -f "$WORK/llama.built" ] || [ -f /tmp/site-llama/llama_cpp/__init__.py ] && break; sleep 1; done
     tail -n 2 "$WORK/llama-build.log"
     python3 -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, 'GPU offload:', \
 llama_cpp.llama_supports_gpu_offload())" || exit 1

@@ -91,7 +91,10 @@ def transformers_rows(args: argparse.Namespace, texts: list[str]) -> list[dict[s
     }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        built = time.perf_counter()
         shared = random_model(args.random, args.device, Path(tmp), args.tokenizer) if args.random else None
+        if shared is not None:
+            print(f"# random {args.random} built in {time.perf_counter() - built:.1f} s", file=sys.stderr, flush=True)
         for mode in args.modes.split(","):
             options, chunk = modes[mode]
             if shared is not None:
@@ -103,13 +106,25 @@ def transformers_rows(args: argparse.Namespace, texts: list[str]) -> list[dict[s
                                                       dtype=args.dtype, **options)
                 spec = backends.spec_for("transformers", args.model)
             spec = spec.for_direction(args.direction)
+            warm = time.perf_counter()
             translator.translate(texts[:min(len(texts), 8)], spec, max_new_tokens=args.max_new_tokens)  # warm-up
-            rows.append(timed(f"transformers {mode}", lambda t=translator, n=chunk, sp=spec: [
-                r for start in range(0, len(texts), n)
-                for r in t.translate(texts[start:start + n], sp, max_new_tokens=args.max_new_tokens)],
-                texts, sync=args.device == "cuda"))
+            print(f"# {mode}: warm-up (8 sentences) {time.perf_counter() - warm:.1f} s", file=sys.stderr, flush=True)
+            rows.append(timed(f"transformers {mode}", lambda t=translator, n=chunk, sp=spec, m=mode: chunked(
+                t, texts, n, sp, args.max_new_tokens, m), texts, sync=args.device == "cuda"))
             del translator
     return rows
+
+
+def chunked(translator: Any, texts: list[str], chunk: int, spec: Any, max_new_tokens: int, mode: str) -> list[Any]:
+    """`translator.translate` over `texts` `chunk` at a time, each chunk's time on stderr as it ends (a row cut
+    short by a device call's time limit still says how far it got)."""
+    results: list[Any] = []
+    started = time.perf_counter()
+    for start in range(0, len(texts), chunk):
+        results += translator.translate(texts[start:start + chunk], spec, max_new_tokens=max_new_tokens)
+        print(f"# {mode}: {len(results)}/{len(texts)} sentences, {sum(r.tokens for r in results)} tokens in "
+              f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    return results
 
 
 def llama_rows(args: argparse.Namespace, texts: list[str]) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@ kill-and-resume, config errors, presets, QLoRA preconditions, and a 2-process `a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -337,6 +338,12 @@ def test_qlora_fails_fast_without_cuda(prep_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(lora.importlib.metadata, "version", version)
     with pytest.raises(ExternalToolError, match=r"bitsandbytes >= 0.48.*toolkit\[qlora\]"):
         lora.check_preconditions(cfg)
+    # the preset offloads activations from the GPU: a run that resolves to the CPU is told, before any weights load
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    lora_cfg = dataclasses.replace(cfg, mode="lora")
+    with pytest.raises(ConfigError, match="activation_offloading.*on cpu"):
+        lora.check_preconditions(lora_cfg)
+    lora.check_preconditions(dataclasses.replace(lora_cfg, activation_offloading=False, liger_kernel=False))
 
 
 def test_cli_train(tiny_model, prep_dir, tmp_path):

@@ -69,6 +69,9 @@ def check_preconditions(cfg: TrainConfig) -> None:
                 f"train.mode qlora needs bitsandbytes >= {'.'.join(map(str, MIN_BNB))} (4-bit MoE experts), found "
                 f"{version or 'none'}. Install it: pip install 'toolkit[qlora]'."
             )
+    if cfg.activation_offloading and device != "cuda":
+        raise ConfigError(f"train.activation_offloading moves saved tensors from a GPU to the CPU, and this run is on "
+                          f"{device}. Pass --set train.activation_offloading=false.")
 
 
 def _chat_template_text(cfg: TrainConfig) -> str | None:
