@@ -8,6 +8,8 @@
 # train:     starts llama-cpp-python's CUDA build (sm_90) in the background (niced, 6 jobs: the training rows
 #            keep their cores), then bench/train_speed.py --rows issue21-fused (ROWS=, BUDGET= override): the
 #            fused MoE element-wise work (train.fused_experts) against the presets and the recipe, same run.
+#            Next: ROWS=presets (the presets as shipped; qlora with train.redequantize_recomputed, to bring it
+#            under 14 GiB).
 # translate: bench/translate_speed.py on gpt-oss-20b shapes with random weights: after (500 news sentences,
 #            batches of 128), before (the first 32; the old path's rate).
 # export:    the export check with the CUDA build beside torch, which segfaulted in-process on 2026-12-02:

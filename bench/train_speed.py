@@ -121,8 +121,11 @@ def _issue21_rows(lora: str, qlora: str) -> list[Row]:
     """Issue 21's levers on top of the presets as they were before 2026-12-03, then the presets as shipped."""
     rows = [dataclasses.replace(row, train={**(LORA_UNTIL_1203 if row.preset == lora else QLORA_UNTIL_1203),
                                             **row.train}) for row in _issue21_levers(lora, qlora)]
+    redeq_all = {"redequantize_experts": True, "redequantize_recomputed": True}
     return rows + [Row("lora-preset-2048", lora, 2048, 4, {}), Row("qlora-preset-1024", qlora, 1024, 8, {}),
-                   Row("qlora-preset-2048", qlora, 2048, 4, {})]
+                   Row("qlora-preset-2048", qlora, 2048, 4, {}),
+                   Row("qlora-preset+redeq-all-1024", qlora, 1024, 8, redeq_all),
+                   Row("qlora-preset+redeq-all-2048", qlora, 2048, 4, redeq_all)]
 
 
 def _issue21_levers(lora: str, qlora: str) -> list[Row]:
@@ -188,7 +191,9 @@ ROW_SETS = {
         "qlora+fused-mb8-1024", "qlora+fused-mb6-1024", "qlora+fused-mb3-2048", "qlora+fused+offload-mb8-1024",
         "qlora+fused+offload-mb4-2048", "qlora-mb4-1024", "lora+fused-ckpt12-2048",
         "lora+fused+offload-mb8-ckpt4-2048"],
-    "presets": ["recipe-2048", "lora-preset-2048", "qlora-preset-1024", "qlora-preset-2048"],
+    # the presets as shipped, and the qlora preset within 14 GiB (to measure: re-dequantizing in recomputed layers)
+    "presets": ["recipe-2048", "lora-preset-2048", "qlora-preset-1024", "qlora-preset+redeq-all-1024",
+                "qlora-preset-2048", "qlora-preset+redeq-all-2048"],
     "issue21-quick": ["recipe-2048", "lora-2048", "qlora-2048", "qlora-1024", "qlora+compile-1024",
                       "lora+compile-2048"],
 }

@@ -39,7 +39,7 @@ def fake_4bit(model) -> list:
     return made
 
 
-def run(tiny_model, redequantize_experts: bool):
+def run(tiny_model, redequantize_experts: bool, recomputed: bool = False):
     """Loss, LoRA gradients, shapes of the expert-sized tensors autograd kept, dequantizations per tensor."""
     import torch
 
@@ -47,7 +47,7 @@ def run(tiny_model, redequantize_experts: bool):
     model = lora.attach_lora(lora.load_base(cfg), cfg)
     derived = fake_4bit(model)
     if redequantize_experts:
-        assert redequantize.enable(model) == 2
+        assert redequantize.enable(model, recomputed=recomputed) == 2
     model.train()
     model.get_base_model().activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=2)
     layers = model.get_base_model().model.layers
@@ -83,6 +83,12 @@ def test_redequantized_experts_match_and_keep_nothing(tiny_model):
     assert kept and not r_kept  # transformers' path keeps layer 1's derived experts for backward; ours none
     # layer 0 (recomputed): forward + recompute either way; layer 1: forward, and with the option backward too
     assert calls == [2, 2, 1, 1] and r_calls == [2, 2, 2, 2]
+    # train.redequantize_recomputed: the recomputed layer 0 too, so its recompute keeps no W and backward
+    # dequantizes each tensor once more (forward, recompute, backward); same numbers
+    a_loss, a_grads, a_kept, a_calls = run(tiny_model, True, recomputed=True)
+    assert a_loss == pytest.approx(loss, rel=1e-6) and not a_kept and a_calls == [3, 3, 2, 2]
+    for name, grad in grads.items():
+        torch.testing.assert_close(a_grads[name], grad, rtol=1e-5, atol=1e-7)
 
 
 def test_redequantize_config_check(tiny_model):
@@ -90,6 +96,8 @@ def test_redequantize_config_check(tiny_model):
         cfg_for(tiny_model, redequantize_experts=True, experts_implementation="eager")
     with pytest.raises(ConfigError, match="redequantize_experts works uncompiled only"):
         cfg_for(tiny_model, redequantize_experts=True, compile_layers="default")
+    with pytest.raises(ConfigError, match="redequantize_recomputed extends train.redequantize_experts"):
+        cfg_for(tiny_model, redequantize_recomputed=True)
     cfg = cfg_for(tiny_model, redequantize_experts=True)
     model = lora.attach_lora(lora.load_base(cfg), cfg)  # 16-bit experts: nothing to hook (a warning)
     assert redequantize.enable(model) == 0

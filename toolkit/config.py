@@ -182,6 +182,10 @@ class TrainConfig:
                                        "dequantizes its 4-bit experts again in backward instead of keeping the "
                                        "16-bit copy (gpt-oss-20b: 1.6 GB a layer) from forward (toolkit.redequantize). "
                                        "Needs experts_implementation = grouped_mm.", False)
+    redequantize_recomputed: bool = _help("With redequantize_experts: recomputed layers too. Their recompute then "
+                                          "keeps no 16-bit experts for backward either, which dequantizes them "
+                                          "once more (gpt-oss-20b: about 0.5 GB less at the peak, one more "
+                                          "dequantization of each expert tensor per layer and step).", False)
     compile_layers: str = _help("torch.compile each decoder layer in place (toolkit.regional_compile): off, default, "
                                 "max-autotune-no-cudagraphs or reduce-overhead (CUDA graphs). The first steps "
                                 "compile (minutes); fewer kernel launches after.", "off")
@@ -277,6 +281,8 @@ class TrainConfig:
         if self.redequantize_experts and self.experts_implementation != "grouped_mm":
             out.append(f"train.redequantize_experts: needs experts_implementation = grouped_mm, found "
                        f"{self.experts_implementation!r}")
+        if self.redequantize_recomputed and not self.redequantize_experts:
+            out.append("train.redequantize_recomputed extends train.redequantize_experts: set both, or neither")
         if self.redequantize_experts and self.compile_layers != "off":
             # measured on the CPU: compiled, the weights are kept for backward again and every layer recompiles
             out.append("train.redequantize_experts works uncompiled only: set train.compile_layers=off or "

@@ -321,7 +321,7 @@ def attach_lora(model: Any, cfg: TrainConfig):
     if cfg.redequantize_experts:
         from toolkit import redequantize
 
-        if not redequantize.enable(peft_model):
+        if not redequantize.enable(peft_model, recomputed=cfg.redequantize_recomputed):
             log.warning("train.redequantize_experts: %s has no 4-bit expert tensors (mode %s): nothing to do",
                         cfg.base_model, cfg.mode)
     if cfg.fused_experts:

@@ -9,7 +9,9 @@ forward twice (attention, routing, all the GEMMs) to save memory it only spends 
 With this option a layer that is not recomputed (`checkpoint_every_n_layers` > 1 leaves some) runs its
 base expert GEMMs through an autograd function that keeps nothing but the routing offsets and
 dequantizes W again in backward: one dequantization replaces one layer recompute. Checkpointed layers
-(their recompute holds W only for their own backward) and 16-bit weights keep transformers' path. The
+(their recompute holds W only for their own backward) keep transformers' path unless
+`train.redequantize_recomputed` says otherwise (then their recompute keeps no W either, and backward holds one
+expert tensor at a time: the peak of the qlora preset, which recomputes every layer); 16-bit weights always. The
 result is the same numbers: the same W, the same grouped GEMMs. Uncompiled only (`train.compile_layers` off):
 compiled, AOT autograd keeps the weight for backward again (seen on the CPU), so the config refuses both.
 """
@@ -55,7 +57,8 @@ def _redequantized():
 
 
 def grouped_linear(input, weight, offs, bias=None, is_transposed=False):
-    """transformers' grouped linear; through `Redequantized` for a frozen 4-bit W of a layer not recomputed."""
+    """transformers' grouped linear; through `Redequantized` for a frozen 4-bit W of a layer not recomputed (or of
+    any layer, for a module enabled with `recomputed=True`)."""
     import torch
 
     from toolkit import expert_lora
@@ -64,7 +67,8 @@ def grouped_linear(input, weight, offs, bias=None, is_transposed=False):
     module = _RUNNING[-1] if _RUNNING else None
     layer = module._redequantize_layer() if module is not None else None
     if (layer is None or weight.requires_grad or not input.requires_grad or not torch.is_grad_enabled()
-            or layer.training and getattr(layer, "gradient_checkpointing", False)):
+            or layer.training and getattr(layer, "gradient_checkpointing", False)
+            and not getattr(module, "_redequantize_recomputed", False)):
         return expert_lora.base_grouped_linear(input, weight, offs, bias, is_transposed)
     names = [n for n in _quantized_names(module) if _shape_of(module, n) == tuple(weight.shape)]
     if len(names) != 1:
@@ -101,8 +105,11 @@ def _pop(module, args, output):
         _RUNNING.pop()
 
 
-def enable(model: Any) -> int:
-    """Hook every 4-bit (parametrized) experts module of `model`'s decoder layers; returns how many."""
+def enable(model: Any, recomputed: bool = False) -> int:
+    """Hook every 4-bit (parametrized) experts module of `model`'s decoder layers; returns how many. `recomputed`:
+    layers that are recomputed go through `Redequantized` too (`train.redequantize_recomputed`): their recompute
+    keeps only the offsets, and backward dequantizes each expert tensor once more, one at a time, instead of
+    holding both from the recompute (gpt-oss-20b: 1.06 + 0.53 GB; then at most the 1.06)."""
     import weakref
 
     from toolkit import expert_lora, regional_compile
@@ -111,7 +118,10 @@ def enable(model: Any) -> int:
     count = 0
     for layer in regional_compile.decoder_layers(model):
         for module in layer.modules():
-            if not _quantized_names(module) or hasattr(module, "_redequantize_layer"):
+            if not _quantized_names(module):
+                continue
+            module._redequantize_recomputed = recomputed
+            if hasattr(module, "_redequantize_layer"):
                 continue
             module._redequantize_layer = weakref.ref(layer)  # a weak one: no cycle keeps a freed model alive
             module.register_forward_pre_hook(_push)
