@@ -16,7 +16,9 @@ def cfg_for(model, **kw):
     return config.build("train", "tiny-cpu", [f"train.{k}={json.dumps(v)}" for k, v in sets.items()])
 
 
-def loss_and_grads(model_dir, **kw):
+def trained(model_dir, random_biases: bool = False, **kw):
+    """(model, loss, LoRA gradients) of one forward and backward of the tiny gpt-oss with `kw` train settings;
+    `random_biases`: the expert biases random too (the tiny model's are zero)."""
     import torch
 
     cfg = cfg_for(model_dir, **kw)
@@ -24,13 +26,17 @@ def loss_and_grads(model_dir, **kw):
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():  # a fresh LoRA has B = 0: give B values so the expert path matters
         for name, param in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or random_biases and name.endswith("_proj_bias"):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(4))
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return loss.item(), grads
+    return model, loss.item(), grads
+
+
+def loss_and_grads(model_dir, **kw):
+    return trained(model_dir, **kw)[1:]
 
 
 def test_lowrank_experts_match_peft(tiny_model):

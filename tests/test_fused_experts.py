@@ -3,35 +3,10 @@ gradients (eager here; the compiled form is checked to trace as one graph)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
+from test_expert_lora import cfg_for, trained
 
-from toolkit import config, lora
 from toolkit.errors import ConfigError
-
-
-def cfg_for(model, **kw):
-    sets = {"base_model": str(model), "dtype": "float32", "experts_implementation": "grouped_mm",
-            "expert_layers": "all", **kw}
-    return config.build("train", "tiny-cpu", [f"train.{k}={json.dumps(v)}" for k, v in sets.items()])
-
-
-def loss_and_grads(model_dir, **kw):
-    import torch
-
-    cfg = cfg_for(model_dir, **kw)
-    model = lora.attach_lora(lora.load_base(cfg), cfg)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # a fresh LoRA has B = 0; random biases so that the bias gathers matter
-        for name, param in model.named_parameters():
-            if "lora_B" in name or name.endswith("_proj_bias"):
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(4))
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return model, loss.item(), grads
 
 
 @pytest.mark.parametrize("lowrank", [False, True])
@@ -40,8 +15,8 @@ def test_fused_experts_match_transformers(tiny_model, lowrank):
 
     from toolkit import fused_experts
 
-    _, base_loss, base_grads = loss_and_grads(tiny_model, lowrank_experts=lowrank)
-    model, loss, grads = loss_and_grads(tiny_model, lowrank_experts=lowrank, fused_experts=True)
+    _, base_loss, base_grads = trained(tiny_model, random_biases=True, lowrank_experts=lowrank)
+    model, loss, grads = trained(tiny_model, random_biases=True, lowrank_experts=lowrank, fused_experts=True)
     experts = [m for m in model.modules() if type(m).__name__ == "GptOssExperts"]
     assert experts and all(m.forward.__func__ is fused_experts.forward for m in experts)
     assert fused_experts.disable(model) == len(experts) and fused_experts.disable(model) == 0
