@@ -318,8 +318,13 @@ def test_verify_offloads_as_configured(layers, tmp_path, monkeypatch):
 def test_failed_check_writes_no_manifest(exported, merged_dir, tmp_path, monkeypatch):
     _reuse_conversion(monkeypatch, exported)
     cfg = export_cfg(quants=[], ollama_gguf="f32", float_rtol=1e-12, verify_texts=["你好"])
-    with pytest.raises(ArtifactError, match="export check failed: model-F32.gguf rel_diff_last"):
+    with pytest.raises(ArtifactError, match="export check failed: model-F32.gguf rel_diff_last") as err:
         gguf.run(cfg, merged_dir, tmp_path / "out")
+    assert "Fix: for a float file" in str(err.value) and "export.float_rtol=HIGHER" in str(err.value)
+    # a quantized file that fails: the fix names it, and the files that passed
+    fix = gguf._failed_check_fix([{"type": "Q4_K_M", "passed": False}],
+                                 [{"type": "MXFP4_MOE", "passed": True}, {"type": "Q4_K_M", "passed": False}])
+    assert fix.startswith("Fix: leave Q4_K_M out of --quant") and "MXFP4_MOE passed" in fix and "min_top1" in fix
     assert not (tmp_path / "out" / artifacts.MANIFEST).exists()
 
 

@@ -121,6 +121,21 @@ def _llama(cfg: ExportConfig, step: str, *args: Any) -> Any:
     return llama_worker.run(step, *args)
 
 
+def _failed_check_fix(failed: list[dict[str, Any]], files: list[dict[str, Any]]) -> str:
+    """What to do about files that failed the check: export the ones that passed, or accept the loss knowingly."""
+    quantized = [f["type"] for f in failed if f["type"] in QUANT_FTYPES]
+    passed = [f["type"] for f in files if f["passed"]]
+    fix = []
+    if quantized:
+        fix.append(f"leave {', '.join(quantized)} out of --quant (a model this sensitive to rounding loses more in "
+                   f"them{'; ' + ', '.join(passed) + ' passed' if passed else ''}), or accept it with "
+                   f"--set export.min_top1=LOWER")
+    if len(quantized) < len(failed):
+        fix.append("for a float file, look at the merge (its own check) or accept it with "
+                   "--set export.float_rtol=HIGHER")
+    return "Fix: " + "; ".join(fix) + "; --no-verify skips the check."
+
+
 def match_llama_cpp_rope(config: Any) -> bool:
     """Round the YaRN correction range as llama.cpp always does; True when that changed the config.
 
@@ -349,7 +364,8 @@ def _export(cfg: ExportConfig, merged_dir: Path, merged: dict[str, Any], folder:
         if failed:
             raise ArtifactError("export check failed: " + "; ".join(
                 f"{f['file']} rel_diff_last {f['rel_diff_last']:.3g}, top-1 {f['top1_agreement']:.3f} "
-                f"(needs {f['criterion']})" for f in failed) + ". Nothing was written; the output folder is as it was.")
+                f"(needs {f['criterion']})" for f in failed) + ". Nothing was written; the output folder is as it was. "
+                + _failed_check_fix(failed, files))
     else:
         files = [{"file": p.name, "type": k, "bytes": p.stat().st_size, "passed": None, "tensor_types": tensor_types(p)}
                  for k, p in paths.items()]
