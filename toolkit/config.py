@@ -268,19 +268,15 @@ class TrainConfig:
                 out.append(f'train.{key}: expected "all" or a list of layer indices >= 0, found {value!r}')
         if not self.lora_modules and not self.lora_experts:
             out.append("train.lora_modules and train.lora_experts are both empty: nothing to train")
-        if self.lowrank_experts and self.lora_experts and self.experts_implementation != "grouped_mm":
-            out.append(f"train.lowrank_experts: needs experts_implementation = grouped_mm, found "
+        grouped_only = {"lowrank_experts": self.lowrank_experts and bool(self.lora_experts),
+                        "fused_experts": self.fused_experts, "redequantize_experts": self.redequantize_experts}
+        for key in [k for k, on in grouped_only.items() if on and self.experts_implementation != "grouped_mm"]:
+            out.append(f"train.{key}: needs experts_implementation = grouped_mm, found "
                        f"{self.experts_implementation!r}")
         per_row = 4 if self.dtype == "float32" else 8  # grouped GEMM rows (r values) must span 16 bytes
         if self.lowrank_experts and self.lora_experts and self.lora_r % per_row:
             out.append(f"train.lowrank_experts: grouped GEMMs need lora_r a multiple of {per_row} in {self.dtype}, "
                        f"found {self.lora_r}; change lora_r or set lowrank_experts=false")
-        if self.fused_experts and self.experts_implementation != "grouped_mm":
-            out.append(f"train.fused_experts: needs experts_implementation = grouped_mm, found "
-                       f"{self.experts_implementation!r}")
-        if self.redequantize_experts and self.experts_implementation != "grouped_mm":
-            out.append(f"train.redequantize_experts: needs experts_implementation = grouped_mm, found "
-                       f"{self.experts_implementation!r}")
         if self.redequantize_recomputed and not self.redequantize_experts:
             out.append("train.redequantize_recomputed extends train.redequantize_experts: set both, or neither")
         if self.redequantize_experts and self.compile_layers != "off":

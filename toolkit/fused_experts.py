@@ -47,11 +47,14 @@ def combine(down, bias, expert_ids, weights, inv_perm, tokens: int, top_k: int):
     return out[inv_perm].view(tokens, top_k, -1).sum(dim=1)
 
 
+_FUNCTIONS = {"gate": gate, "combine": combine}
+
+
 @functools.cache
 def _compiled(name: str):
     import torch
 
-    return torch.compile({"gate": gate, "combine": combine}[name], dynamic=True, fullgraph=True)
+    return torch.compile(_FUNCTIONS[name], dynamic=True, fullgraph=True)
 
 
 def _kernel(name: str, tensor):
@@ -60,7 +63,7 @@ def _kernel(name: str, tensor):
 
     if tensor.is_cuda and not torch.compiler.is_compiling():
         return _compiled(name)
-    return {"gate": gate, "combine": combine}[name]
+    return _FUNCTIONS[name]
 
 
 def supports(module: Any) -> bool:
@@ -68,7 +71,7 @@ def supports(module: Any) -> bool:
     return (getattr(module, "has_gate", False) and getattr(module, "has_bias", False)
             and getattr(module, "is_transposed", False) and not getattr(module, "is_concatenated", True)
             and not getattr(module, "has_post_expert_norm", False)
-            and hasattr(module, "alpha") and hasattr(module, "limit"))
+            and all(hasattr(module, a) for a in ("alpha", "limit", "gate_up_proj_bias")))
 
 
 def forward(self, hidden_states, top_k_index, top_k_weights):
@@ -100,7 +103,7 @@ def enable(model: Any) -> int:
     many. Per instance: other models and modules keep transformers' forward."""
     count = 0
     for module in model.modules():
-        if supports(module) and hasattr(module, "gate_up_proj_bias"):
+        if supports(module):
             module.forward = types.MethodType(forward, module)
             count += 1
     log.info("fused_experts: %d experts modules with fused element-wise work", count)
