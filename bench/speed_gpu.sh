@@ -8,10 +8,12 @@
 # train:     starts llama-cpp-python's CUDA build (sm_90) in the background (niced, 6 jobs: the training rows
 #            keep their cores), then bench/train_speed.py --rows issue21-fused (ROWS=, BUDGET= override): the
 #            fused MoE element-wise work (train.fused_experts) against the presets and the recipe, same run.
-#            Next: ROWS=presets (the presets as shipped; qlora with train.redequantize_recomputed, to bring it
-#            under 14 GiB).
+#            ROWS=presets: the presets as shipped; qlora with train.redequantize_recomputed, to bring it
+#            under 14 GiB. MEMORY=ROW,...: what is allocated at the peak of one extra step of those rows, by the
+#            code that allocated it (OUT/memory-ROW.txt).
 # translate: bench/translate_speed.py on gpt-oss-20b shapes with random weights: after (500 news sentences,
-#            batches of 128), before (the first 32; the old path's rate).
+#            batches of 128, one batch of PROFILE_TOKENS=16 new tokens profiled first: OUT/profile-after.txt),
+#            before (the first 32; the old path's rate).
 # export:    the export check with the CUDA build beside torch, which segfaulted in-process on 2026-12-02:
 #            `toolkit export` of a tiny gpt-oss (trained 2 steps, merged) with llama.cpp in its worker process (the default,
 #            export.llama_process=child) and every layer on the GPU, then the same in-process (=same), for contrast.
@@ -40,14 +42,16 @@ case $mode in
         > "$WORK/llama-build.log" 2>&1 < /dev/null &
     fi
     python3 bench/train_speed.py --rows "${ROWS:-issue21-fused}" --budget-s "${BUDGET:-400}" --steps "${STEPS:-3}" \
-      --out "$OUT" ;;
+      --memory "${MEMORY:-}" --out "$OUT" ;;
   translate)
     [ -f "$WORK/data/news500.tsv" ] || { echo "no $WORK/data/news500.tsv: run train with .gpu/evaldata first"; exit 1; }
-    for row in "after --modes after --batch-size 128" "before --modes before --limit 32"; do
+    for row in "after --modes after --batch-size 128 --profile-tokens ${PROFILE_TOKENS:-16}" \
+               "before --modes before --limit 32"; do
       # shellcheck disable=SC2086
       python3 bench/translate_speed.py --random gpt-oss-20b --tokenizer "$WORK/tok" --test "$WORK/data/news500.tsv" \
         --device cuda --out "$WORK/${row%% *}" ${row#* } \
-        && cp "$WORK/${row%% *}/translate_speed.json" "$OUT/translate_speed-oss-${row%% *}.json"
+        ; cp "$WORK/${row%% *}"/*.* "$OUT/" 2>/dev/null; mv "$OUT/translate_speed.json" \
+          "$OUT/translate_speed-oss-${row%% *}.json" 2>/dev/null
     done
     tail -n 3 "$WORK/llama-build.log" ;;
   export)

@@ -191,9 +191,10 @@ ROW_SETS = {
         "qlora+fused-mb8-1024", "qlora+fused-mb6-1024", "qlora+fused-mb3-2048", "qlora+fused+offload-mb8-1024",
         "qlora+fused+offload-mb4-2048", "qlora-mb4-1024", "lora+fused-ckpt12-2048",
         "lora+fused+offload-mb8-ckpt4-2048"],
-    # the presets as shipped, and the qlora preset within 14 GiB (to measure: re-dequantizing in recomputed layers)
-    "presets": ["recipe-2048", "lora-preset-2048", "qlora-preset-1024", "qlora-preset+redeq-all-1024",
-                "qlora-preset-2048", "qlora-preset+redeq-all-2048"],
+    # the presets as shipped; first the open question, the qlora preset within 14 GiB (re-dequantizing in
+    # recomputed layers), then the lora preset and its baseline (measured twice on 2026-12-03 already)
+    "presets": ["qlora-preset+redeq-all-1024", "qlora-preset-1024", "qlora-preset+redeq-all-2048",
+                "qlora-preset-2048", "recipe-2048", "lora-preset-2048"],
     "issue21-quick": ["recipe-2048", "lora-2048", "qlora-2048", "qlora-1024", "qlora+compile-1024",
                       "lora+compile-2048"],
 }
@@ -467,7 +468,8 @@ def row_config(row: Row, args: argparse.Namespace):
     cfg = config.build("train", row.preset)
     fields = {
         **row.train, "max_length": row.seq, "batch_size": row.batch, "grad_accum": row.accum,
-        "max_steps": args.warmup + args.steps + (row.name in getattr(args, "profile", ())),  # + a profiled step
+        "max_steps": args.warmup + args.steps + (row.name in getattr(args, "profile", ()))  # + a profiled step
+        + (row.name in getattr(args, "memory", ())),  # + a step with the allocator recorded
         "eval_steps": 0, "save_steps": 0, "logging_steps": 1,
         "report_to": "none", "device": args.device, "seed": args.seed,
     }
@@ -597,6 +599,74 @@ def step_profiler(step: int, out: Path, top: int = 30):
     return StepProfiler()
 
 
+def step_memory(step: int, out: Path, top: int = 20):
+    """A TrainerCallback: CUDA allocator history over optimizer step `step` (1-based); what is allocated at that
+    step's peak, grouped by the innermost frame of toolkit / transformers / peft / trl / bitsandbytes code
+    (`peak_breakdown`), goes to `out`."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepMemory(TrainerCallback):
+        base = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == step and torch.cuda.is_available():
+                torch.cuda.synchronize()
+                self.base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")  # C++ stacks: minutes
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.base is None:
+                return
+            torch.cuda.synchronize()
+            snapshot = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            text = (f"# step {step}: allocated at its start {self.base / 2**30:.2f} GiB, its peak "
+                    f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB\n"
+                    + peak_breakdown(snapshot["device_traces"][torch.cuda.current_device()], self.base, top))
+            out.write_text(text, encoding="utf-8")
+            print(text, file=sys.stderr, flush=True)
+            self.base = None
+
+    return StepMemory()
+
+
+OWN_CODE = ("/toolkit/", "/transformers/", "/peft/", "/trl/", "/bitsandbytes/", "/accelerate/")
+
+
+def peak_breakdown(trace: list[dict[str, Any]], base: int = 0, top: int = 20) -> str:
+    """The blocks live at the highest point of an allocator trace (torch.cuda.memory._snapshot()'s
+    device_traces[i]: alloc / free_completed events with their stacks), summed by the innermost frame in
+    OWN_CODE (else the innermost frame); `base`: bytes allocated before the trace began."""
+    live: dict[int, dict[str, Any]] = {}
+    current = peak = 0
+    at_peak: list[dict[str, Any]] = []
+    for event in trace:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            current += event["size"]
+            if current > peak:
+                peak, at_peak = current, list(live.values())
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            current -= live.pop(event["addr"])["size"]
+    groups: dict[str, list[int]] = {}
+    for event in at_peak:
+        frames = event.get("frames") or []
+        frame = next((f for f in frames if any(part in f["filename"] for part in OWN_CODE)),
+                     frames[0] if frames else {"filename": "?", "line": 0, "name": "?"})
+        key = f"{frame['filename'].rsplit('/site-packages/', 1)[-1]}:{frame['line']} {frame['name']}"
+        entry = groups.setdefault(key, [0, 0])
+        entry[0] += event["size"]
+        entry[1] += 1
+    title = (f"## live at the trace's peak: {peak / 2**30:.3f} GiB above the start ({(base + peak) / 2**30:.2f} GiB "
+             "in all), by allocating frame")
+    lines = [title, "| GiB | blocks | frame |", "|---|---|---|"]
+    for key, (size, count) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"| {size / 2**30:.3f} | {count} | {key} |")
+    return "\n".join(lines) + "\n"
+
+
 def dynamo_counters() -> dict[str, Any]:
     """What torch.compile did during a row: graphs compiled, graph breaks (top reasons), recompiles."""
     from torch._dynamo.utils import counters
@@ -635,6 +705,9 @@ def run_row(row: Row, args: argparse.Namespace, tokenizer: Any, peak: float | No
     callbacks = [timer]
     if row.name in getattr(args, "profile", ()):
         callbacks.append(step_profiler(steps + 1, args.out / f"profile-{safe_name(row.name)}.txt"))
+    if row.name in getattr(args, "memory", ()):  # a step after the profiled one, if any
+        extra = steps + 1 + (row.name in getattr(args, "profile", ()))
+        callbacks.append(step_memory(extra, args.out / f"memory-{safe_name(row.name)}.txt"))
     counters.clear()
     with tempfile.TemporaryDirectory() as tmp, _LigerPatches():
         trainer = train.build_trainer(cfg, model, tokenizer, "harmony", dataset, None, Path(tmp), callbacks)
@@ -734,12 +807,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench" / "out")))
     parser.add_argument("--profile", default="", help="comma-separated rows to profile one extra step of "
                         "(torch.profiler tables to OUT/profile-ROW.txt; the step is not timed)")
+    parser.add_argument("--memory", default="", help="comma-separated rows to record the CUDA allocator over one "
+                        "extra step of (what is live at its peak, by allocating frame, to OUT/memory-ROW.txt)")
     parser.add_argument("--probe-fp8", action="store_true", help="time bf16 vs FP8 grouped GEMMs at the expert shapes")
     parser.add_argument("--check-packing", action="store_true", help="packed vs separate logits, flex attention")
     parser.add_argument("--write-lengths", type=Path, metavar="PREP_DIR",
                         help="write bench/zh_nan_lengths.json from a prep folder and exit")
     args = parser.parse_args(argv)
     args.profile = {n.strip() for n in args.profile.split(",") if n.strip()}
+    args.memory = {n.strip() for n in args.memory.split(",") if n.strip()}
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if args.write_lengths:
         print(write_lengths(args.write_lengths))

@@ -109,6 +109,9 @@ def transformers_rows(args: argparse.Namespace, texts: list[str]) -> list[dict[s
             warm = time.perf_counter()
             translator.translate(texts[:min(len(texts), 8)], spec, max_new_tokens=args.max_new_tokens)  # warm-up
             print(f"# {mode}: warm-up (8 sentences) {time.perf_counter() - warm:.1f} s", file=sys.stderr, flush=True)
+            if args.profile_tokens:
+                profile(translator, texts[:translator.batch_size], spec, args.profile_tokens,
+                        args.out / f"profile-{mode}.txt" if args.out else None)
             rows.append(timed(f"transformers {mode}", lambda t=translator, n=chunk, sp=spec, m=mode: chunked(
                 t, texts, n, sp, args.max_new_tokens, m), texts, sync=args.device == "cuda"))
             del translator
@@ -125,6 +128,35 @@ def chunked(translator: Any, texts: list[str], chunk: int, spec: Any, max_new_to
         print(f"# {mode}: {len(results)}/{len(texts)} sentences, {sum(r.tokens for r in results)} tokens in "
               f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     return results
+
+
+def profile(translator: Any, texts: list[str], spec: Any, tokens: int, out: Path | None, top: int = 25) -> str:
+    """torch.profiler over one `translate` call of `texts` (a row's first batch) with `tokens` new tokens at most:
+    the operator tables by self device time and by self CPU time (where the GPU waits on Python), and the time
+    per decoding step. To stderr, and to `out` when given."""
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    started = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        results = translator.translate(texts, spec, max_new_tokens=tokens)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    steps = max(r.tokens for r in results)
+    events = prof.key_averages()
+    device_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    text = (f"# profile: {len(texts)} sentences, {steps} decoding steps in {seconds:.2f} s "
+            f"({1000 * seconds / max(steps, 1):.1f} ms per step, profiler overhead included)\n"
+            f"## by self device time\n{events.table(sort_by=device_key, row_limit=top)}\n"
+            f"## by self CPU time\n{events.table(sort_by='self_cpu_time_total', row_limit=top)}\n")
+    print(text, file=sys.stderr, flush=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    return text
 
 
 def llama_rows(args: argparse.Namespace, texts: list[str]) -> list[dict[str, Any]]:
@@ -181,6 +213,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--modes", default="before,after", help="transformers rows: before, after or both")
     ap.add_argument("--batch-size", type=int, default=64, help="the after row's batch")
     ap.add_argument("--cache", choices=["dynamic", "static"], default="dynamic", help="the after row's KV cache")
+    ap.add_argument("--profile-tokens", type=int, default=0,
+                    help="transformers rows: profile one batch first with at most this many new tokens "
+                         "(torch.profiler tables to stderr and OUT/profile-MODE.txt)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", default="2", help="llama.cpp: comma-separated n_threads values")

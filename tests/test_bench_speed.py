@@ -76,8 +76,11 @@ def test_translate_speed_random_model_reads_a_packed_tokenizer(tmp_path, monkeyp
 
     monkeypatch.setattr(tokenizer, "build_hf_tokenizer", no_build)
     rows = ts.main(["--random", "tiny", "--tokenizer", str(tok), "--modes", "after", "--limit", "3",
-                    "--max-new-tokens", "4", "--device", "cpu", "--out", str(tmp_path / "out")])
+                    "--max-new-tokens", "4", "--device", "cpu", "--profile-tokens", "2", "--batch-size", "2",
+                    "--out", str(tmp_path / "out")])
     assert [r["name"] for r in rows] == ["transformers after"] and rows[0]["sentences"] == 3
+    profile = (tmp_path / "out" / "profile-after.txt").read_text(encoding="utf-8")
+    assert profile.startswith("# profile: 2 sentences, 2 decoding steps") and "aten::" in profile
     assert 0 < rows[0]["tokens"] <= 3 * 4
     assert not (tok / "tokenizer.json").exists()  # unpacked into a temporary folder, the pack left as it was
 

@@ -237,3 +237,23 @@ def test_profiled_step_is_extra_and_untimed(tmp_path):
     assert result["tokens_per_s"] == pytest.approx(timed, rel=0.02)
     text = (tmp_path / "profile-recipe-2048.txt").read_text()
     assert "## by self CPU time" in text and "aten::" in text
+
+
+def test_peak_breakdown_sums_the_blocks_live_at_the_peak_by_frame():
+    def frames(*names):
+        return [{"filename": f"/x/site-packages/{n}.py", "line": 1, "name": n.rsplit("/", 1)[-1]} for n in names]
+
+    gib = 2**30
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 2 * gib, "frames": frames("torch/nn/functional", "toolkit/lora")},
+        {"action": "alloc", "addr": 2, "size": gib, "frames": frames("bitsandbytes/functional")},
+        {"action": "alloc", "addr": 3, "size": gib, "frames": frames("torch/other")},  # peak: 4 GiB live
+        {"action": "free_completed", "addr": 1, "size": 2 * gib},
+        {"action": "alloc", "addr": 4, "size": gib // 2, "frames": frames("toolkit/lora")},  # 2.5 GiB: below
+    ]
+    text = train_speed.peak_breakdown(trace, base=10 * gib)
+    assert "4.000 GiB above the start (14.00 GiB in all)" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "GiB |" not in line]
+    assert rows[0].startswith("| 2.000 | 1 | toolkit/lora.py:1 lora")  # the innermost own frame, not torch's
+    assert {r.split(" | ")[2] for r in rows[1:]} == {"bitsandbytes/functional.py:1 functional |",
+                                                     "torch/other.py:1 other |"}
