@@ -3,7 +3,7 @@
 #   python bench/gpu_pack.py build speed here, then `python bench/gpu_pack.py calls speed` for the stash calls
 #   (carry [".gpu/speed/pN"], command `python3 bench/gpu_pack.py stash speed`), then:
 #   carry [".gpu/speed/pLAST", ".gpu/evaldata"]   bash bench/speed_gpu.sh train       (~9 min)
-#   no carry                                      bash bench/speed_gpu.sh translate   (~4 min)
+#   carry [".gpu/gemma-tok"]                      bash bench/speed_gpu.sh translate   (~8 min)
 #   no carry                                      bash bench/speed_gpu.sh export      (~1 min)
 # train:     starts llama-cpp-python's CUDA build (sm_90) in the background (niced, 6 jobs: the training rows
 #            keep their cores), then bench/train_speed.py --rows issue21-fused (ROWS=, BUDGET= override): the
@@ -11,15 +11,24 @@
 #            ROWS=presets: the presets as shipped; qlora with train.redequantize_recomputed, to bring it
 #            under 14 GiB. MEMORY=ROW,...: what is allocated at the peak of one extra step of those rows, by the
 #            code that allocated it (OUT/memory-ROW.txt).
-# translate: bench/translate_speed.py on gpt-oss-20b shapes with random weights: after (500 news sentences,
-#            batches of 128, one batch of PROFILE_TOKENS=16 new tokens profiled first: OUT/profile-after.txt),
-#            before (the first 32; the old path's rate).
+# translate: bench/translate_speed.py with random weights (--no-loop-stop: every row decodes to its limit) on
+#            gpt-oss-20b's shapes (after: 500 news sentences, batches of 128; before: the first 32) and, with
+#            .gpu/gemma-tok carried (the config and tokenizer of `toolkit fetch gemma3-270m`'s hf folder, tokenizer.json
+#            gzipped), Gemma 3 270M's (after: batches of 200; before: the first 48). Each after row profiles one batch
+#            of PROFILE_TOKENS=16 new tokens first (OUT/NAME-profile-after.txt); each row has a time budget.
 # export:    the export check with the CUDA build beside torch, which segfaulted in-process on 2026-12-02:
 #            `toolkit export` of a tiny gpt-oss (trained 2 steps, merged) with llama.cpp in its worker process (the default,
 #            export.llama_process=child) and every layer on the GPU, then the same in-process (=same), for contrast.
 # Everything printed goes to $OUT/log; JSON results to $OUT.
 set -o pipefail
-mode=${1:?usage: speed_gpu.sh train | translate | export}
+mode=${1:?usage: speed_gpu.sh gemma-tok | train | translate | export}
+if [ "$mode" = gemma-tok ]; then  # here: .gpu/gemma-tok for the translate call, from the fetched Gemma 3 270M
+  hf=$(toolkit fetch gemma3-270m | head -1) || exit 1  # the hf folder, then the GGUF
+  [ -f "$hf/config.json" ] || { echo "no config.json in $hf"; exit 1; }
+  mkdir -p .gpu/gemma-tok && cp "$hf"/{config.json,generation_config.json,tokenizer_config.json,chat_template.jinja} \
+    .gpu/gemma-tok/ && gzip -c "$hf/tokenizer.json" > .gpu/gemma-tok/tokenizer.json.gz && ls -l .gpu/gemma-tok
+  exit
+fi
 OUT=${OUT:-bench/out}
 WORK=${WORK:-/tmp/speed}
 mkdir -p "$OUT" "$WORK"
@@ -45,14 +54,23 @@ case $mode in
       --memory "${MEMORY:-}" --out "$OUT" ;;
   translate)
     [ -f "$WORK/data/news500.tsv" ] || { echo "no $WORK/data/news500.tsv: run train with .gpu/evaldata first"; exit 1; }
-    for row in "after --modes after --batch-size 128 --profile-tokens ${PROFILE_TOKENS:-16}" \
-               "before --modes before --limit 32"; do
+    oss="--random gpt-oss-20b --tokenizer $WORK/tok"
+    gemma="--random gemma3-270m --tokenizer .gpu/gemma-tok"  # shapes from the fetched folder's config.json
+    [ -d .gpu/gemma-tok ] || gemma=""
+    # name | model | row options: the after rows first (each profiles one batch), every row within a time budget
+    while IFS='|' read -r name model options; do
+      [ -n "$model" ] || { echo "$name: skipped (no .gpu/gemma-tok carried)"; continue; }
       # shellcheck disable=SC2086
-      python3 bench/translate_speed.py --random gpt-oss-20b --tokenizer "$WORK/tok" --test "$WORK/data/news500.tsv" \
-        --device cuda --out "$WORK/${row%% *}" ${row#* } \
-        ; cp "$WORK/${row%% *}"/*.* "$OUT/" 2>/dev/null; mv "$OUT/translate_speed.json" \
-          "$OUT/translate_speed-oss-${row%% *}.json" 2>/dev/null
-    done
+      python3 bench/translate_speed.py $model --test "$WORK/data/news500.tsv" --device cuda --out "$WORK/$name" $options
+      cp "$WORK/$name"/profile-*.txt "$OUT/" 2>/dev/null && for f in "$WORK/$name"/profile-*.txt; do
+        mv "$OUT/$(basename "$f")" "$OUT/$name-$(basename "$f")"; done
+      cp "$WORK/$name/translate_speed.json" "$OUT/translate_speed-$name.json" 2>/dev/null
+    done <<ROWS
+oss-after|$oss|--modes after --batch-size 128 --no-loop-stop --profile-tokens ${PROFILE_TOKENS:-16} --budget-s 150
+gemma-after|$gemma|--modes after --batch-size 200 --no-loop-stop --profile-tokens ${PROFILE_TOKENS:-16} --budget-s 90
+gemma-before|$gemma|--modes before --limit 48 --budget-s 45
+oss-before|$oss|--modes before --limit 32 --budget-s 45
+ROWS
     tail -n 3 "$WORK/llama-build.log" ;;
   export)
     for _ in $(seq 300); do [ -f "$WORK/llama.built" ] || [ -f /tmp/site-llama/llama_cpp/__init__.py ] && break; sleep 1; done

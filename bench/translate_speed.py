@@ -11,9 +11,13 @@ transformers rows (greedy, the first `--limit` sentences of the news set, `--dir
   sentence limited to `--max-new-tokens`, no repetition stop, an adapter left unmerged.
 - `after`: what `toolkit eval` does now: a pool of `--batch-size` x 4 sentences sorted by length, batches of
   `--batch-size`, each row stopped on its own at its per-sentence limit (toolkit.decoding) or at a loop, an
-  adapter merged at load. `--cache static` adds transformers' static KV cache.
+  adapter merged at load. `--cache static` adds transformers' static KV cache; `--no-loop-stop` drops the repetition
+  stop (random models: see below).
 Each row reports sentences/s, generated tokens/s, outputs at their limit and cut for repeating. A random model
-never ends a sentence itself, so there its rows mostly run to their limits: compare tokens/s as well.
+never ends a sentence itself and its outputs loop at once: with `--no-loop-stop` every row decodes to its limit,
+the most work a sentence can take, so sentences/s is a lower bound; compare tokens/s as well.
+`--random gemma3-270m --tokenizer FOLDER`: Gemma 3 270M's shapes from the config.json of FOLDER (the hf folder of
+`toolkit fetch gemma3-270m`, weights not needed), float32, transformers' random initialisation.
 
 llama.cpp rows: one per (n_threads, n_batch) pair, same sentences, the toolkit defaults for the limits.
 The table goes to stdout, the results to OUT/translate_speed.json.
@@ -51,8 +55,10 @@ def random_model(name: str, device: str, folder: Path, tokenizer: Path | None = 
     from toolkit.config import TrainConfig
     from toolkit.tokenizer import build_hf_tokenizer
 
-    if name not in ("gpt-oss-20b", "tiny"):
-        raise SystemExit(f"--random {name}: expected gpt-oss-20b or tiny")
+    if name not in ("gpt-oss-20b", "tiny", "gemma3-270m"):
+        raise SystemExit(f"--random {name}: expected gpt-oss-20b, gemma3-270m or tiny")
+    if name == "gemma3-270m":
+        return random_from_folder(tokenizer, device, folder)
     # eager attention: transformers' gpt-oss runs no sdpa (its attention sinks); the eval's own default too
     cfg = TrainConfig(dtype="bfloat16" if device == "cuda" else "float32", device=device, attn_implementation="eager",
                       experts_implementation="grouped_mm" if device == "cuda" else "eager")
@@ -62,18 +68,39 @@ def random_model(name: str, device: str, folder: Path, tokenizer: Path | None = 
     model = build_model(cfg, config, device)
     if tokenizer is None:
         return model.eval(), build_hf_tokenizer(folder)
+    from transformers import AutoTokenizer
+
+    return model.eval(), AutoTokenizer.from_pretrained(unpacked(tokenizer, folder))
+
+
+def unpacked(tokenizer: Path, folder: Path) -> Path:
+    """`tokenizer`, or a copy in `folder` with its tokenizer.json.gz unpacked (bench/gpu_pack.py packs it so)."""
     import gzip
     import shutil
 
-    from transformers import AutoTokenizer
-
     packed = tokenizer / "tokenizer.json.gz"
-    if not (tokenizer / "tokenizer.json").is_file() and packed.is_file():
-        shutil.copytree(tokenizer, folder / "tok")
-        with gzip.open(packed) as src, open(folder / "tok" / "tokenizer.json", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        tokenizer = folder / "tok"
-    return model.eval(), AutoTokenizer.from_pretrained(tokenizer)
+    if (tokenizer / "tokenizer.json").is_file() or not packed.is_file():
+        return tokenizer
+    shutil.copytree(tokenizer, folder / "tok")
+    with gzip.open(packed) as src, open(folder / "tok" / "tokenizer.json", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return folder / "tok"
+
+
+def random_from_folder(tokenizer: Path | None, device: str, folder: Path) -> tuple[Any, Any]:
+    """(model, tokenizer) from a model folder without its weights (config.json, tokenizer files, chat template:
+    the `hf` folder of `toolkit fetch gemma3-270m` less model.safetensors): the model with transformers' own
+    random initialisation, float32 (as the Gemma presets train and evaluate), built on `device`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if tokenizer is None or not (tokenizer / "config.json").is_file():
+        raise SystemExit("--random gemma3-270m needs --tokenizer FOLDER with config.json and the tokenizer files "
+                         "(the hf folder of `toolkit fetch gemma3-270m`, weights not needed)")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tokenizer), dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(unpacked(tokenizer, folder))
 
 
 def transformers_rows(args: argparse.Namespace, texts: list[str]) -> list[dict[str, Any]]:
@@ -85,7 +112,8 @@ def transformers_rows(args: argparse.Namespace, texts: list[str]) -> list[dict[s
     modes = {
         "before": ({"batch_size": 8, "sort": False, "merge_adapter": False,
                     "decoding": Decoding(tokens_per_source_token=0, repeat=RepeatStop(max_ngram=0))}, 8),
-        "after": ({"batch_size": args.batch_size, "sort": True, "merge_adapter": True, "decoding": Decoding(),
+        "after": ({"batch_size": args.batch_size, "sort": True, "merge_adapter": True,
+                   "decoding": Decoding(repeat=RepeatStop(max_ngram=0)) if args.no_loop_stop else Decoding(),
                    "generate_options": {"cache_implementation": "static"} if args.cache == "static" else None},
                   args.batch_size * SORT_BATCHES),
     }
@@ -113,20 +141,26 @@ def transformers_rows(args: argparse.Namespace, texts: list[str]) -> list[dict[s
                 profile(translator, texts[:translator.batch_size], spec, args.profile_tokens,
                         args.out / f"profile-{mode}.txt" if args.out else None)
             rows.append(timed(f"transformers {mode}", lambda t=translator, n=chunk, sp=spec, m=mode: chunked(
-                t, texts, n, sp, args.max_new_tokens, m), texts, sync=args.device == "cuda"))
+                t, texts, n, sp, args.max_new_tokens, m, args.budget_s), sync=args.device == "cuda"))
             del translator
     return rows
 
 
-def chunked(translator: Any, texts: list[str], chunk: int, spec: Any, max_new_tokens: int, mode: str) -> list[Any]:
+def chunked(translator: Any, texts: list[str], chunk: int, spec: Any, max_new_tokens: int, mode: str,
+            budget_s: float = 0.0) -> list[Any]:
     """`translator.translate` over `texts` `chunk` at a time, each chunk's time on stderr as it ends (a row cut
-    short by a device call's time limit still says how far it got)."""
+    short by a device call's time limit still says how far it got). With `budget_s`, no chunk starts after that
+    many seconds (the first always runs): the row is then timed on the sentences done."""
     results: list[Any] = []
     started = time.perf_counter()
     for start in range(0, len(texts), chunk):
         results += translator.translate(texts[start:start + chunk], spec, max_new_tokens=max_new_tokens)
         print(f"# {mode}: {len(results)}/{len(texts)} sentences, {sum(r.tokens for r in results)} tokens in "
               f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+        if budget_s and time.perf_counter() - started > budget_s and len(results) < len(texts):
+            print(f"# {mode}: --budget-s {budget_s:g} spent, the row stops at {len(results)} sentences",
+                  file=sys.stderr, flush=True)
+            break
     return results
 
 
@@ -172,13 +206,13 @@ def llama_rows(args: argparse.Namespace, texts: list[str]) -> list[dict[str, Any
                 translator.template.template = args.chat_template.read_text(encoding="utf-8")
             translator.translate(texts[:2], spec, max_new_tokens=args.max_new_tokens)  # warm-up
             row = timed(f"llama-cpp threads {threads} n_batch {n_batch}",
-                        lambda t=translator: t.translate(texts, spec, max_new_tokens=args.max_new_tokens), texts)
+                        lambda t=translator: t.translate(texts, spec, max_new_tokens=args.max_new_tokens))
             rows.append({**row, "n_threads": threads, "n_batch": n_batch})
             del translator
     return rows
 
 
-def timed(name: str, run, texts: list[str], sync: bool = False) -> dict[str, Any]:
+def timed(name: str, run, sync: bool = False) -> dict[str, Any]:
     import torch
 
     if sync:
@@ -189,8 +223,8 @@ def timed(name: str, run, texts: list[str], sync: bool = False) -> dict[str, Any
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     tokens = sum(r.tokens for r in results)
-    row = {"name": name, "sentences": len(texts), "seconds": round(seconds, 2),
-           "sentences_per_s": round(len(texts) / seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+    row = {"name": name, "sentences": len(results), "seconds": round(seconds, 2),
+           "sentences_per_s": round(len(results) / seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
            "tokens": tokens, "hit_limit": sum(r.stop == "length" for r in results),
            "stopped_repetition": sum(r.stop == "repetition" for r in results)}
     print(f"| {name} | {row['sentences_per_s']:.2f} | {row['tokens_per_s']:.0f} | {tokens} | {row['hit_limit']} | "
@@ -213,6 +247,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--modes", default="before,after", help="transformers rows: before, after or both")
     ap.add_argument("--batch-size", type=int, default=64, help="the after row's batch")
     ap.add_argument("--cache", choices=["dynamic", "static"], default="dynamic", help="the after row's KV cache")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="transformers rows: start no chunk of sentences after this many seconds (0: no limit)")
+    ap.add_argument("--no-loop-stop", action="store_true",
+                    help="the after row without its repetition stop: a random model's outputs loop at once, so the "
+                         "stop would end them early; without it every row decodes to its limit (the most work)")
     ap.add_argument("--profile-tokens", type=int, default=0,
                     help="transformers rows: profile one batch first with at most this many new tokens "
                          "(torch.profiler tables to stderr and OUT/profile-MODE.txt)")

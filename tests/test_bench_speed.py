@@ -101,3 +101,21 @@ def test_llama_smoke_cases_run_in_their_own_processes(tiny_gguf):
     crash = subprocess.run([sys.executable, str(script), str(tiny_gguf) + ".missing", "--cases", "eval"],
                            capture_output=True, text=True, check=False, timeout=300)
     assert crash.returncode == 1 and crash.stdout.startswith("eval failed (exit ")
+
+
+def test_translate_speed_random_model_from_a_config_folder_and_its_budget(tmp_path):
+    """--random gemma3-270m: the shapes of the config.json beside the tokenizer; --budget-s stops a row early."""
+    from transformers import Gemma3TextConfig
+
+    from toolkit import tokenizer
+    from toolkit.evaluate import SORT_BATCHES
+
+    folder = tmp_path / "gemma"
+    tokenizer.build_hf_tokenizer(folder)
+    Gemma3TextConfig(vocab_size=201088, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=16).save_pretrained(folder)
+    rows = ts.main(["--random", "gemma3-270m", "--tokenizer", str(folder), "--modes", "after", "--limit", "6",
+                    "--batch-size", "1", "--max-new-tokens", "3", "--no-loop-stop", "--budget-s", "1e-9",
+                    "--device", "cpu"])
+    assert rows[0]["sentences"] == SORT_BATCHES  # one chunk of batch-size x SORT_BATCHES, then the budget
+    assert rows[0]["stopped_repetition"] == 0 and rows[0]["tokens"] <= SORT_BATCHES * 3
