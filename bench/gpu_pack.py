@@ -114,6 +114,10 @@ USES = {
     "train-speed": Use("bench/run_gpu.sh", TRAIN + KERNELS, run="bash bench/run_gpu.sh"),
     "speed": Use("bench/speed_gpu.sh", TRAIN + KERNELS + SERVE, tokenizer=True, llama=True,
                  run="bash bench/speed_gpu.sh train"),
+    # one call instead of two when a machine may not stay warm between calls: the qlora rows and the gpt-oss
+    # translation rows only (no llama.cpp, serve or Liger wheels: `--limit-mib 61.5` to fit one part)
+    "speed-one": Use("bench/speed_gpu.sh", TRAIN + ("bitsandbytes==0.50.2",), tokenizer=True,
+                     run="PACK_USE=speed-one bash bench/speed_gpu.sh one"),
     "multi-gpu": Use("bench/multi_gpu.sh", TRAIN + ("liger-kernel==0.8.5", "hjson==3.1.0"), tokenizer=True,
                      deepspeed=True,
                      prep=("../shared/corpora/zh-nan-moe/train.tsv", "gpt-oss-20b-lora"),

@@ -5,6 +5,9 @@
 #   carry [".gpu/speed/pLAST", ".gpu/evaldata"]   bash bench/speed_gpu.sh train       (~9 min)
 #   carry [".gpu/gemma-tok"]                      bash bench/speed_gpu.sh translate   (~8 min)
 #   no carry                                      bash bench/speed_gpu.sh export      (~1 min)
+# or, where a machine may not stay warm between calls, one call without llama.cpp and Gemma (pack speed-one,
+# `python bench/gpu_pack.py build speed-one --limit-mib 61.5`):
+#   carry [".gpu/speed-one/p1", ".gpu/evaldata"]  PACK_USE=speed-one bash bench/speed_gpu.sh one   (~10 min)
 # train:     starts llama-cpp-python's CUDA build (sm_90) in the background (niced, 6 jobs: the training rows
 #            keep their cores), then bench/train_speed.py --rows issue21-fused (ROWS=, BUDGET= override): the
 #            fused MoE element-wise work (train.fused_experts) against the presets and the recipe, same run.
@@ -29,11 +32,14 @@ if [ "$mode" = gemma-tok ]; then  # here: .gpu/gemma-tok for the translate call,
     .gpu/gemma-tok/ && gzip -c "$hf/tokenizer.json" > .gpu/gemma-tok/tokenizer.json.gz && ls -l .gpu/gemma-tok
   exit
 fi
+if [ "$mode" = one ]; then  # pack speed-one, one call: the train rows, then the translate rows (OUT keeps what
+  BUDGET=${BUDGET:-240} bash bench/speed_gpu.sh train; exec bash bench/speed_gpu.sh translate  # a timeout left)
+fi
 OUT=${OUT:-bench/out}
 WORK=${WORK:-/tmp/speed}
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/log") 2>&1
-. bench/gpu_site.sh speed
+. bench/gpu_site.sh "${PACK_USE:-speed}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONFAULTHANDLER=1
 export PYTHONPATH=/tmp/site-llama:$PYTHONPATH TOOLKIT_LLAMA_CPP=$PACK/conv
 date -u
@@ -42,7 +48,7 @@ case $mode in
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     [ -f .gpu/evaldata/news500.tsv ] && mkdir -p "$WORK/data" && cp .gpu/evaldata/news500.tsv "$WORK/data/"
     [ -d "$WORK/tok" ] || cp -r "$PACK/tok" "$WORK/tok"
-    if [ ! -f /tmp/site-llama/llama_cpp/__init__.py ]; then
+    if [ -d "$PACK/llama" ] && [ ! -f /tmp/site-llama/llama_cpp/__init__.py ]; then
       mkdir -p /tmp/llama-src && tar xJf "$PACK"/llama/llama_cpp_python-*-trimmed.tar.xz -C /tmp/llama-src
       # the stamp is written inside the setsid'd shell: a `... && touch` outside it dies with the call (2026-12-03)
       CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_FA=OFF -DGGML_CUDA_NCCL=OFF -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" \
@@ -66,12 +72,12 @@ case $mode in
         mv "$OUT/$(basename "$f")" "$OUT/$name-$(basename "$f")"; done
       cp "$WORK/$name/translate_speed.json" "$OUT/translate_speed-$name.json" 2>/dev/null
     done <<ROWS
-oss-after|$oss|--modes after --batch-size 128 --no-loop-stop --profile-tokens ${PROFILE_TOKENS:-16} --budget-s 150
+oss-after|$oss|--modes after --batch-size 128 --pool 128 --no-loop-stop --profile-tokens ${PROFILE_TOKENS:-16} --budget-s 150
 gemma-after|$gemma|--modes after --batch-size 200 --no-loop-stop --profile-tokens ${PROFILE_TOKENS:-16} --budget-s 90
 gemma-before|$gemma|--modes before --limit 48 --budget-s 45
 oss-before|$oss|--modes before --limit 32 --budget-s 45
 ROWS
-    tail -n 3 "$WORK/llama-build.log" ;;
+    tail -n 3 "$WORK/llama-build.log" 2>/dev/null ;;
   export)
     for _ in $(seq 300); do [ -f "$WORK/llama.built" ] || [ -f /tmp/site-llama/llama_cpp/__init__.py ] && break; sleep 1; done
     tail -n 2 "$WORK/llama-build.log"

@@ -115,7 +115,7 @@ def transformers_rows(args: argparse.Namespace, texts: list[str]) -> list[dict[s
         "after": ({"batch_size": args.batch_size, "sort": True, "merge_adapter": True,
                    "decoding": Decoding(repeat=RepeatStop(max_ngram=0)) if args.no_loop_stop else Decoding(),
                    "generate_options": {"cache_implementation": "static"} if args.cache == "static" else None},
-                  args.batch_size * SORT_BATCHES),
+                  args.pool or args.batch_size * SORT_BATCHES),
     }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--modes", default="before,after", help="transformers rows: before, after or both")
     ap.add_argument("--batch-size", type=int, default=64, help="the after row's batch")
     ap.add_argument("--cache", choices=["dynamic", "static"], default="dynamic", help="the after row's KV cache")
+    ap.add_argument("--pool", type=int, default=0,
+                    help="the after row's sentences per translate call, sorted by length within it (default: "
+                         "batch size x 4, as toolkit eval); smaller pools let --budget-s stop a row sooner")
     ap.add_argument("--budget-s", type=float, default=0.0,
                     help="transformers rows: start no chunk of sentences after this many seconds (0: no limit)")
     ap.add_argument("--no-loop-stop", action="store_true",
