@@ -32,8 +32,8 @@ if [ "$mode" = gemma-tok ]; then  # here: .gpu/gemma-tok for the translate call,
     .gpu/gemma-tok/ && gzip -c "$hf/tokenizer.json" > .gpu/gemma-tok/tokenizer.json.gz && ls -l .gpu/gemma-tok
   exit
 fi
-if [ "$mode" = one ]; then  # pack speed-one, one call: the train rows, then the translate rows (OUT keeps what
-  BUDGET=${BUDGET:-240} bash bench/speed_gpu.sh train; exec bash bench/speed_gpu.sh translate  # a timeout left)
+if [ "$mode" = one ]; then  # pack speed-one, one call: the translate rows, then the train rows (OUT keeps what
+  bash bench/speed_gpu.sh translate; BUDGET=${BUDGET:-150} exec bash bench/speed_gpu.sh train  # a timeout left)
 fi
 OUT=${OUT:-bench/out}
 WORK=${WORK:-/tmp/speed}
@@ -43,11 +43,11 @@ exec > >(tee -a "$OUT/log") 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONFAULTHANDLER=1
 export PYTHONPATH=/tmp/site-llama:$PYTHONPATH TOOLKIT_LLAMA_CPP=$PACK/conv
 date -u
+[ -f .gpu/evaldata/news500.tsv ] && mkdir -p "$WORK/data" && cp .gpu/evaldata/news500.tsv "$WORK/data/"
+[ -d "$WORK/tok" ] || cp -r "$PACK/tok" "$WORK/tok"
 case $mode in
   train)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    [ -f .gpu/evaldata/news500.tsv ] && mkdir -p "$WORK/data" && cp .gpu/evaldata/news500.tsv "$WORK/data/"
-    [ -d "$WORK/tok" ] || cp -r "$PACK/tok" "$WORK/tok"
     if [ -d "$PACK/llama" ] && [ ! -f /tmp/site-llama/llama_cpp/__init__.py ]; then
       mkdir -p /tmp/llama-src && tar xJf "$PACK"/llama/llama_cpp_python-*-trimmed.tar.xz -C /tmp/llama-src
       # the stamp is written inside the setsid'd shell: a `... && touch` outside it dies with the call (2026-12-03)
@@ -59,7 +59,7 @@ case $mode in
     python3 bench/train_speed.py --rows "${ROWS:-issue21-fused}" --budget-s "${BUDGET:-400}" --steps "${STEPS:-3}" \
       --memory "${MEMORY:-}" --out "$OUT" ;;
   translate)
-    [ -f "$WORK/data/news500.tsv" ] || { echo "no $WORK/data/news500.tsv: run train with .gpu/evaldata first"; exit 1; }
+    [ -f "$WORK/data/news500.tsv" ] || { echo "no $WORK/data/news500.tsv: carry .gpu/evaldata"; exit 1; }
     oss="--random gpt-oss-20b --tokenizer $WORK/tok"
     gemma="--random gemma3-270m --tokenizer .gpu/gemma-tok"  # shapes from the fetched folder's config.json
     [ -d .gpu/gemma-tok ] || gemma=""

@@ -715,8 +715,12 @@ def run_row(row: Row, args: argparse.Namespace, tokenizer: Any, peak: float | No
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        with train.recompile_limit(cfg):  # the dynamo settings of flex attention and compiled layers
-            trainer.train()
+        try:
+            with train.recompile_limit(cfg):  # the dynamo settings of flex attention and compiled layers
+                trainer.train()
+        finally:
+            if cuda and row.name in getattr(args, "memory", ()):  # a failed step must not leave it recording
+                torch.cuda.memory._record_memory_history(enabled=None)
         sync()
         mem = (None, None)
         if cuda:
@@ -808,7 +812,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--profile", default="", help="comma-separated rows to profile one extra step of "
                         "(torch.profiler tables to OUT/profile-ROW.txt; the step is not timed)")
     parser.add_argument("--memory", default="", help="comma-separated rows to record the CUDA allocator over one "
-                        "extra step of (what is live at its peak, by allocating frame, to OUT/memory-ROW.txt)")
+                        "extra step of (what is live at its peak, by allocating frame, to OUT/memory-ROW.txt). "
+                        "On the H200 (2026-12-03) the recorded step failed in train.fused_experts' compiled function "
+                        "(SystemError in its recompute): record rows without it")
     parser.add_argument("--probe-fp8", action="store_true", help="time bf16 vs FP8 grouped GEMMs at the expert shapes")
     parser.add_argument("--check-packing", action="store_true", help="packed vs separate logits, flex attention")
     parser.add_argument("--write-lengths", type=Path, metavar="PREP_DIR",

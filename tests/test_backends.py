@@ -653,3 +653,34 @@ def test_gguf_chat_template_renders_the_stored_template():
     assert all(p.startswith("<bos><start_of_turn>user\n") and p.endswith("<start_of_turn>model\n") for p in prompts)
     assert "你好<end_of_turn>" in prompts[0] and "多謝<end_of_turn>" in prompts[1]
     assert backends._compiled_template.cache_info().misses == 1
+
+
+def test_grouped_experts_stay_grouped_while_decoding_many_rows(tiny_translator, monkeypatch):
+    """transformers swaps grouped_mm experts for batched_mm in GPU decoding (a copy of every row's experts): kept
+    grouped from rows x top_k >= experts on; fewer rows keep transformers' switch."""
+    import torch
+
+    model = tiny_translator.model
+    config = model.config
+    many = -(-config.num_local_experts // config.num_experts_per_tok)  # the fewest rows that reach every expert
+    assert many > 1
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))  # the switch is GPU-only
+    before = model.get_experts_implementation()
+    model.set_experts_implementation("grouped_mm")
+    try:
+        with backends._grouped_experts_in_decode(model, many), model._optimize_model_for_decode():
+            assert set(model.get_experts_implementation().values()) == {"grouped_mm"}
+        with backends._grouped_experts_in_decode(model, many - 1), model._optimize_model_for_decode():
+            assert set(model.get_experts_implementation().values()) == {"batched_mm"}
+        assert "_optimize_model_for_decode" not in vars(model)  # the method is back after the call
+    finally:
+        model.set_experts_implementation(before)
+
+
+def test_translate_decodes_each_batch_with_its_row_count(tiny_model, monkeypatch):
+    rows = []
+    real = backends._grouped_experts_in_decode
+    monkeypatch.setattr(backends, "_grouped_experts_in_decode", lambda model, n: rows.append(n) or real(model, n))
+    translator = backends.load_translator("transformers", tiny_model, batch_size=2)
+    translator.translate(TEXTS, default_spec(), max_new_tokens=2)
+    assert sorted(rows) == [1, 2]
