@@ -175,16 +175,17 @@ def _grouped_experts_in_decode(model: Any, rows: int):
     """Keep an MoE model's grouped-GEMM experts while `generate` decodes `rows` rows at once.
 
     On a GPU, transformers' generate switches `grouped_mm` experts to `batched_mm` for decoding
-    (`_optimize_model_for_decode`): fast for a few rows, but batched_mm copies each row's selected expert
+    (`_optimize_model_for_decode`): faster for a few rows, but batched_mm copies each row's selected expert
     matrices, so every layer and step reads rows x top_k expert matrices where grouped_mm reads each active
-    expert once. gpt-oss-20b, 128 rows on an H200: 380 ms a step, 53 % of it in that gather
-    (bench/results/translate_speed-2026-12-03-h200.md). The switch is left alone for fewer rows than it takes to
-    reach every expert (rows x top_k < experts) and for models without MoE experts.
+    expert once. gpt-oss-20b on an H200 (bench/results/translate_speed-2026-12-03-h200.md): at 128 rows
+    batched_mm took 380 ms a step (53 % of it in that gather), grouped_mm 58 ms; at 8 rows batched_mm was 26 %
+    faster. So the switch is left alone up to rows x top_k = 2 x experts (16 rows of gpt-oss-20b; the crossover
+    between 8 and 128 rows is not measured) and for models without MoE experts.
     """
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(target.config, "text_config", None) or target.config
     top_k, experts = getattr(config, "num_experts_per_tok", 0), getattr(config, "num_local_experts", 0)
-    if not (top_k and experts and rows * top_k >= experts and hasattr(target, "_optimize_model_for_decode")):
+    if not (top_k and experts and rows * top_k > 2 * experts and hasattr(target, "_optimize_model_for_decode")):
         yield
         return
     target._optimize_model_for_decode = contextlib.nullcontext  # shadows the method: no switch for this call

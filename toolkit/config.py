@@ -184,8 +184,8 @@ class TrainConfig:
                                        "Needs experts_implementation = grouped_mm.", False)
     redequantize_recomputed: bool = _help("With redequantize_experts: recomputed layers too. Their recompute then "
                                           "keeps no 16-bit experts for backward either, which dequantizes them "
-                                          "once more (gpt-oss-20b: about 0.5 GB less at the peak, one more "
-                                          "dequantization of each expert tensor per layer and step).", False)
+                                          "once more per layer and step. Measured on the qlora preset (H200, "
+                                          "2026-12-03): the same peak, 8 % slower; kept for other layouts.", False)
     compile_layers: str = _help("torch.compile each decoder layer in place (toolkit.regional_compile): off, default, "
                                 "max-autotune-no-cudagraphs or reduce-overhead (CUDA graphs). The first steps "
                                 "compile (minutes); fewer kernel launches after.", "off")
