@@ -114,8 +114,12 @@ def test_translate_speed_random_model_from_a_config_folder_and_its_budget(tmp_pa
     tokenizer.build_hf_tokenizer(folder)
     Gemma3TextConfig(vocab_size=201088, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=2, num_key_value_heads=1, head_dim=16).save_pretrained(folder)
-    rows = ts.main(["--random", "gemma3-270m", "--tokenizer", str(folder), "--modes", "after", "--limit", "6",
-                    "--batch-size", "1", "--max-new-tokens", "3", "--no-loop-stop", "--budget-s", "1e-9",
-                    "--device", "cpu"])
+    test = tmp_path / "test.tsv"
+    test.write_text("zh\tnan\n" + "".join(f"第{i}句話。\t第{i}句話。\n" for i in range(6)), encoding="utf-8")
+    rows = ts.main(["--random", "gemma3-270m", "--tokenizer", str(folder), "--test", str(test), "--modes", "after",
+                    "--limit", "6", "--batch-size", "1", "--max-new-tokens", "3", "--no-loop-stop",
+                    "--budget-s", "1e-9", "--profile-tokens", "2", "--device", "cpu", "--out", str(tmp_path / "out")])
     assert rows[0]["sentences"] == SORT_BATCHES  # one chunk of batch-size x SORT_BATCHES, then the budget
     assert rows[0]["stopped_repetition"] == 0 and rows[0]["tokens"] <= SORT_BATCHES * 3
+    profile = (tmp_path / "out" / "profile-after.txt").read_text(encoding="utf-8")
+    assert profile.startswith("# profile: 1 sentences, 2 decoding steps") and "aten::" in profile
