@@ -68,8 +68,7 @@ case $mode in
       [ -n "$model" ] || { echo "$name: skipped (no .gpu/gemma-tok carried)"; continue; }
       # shellcheck disable=SC2086
       python3 bench/translate_speed.py $model --test "$WORK/data/news500.tsv" --device cuda --out "$WORK/$name" $options
-      cp "$WORK/$name"/profile-*.txt "$OUT/" 2>/dev/null && for f in "$WORK/$name"/profile-*.txt; do
-        mv "$OUT/$(basename "$f")" "$OUT/$name-$(basename "$f")"; done
+      for f in "$WORK/$name"/profile-*.txt; do [ -f "$f" ] && cp "$f" "$OUT/$name-$(basename "$f")"; done
       cp "$WORK/$name/translate_speed.json" "$OUT/translate_speed-$name.json" 2>/dev/null
     done <<ROWS
 oss-after|$oss|--modes after --batch-size 128 --pool 128 --no-loop-stop --profile-tokens ${PROFILE_TOKENS:-16} --budget-s 150

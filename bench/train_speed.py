@@ -462,14 +462,18 @@ def _probe_shape(rows: int, k: int, n: int, experts: int, device: str, timed) ->
     return entry
 
 
+def extra_steps(row: Row, args: argparse.Namespace) -> list[str]:
+    """The untimed steps a row runs after its timed ones, in order: "profile" (--profile), "memory" (--memory)."""
+    return [kind for kind in ("profile", "memory") if row.name in getattr(args, kind, ())]
+
+
 def row_config(row: Row, args: argparse.Namespace):
     from toolkit import config
 
     cfg = config.build("train", row.preset)
     fields = {
         **row.train, "max_length": row.seq, "batch_size": row.batch, "grad_accum": row.accum,
-        "max_steps": args.warmup + args.steps + (row.name in getattr(args, "profile", ()))  # + a profiled step
-        + (row.name in getattr(args, "memory", ())),  # + a step with the allocator recorded
+        "max_steps": args.warmup + args.steps + len(extra_steps(row, args)),
         "eval_steps": 0, "save_steps": 0, "logging_steps": 1,
         "report_to": "none", "device": args.device, "seed": args.seed,
     }
@@ -565,6 +569,27 @@ def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
+def profiler():
+    """torch.profiler over the CPU and, where there is one, the GPU (enter it, then `profiler_tables`)."""
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
+
+
+def profiler_tables(prof: Any, top: int) -> str:
+    """A finished `profiler()`'s operator tables: by self device time, then by self CPU time (where the GPU waits
+    on Python)."""
+    import torch
+
+    events = prof.key_averages()
+    device_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    return (f"## by self device time\n{events.table(sort_by=device_key, row_limit=top)}\n"
+            f"## by self CPU time\n{events.table(sort_by='self_cpu_time_total', row_limit=top)}\n")
+
+
 def step_profiler(step: int, out: Path, top: int = 30):
     """A TrainerCallback: torch.profiler over optimizer step `step` (1-based); the kernel and operator tables
     (by self device time, then by self CPU time: where the GPU waits on Python) go to `out`."""
@@ -576,10 +601,7 @@ def step_profiler(step: int, out: Path, top: int = 30):
 
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step + 1 == step:
-                activities = [torch.profiler.ProfilerActivity.CPU]
-                if torch.cuda.is_available():
-                    activities.append(torch.profiler.ProfilerActivity.CUDA)
-                self.prof = torch.profiler.profile(activities=activities)
+                self.prof = profiler()
                 self.prof.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -588,11 +610,7 @@ def step_profiler(step: int, out: Path, top: int = 30):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.prof.__exit__(None, None, None)
-            events = self.prof.key_averages()
-            device_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-            text = (f"# step {step}\n## by self device time\n{events.table(sort_by=device_key, row_limit=top)}\n"
-                    f"## by self CPU time\n{events.table(sort_by='self_cpu_time_total', row_limit=top)}\n")
-            out.write_text(text, encoding="utf-8")
+            out.write_text(f"# step {step}\n" + profiler_tables(self.prof, top), encoding="utf-8")
             print(f"# profile of step {step} -> {out}", file=sys.stderr, flush=True)
             self.prof = None
 
@@ -703,11 +721,10 @@ def run_row(row: Row, args: argparse.Namespace, tokenizer: Any, peak: float | No
     build_s = time.perf_counter() - started
     timer = step_timer(sync)
     callbacks = [timer]
-    if row.name in getattr(args, "profile", ()):
-        callbacks.append(step_profiler(steps + 1, args.out / f"profile-{safe_name(row.name)}.txt"))
-    if row.name in getattr(args, "memory", ()):  # a step after the profiled one, if any
-        extra = steps + 1 + (row.name in getattr(args, "profile", ()))
-        callbacks.append(step_memory(extra, args.out / f"memory-{safe_name(row.name)}.txt"))
+    extra = extra_steps(row, args)
+    for i, kind in enumerate(extra, start=steps + 1):
+        recorder = step_profiler if kind == "profile" else step_memory
+        callbacks.append(recorder(i, args.out / f"{kind}-{safe_name(row.name)}.txt"))
     counters.clear()
     with tempfile.TemporaryDirectory() as tmp, _LigerPatches():
         trainer = train.build_trainer(cfg, model, tokenizer, "harmony", dataset, None, Path(tmp), callbacks)
@@ -719,7 +736,7 @@ def run_row(row: Row, args: argparse.Namespace, tokenizer: Any, peak: float | No
             with train.recompile_limit(cfg):  # the dynamo settings of flex attention and compiled layers
                 trainer.train()
         finally:
-            if cuda and row.name in getattr(args, "memory", ()):  # a failed step must not leave it recording
+            if cuda and "memory" in extra:  # a failed step must not leave the allocator recording
                 torch.cuda.memory._record_memory_history(enabled=None)
         sync()
         mem = (None, None)

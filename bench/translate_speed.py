@@ -169,23 +169,18 @@ def profile(translator: Any, texts: list[str], spec: Any, tokens: int, out: Path
     the operator tables by self device time and by self CPU time (where the GPU waits on Python), and the time
     per decoding step. To stderr, and to `out` when given."""
     import torch
+    from train_speed import profiler, profiler_tables
 
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
     started = time.perf_counter()
-    with torch.profiler.profile(activities=activities) as prof:
+    with profiler() as prof:
         results = translator.translate(texts, spec, max_new_tokens=tokens)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     steps = max(r.tokens for r in results)
-    events = prof.key_averages()
-    device_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     text = (f"# profile: {len(texts)} sentences, {steps} decoding steps in {seconds:.2f} s "
             f"({1000 * seconds / max(steps, 1):.1f} ms per step, profiler overhead included)\n"
-            f"## by self device time\n{events.table(sort_by=device_key, row_limit=top)}\n"
-            f"## by self CPU time\n{events.table(sort_by='self_cpu_time_total', row_limit=top)}\n")
+            + profiler_tables(prof, top))
     print(text, file=sys.stderr, flush=True)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
