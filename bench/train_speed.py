@@ -125,7 +125,11 @@ def _issue21_rows(lora: str, qlora: str) -> list[Row]:
     return rows + [Row("lora-preset-2048", lora, 2048, 4, {}), Row("qlora-preset-1024", qlora, 1024, 8, {}),
                    Row("qlora-preset-2048", qlora, 2048, 4, {}),
                    Row("qlora-preset+redeq-all-1024", qlora, 1024, 8, redeq_all),
-                   Row("qlora-preset+redeq-all-2048", qlora, 2048, 4, redeq_all)]
+                   Row("qlora-preset+redeq-all-2048", qlora, 2048, 4, redeq_all),
+                   # 6,144 and 5,120 tokens per micro-batch instead of 8,192: the expert intermediates of the
+                   # layer that runs (about 0.3 GiB per 1,000 tokens with offloading) against the 14 GiB goal
+                   Row("qlora-preset-mb6-1024", qlora, 1024, 6, {}), Row("qlora-preset-mb3-2048", qlora, 2048, 3, {}),
+                   Row("qlora-preset-mb5-1024", qlora, 1024, 5, {})]
 
 
 def _issue21_levers(lora: str, qlora: str) -> list[Row]:
@@ -195,6 +199,10 @@ ROW_SETS = {
     # recomputed layers), then the lora preset and its baseline (measured twice on 2026-12-03 already)
     "presets": ["qlora-preset+redeq-all-1024", "qlora-preset-1024", "qlora-preset+redeq-all-2048",
                 "qlora-preset-2048", "recipe-2048", "lora-preset-2048"],
+    # 2026-12-03, session 13: the qlora preset within 14 GiB by a smaller micro-batch (the preset's own first, as
+    # the baseline of the same call), then the lora preset and the recipe once more (Liger in the pack again)
+    "qlora14": ["qlora-preset-mb6-1024", "qlora-preset-mb3-2048", "qlora-preset-1024", "qlora-preset-mb5-1024",
+                "lora-preset-2048", "recipe-2048"],
     "issue21-quick": ["recipe-2048", "lora-2048", "qlora-2048", "qlora-1024", "qlora+compile-1024",
                       "lora+compile-2048"],
 }
@@ -620,18 +628,24 @@ def step_profiler(step: int, out: Path, top: int = 30):
 def step_memory(step: int, out: Path, top: int = 20):
     """A TrainerCallback: CUDA allocator history over optimizer step `step` (1-based); what is allocated at that
     step's peak, grouped by the innermost frame of toolkit / transformers / peft / trl / bitsandbytes code
-    (`peak_breakdown`), goes to `out`."""
+    (`peak_breakdown`), goes to `out`. That step runs `train.fused_experts`' functions eagerly (their compiled
+    form failed under the recording), so its peak can differ from the timed steps' (`timed_peak`, the row's)."""
     import torch
     from transformers import TrainerCallback
 
+    from toolkit import fused_experts
+
     class StepMemory(TrainerCallback):
         base = None
+        timed_peak = None  # bytes (allocated, reserved) at the peak of the steps before this one: the row's
 
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step + 1 == step and torch.cuda.is_available():
                 torch.cuda.synchronize()
+                self.timed_peak = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
                 self.base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
+                fused_experts.eager(True)  # Python stacks cannot be recorded inside its compiled functions
                 torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")  # C++ stacks: minutes
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -640,6 +654,7 @@ def step_memory(step: int, out: Path, top: int = 20):
             torch.cuda.synchronize()
             snapshot = torch.cuda.memory._snapshot()
             torch.cuda.memory._record_memory_history(enabled=None)
+            fused_experts.eager(False)
             text = (f"# step {step}: allocated at its start {self.base / 2**30:.2f} GiB, its peak "
                     f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB\n"
                     + peak_breakdown(snapshot["device_traces"][torch.cuda.current_device()], self.base, top))
@@ -700,7 +715,7 @@ def run_row(row: Row, args: argparse.Namespace, tokenizer: Any, peak: float | No
     import torch
     from torch._dynamo.utils import counters
 
-    from toolkit import lora, train
+    from toolkit import fused_experts, lora, train
 
     cache = cache or ModelCache()
     cfg = row_config(row, args)
@@ -738,11 +753,13 @@ def run_row(row: Row, args: argparse.Namespace, tokenizer: Any, peak: float | No
         finally:
             if cuda and "memory" in extra:  # a failed step must not leave the allocator recording
                 torch.cuda.memory._record_memory_history(enabled=None)
+                fused_experts.eager(False)
         sync()
         mem = (None, None)
-        if cuda:
-            mem = (torch.cuda.max_memory_allocated() / 2**30 - start_gib,
-                   torch.cuda.max_memory_reserved() / 2**30 - start_gib)
+        if cuda:  # the timed steps' peak: a recorded step (run eagerly, after them) reports its own in its file
+            timed = next((c.timed_peak for c in callbacks if getattr(c, "timed_peak", None)), None)
+            alloc, reserved = timed or (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
+            mem = (alloc / 2**30 - start_gib, reserved / 2**30 - start_gib)
         del trainer
     del model
     marks = timer.marks
@@ -830,8 +847,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         "(torch.profiler tables to OUT/profile-ROW.txt; the step is not timed)")
     parser.add_argument("--memory", default="", help="comma-separated rows to record the CUDA allocator over one "
                         "extra step of (what is live at its peak, by allocating frame, to OUT/memory-ROW.txt). "
-                        "On the H200 (2026-12-03) the recorded step failed in train.fused_experts' compiled function "
-                        "(SystemError in its recompute): record rows without it")
+                        "That step runs train.fused_experts' functions eagerly: recorded, their compiled form "
+                        "failed on the H200 (SystemError in a recompute, 2026-12-03)")
     parser.add_argument("--probe-fp8", action="store_true", help="time bf16 vs FP8 grouped GEMMs at the expert shapes")
     parser.add_argument("--check-packing", action="store_true", help="packed vs separate logits, flex attention")
     parser.add_argument("--write-lengths", type=Path, metavar="PREP_DIR",

@@ -97,3 +97,19 @@ def test_fused_experts_config_check(tiny_model):
     with pytest.raises(ConfigError, match="fused_experts: needs experts_implementation = grouped_mm"):
         cfg_for(tiny_model, fused_experts=True, experts_implementation="eager")
     assert cfg_for(tiny_model, fused_experts=True).fused_experts
+
+
+def test_cuda_tensors_get_the_compiled_functions_unless_eager():
+    from types import SimpleNamespace
+
+    from toolkit import fused_experts
+
+    on_gpu, on_cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    assert fused_experts._kernel("gate", on_cpu) is fused_experts.gate
+    assert fused_experts._kernel("gate", on_gpu) is fused_experts._compiled("gate")  # compiles lazily: not run
+    fused_experts.eager(True)
+    try:
+        assert fused_experts._kernel("combine", on_gpu) is fused_experts.combine
+    finally:
+        fused_experts.eager(False)
+    assert fused_experts._kernel("combine", on_gpu) is fused_experts._compiled("combine")

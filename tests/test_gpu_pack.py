@@ -191,3 +191,24 @@ def test_gpu_site_sh_starts_a_script_only_with_every_part(tmp_path):
     second = call("p2")
     assert second.returncode == 0, second.stderr
     assert second.stdout.splitlines() == [f"PACK={tmp_path / 'stage' / 'demo'}", "zh,nan"]
+
+
+def test_a_trimmed_wheel_keeps_the_wanted_libraries_and_a_matching_record(tmp_path):
+    wheel = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
+    libs = [f"bitsandbytes/libbitsandbytes_{v}.so" for v in ("cpu", "cuda128", "cuda130", "cuda132", "rocm64")]
+    info = "bitsandbytes-0.50.2.dist-info"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for name in [*libs, "bitsandbytes/__init__.py", f"{info}/METADATA"]:
+            zf.writestr(name, name * 3)
+        zf.writestr(f"{info}/RECORD", "".join(f"{n},sha256=x,1\n" for n in [*libs, "bitsandbytes/__init__.py"])
+                    + f"{info}/RECORD,,\n")
+    out = tmp_path / "out" / wheel.name
+    out.parent.mkdir()
+    dropped = gpu_pack.trim_wheel(wheel, out, gpu_pack.BNB_KEEP)
+    assert sorted(dropped) == [libs[1], libs[4]]
+    with zipfile.ZipFile(out) as zf:
+        names = set(zf.namelist())
+        record = zf.read(f"{info}/RECORD").decode()
+        assert zf.read(libs[2]) == (libs[2] * 3).encode()
+    assert names == {libs[0], libs[2], libs[3], "bitsandbytes/__init__.py", f"{info}/METADATA", f"{info}/RECORD"}
+    assert "cuda128" not in record and "rocm64" not in record and "cuda130" in record
