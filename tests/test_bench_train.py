@@ -119,13 +119,16 @@ def test_switches_reach_transformers_and_trl():
     assert lora.kernel_kwargs(lora_preset) == {"attn_implementation": "flex_attention",
                                                "experts_implementation": "grouped_mm"}
     # the fast path the lora preset uses: recompute every 12th layer, expert LoRA as low-rank grouped GEMMs, the
-    # MoE element-wise work fused; qlora: micro-batch 8 with the layer inputs offloaded (every layer recomputed)
+    # MoE element-wise work fused; qlora: micro-batch 6 with the layer inputs offloaded (every layer recomputed)
     assert lora_preset.liger_kernel and train.checkpointing_kwargs(lora_preset)["every_n_layers"] == 12
     assert lora_preset.lowrank_experts and qlora_preset.lowrank_experts
     assert lora_preset.fused_experts and qlora_preset.fused_experts and not lora_preset.activation_offloading
     assert qlora_preset.activation_offloading and train.checkpointing_kwargs(qlora_preset) == {"use_reentrant": False}
-    assert (qlora_preset.batch_size, qlora_preset.grad_accum) == (8, 2)
+    assert (qlora_preset.batch_size, qlora_preset.grad_accum) == (6, 3)  # 13.9 GiB on the H200, 2026-12-03
     assert qlora_preset.offload_embeddings and not qlora_preset.liger_kernel  # measured: liger costs qlora 1 GiB
+    # eval on the lora preset's 80 GB card in batches of 256 (24x the old path on the H200); smaller cards: 32
+    eval_batches = [config.build("eval", p).batch_size for p in ("gpt-oss-20b-lora", "gpt-oss-20b-qlora")]
+    assert eval_batches == [256, 32]
     with pytest.raises(ConfigError) as err:
         config.build("train", "tiny-cpu", ["train.experts_implementation=fast", "train.liger_kernel=true"])
     assert "train.experts_implementation" in str(err.value) and "train.liger_kernel" in str(err.value)
