@@ -1,13 +1,16 @@
 """Smoke tests of a llama-cpp-python build on a GPU, each case in its own process (a crash is a result, not the end).
 
-    python bench/llama_gpu_smoke.py FILE.gguf [--cases eval,verify,torch-verify] [--layers -1]
+    python bench/llama_gpu_smoke.py FILE.gguf [--cases eval,verify,...] [--layers -1]
 
 Cases, each as toolkit loads llama.cpp:
 - eval: toolkit eval's llama-cpp backend (default f16 KV cache, greedy generate with a logits processor, as
   copy_bias runs);
 - verify: toolkit export's check (f32 KV cache, logits of every prompt position);
 - torch-verify: the same after torch has started CUDA in the process (export computes its reference with torch
-  first). On 2026-12-02 every GPU export check segfaulted on the H200 while a plain load did not.
+  first). On 2026-12-02 every GPU export check segfaulted on the H200 while a plain load did not;
+- verify-f16kv, verify-nooffload, verify-cpu: verify with one thing changed, to find what a crash needs: the
+  default f16 KV cache; llama.cpp's op offload off (large batches of a layer kept on the CPU move to the GPU
+  otherwise, n_gpu_layers=0 included); no layer on the GPU and op offload off (the CPU computes everything).
 
 One line per case on stdout, `CASE ok ...` or `CASE failed (exit N)` (lower case: `gemma_gpu.sh wait` takes
 FAILED in its log for a failed stage); exit status 1 when `eval` failed (the build is of no use for the eval grid
@@ -20,7 +23,7 @@ import argparse
 import subprocess
 import sys
 
-CASES = ("eval", "verify", "torch-verify")
+CASES = ("eval", "verify", "torch-verify", "verify-f16kv", "verify-nooffload", "verify-cpu")
 
 
 def run_case(case: str, path: str, layers: int) -> str:
@@ -47,8 +50,11 @@ def run_case(case: str, path: str, layers: int) -> str:
             if len(out) >= 16 or tok == llm.token_eos():
                 break
         return f"{len(out)} tokens generated"
-    llm = llama_cpp.Llama(model_path=path, n_ctx=64, logits_all=True, verbose=False, n_gpu_layers=layers, seed=0,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    options = {} if case == "verify-f16kv" else {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
+    if case in ("verify-nooffload", "verify-cpu"):
+        options["op_offload"] = False
+    llm = llama_cpp.Llama(model_path=path, n_ctx=64, logits_all=True, verbose=False, seed=0,
+                          n_gpu_layers=0 if case == "verify-cpu" else layers, **options)
     ids = llm.tokenize("今天天氣真好，我們去公園散步。".encode(), add_bos=True, special=True)
     llm.eval(ids)
     return f"logits of {len(ids)} positions, finite: {all(abs(x) < 1e30 for x in llm.scores[len(ids) - 1])}"

@@ -20,9 +20,10 @@
 #            .gpu/gemma-tok carried (the config and tokenizer of `toolkit fetch gemma3-270m`'s hf folder, tokenizer.json
 #            gzipped), Gemma 3 270M's (after: batches of 200; before: the first 48). Each after row profiles one batch
 #            of PROFILE_TOKENS=16 new tokens first (OUT/NAME-profile-after.txt); each row has a time budget.
-# export:    the export check with the CUDA build beside torch, which segfaulted in-process on 2026-12-02:
-#            `toolkit export` of a tiny gpt-oss (trained 2 steps, merged) with llama.cpp in its worker process (the default,
-#            export.llama_process=child) and every layer on the GPU, then the same in-process (=same), for contrast.
+# export:    the export check with the CUDA build (started here with every core unless a train call started it):
+#            `toolkit export` of a tiny gpt-oss (trained 2 steps, merged) with llama.cpp in its worker process (the
+#            default) and every layer on the GPU; then the files without the check, and bench/llama_gpu_smoke.py's
+#            cases on its f16 GGUF (OUT/llama-smoke.txt): which setting the check's crash needs.
 # Everything printed goes to $OUT/log; JSON results to $OUT.
 set -o pipefail
 mode=${1:?usage: speed_gpu.sh gemma-tok | train | translate | export}
@@ -46,17 +47,20 @@ export PYTHONPATH=/tmp/site-llama:$PYTHONPATH TOOLKIT_LLAMA_CPP=$PACK/conv
 date -u
 [ -f .gpu/evaldata/news500.tsv ] && mkdir -p "$WORK/data" && cp .gpu/evaldata/news500.tsv "$WORK/data/"
 [ -d "$WORK/tok" ] || cp -r "$PACK/tok" "$WORK/tok"
+start_llama_build() {  # NICE JOBS: llama-cpp-python's CUDA build (sm_90) in the background, once per machine
+  if [ -d "$PACK/llama" ] && [ ! -f /tmp/site-llama/llama_cpp/__init__.py ] && [ ! -d /tmp/llama-src ]; then
+    mkdir -p /tmp/llama-src && tar xJf "$PACK"/llama/llama_cpp_python-*-trimmed.tar.xz -C /tmp/llama-src
+    # the stamp is written inside the setsid'd shell: a `... && touch` outside it dies with the call (2026-12-03)
+    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_FA=OFF -DGGML_CUDA_NCCL=OFF -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" \
+      CMAKE_BUILD_PARALLEL_LEVEL=$2 setsid nohup bash -c "nice -n $1 python3 -m pip install --no-index --no-deps \
+      --no-build-isolation --target /tmp/site-llama /tmp/llama-src/llama_cpp_python-* && touch '$WORK/llama.built'" \
+      > "$WORK/llama-build.log" 2>&1 < /dev/null &
+  fi
+}
 case $mode in
   train)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    if [ -d "$PACK/llama" ] && [ ! -f /tmp/site-llama/llama_cpp/__init__.py ]; then
-      mkdir -p /tmp/llama-src && tar xJf "$PACK"/llama/llama_cpp_python-*-trimmed.tar.xz -C /tmp/llama-src
-      # the stamp is written inside the setsid'd shell: a `... && touch` outside it dies with the call (2026-12-03)
-      CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_FA=OFF -DGGML_CUDA_NCCL=OFF -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" \
-        CMAKE_BUILD_PARALLEL_LEVEL=6 setsid nohup bash -c "nice -n 19 python3 -m pip install --no-index --no-deps \
-        --no-build-isolation --target /tmp/site-llama /tmp/llama-src/llama_cpp_python-* && touch '$WORK/llama.built'" \
-        > "$WORK/llama-build.log" 2>&1 < /dev/null &
-    fi
+    start_llama_build 19 6  # niced, 6 jobs: the training rows keep their cores
     python3 bench/train_speed.py --rows "${ROWS:-issue21-fused}" --budget-s "${BUDGET:-400}" --steps "${STEPS:-3}" \
       --memory "${MEMORY:-}" --out "$OUT" ;;
   translate)
@@ -82,7 +86,8 @@ oss-after|$oss|--modes after --batch-size 128 --pool 128 --no-loop-stop --profil
 ROWS
     tail -n 3 "$WORK/llama-build.log" 2>/dev/null ;;
   export)
-    for _ in $(seq 300); do [ -f "$WORK/llama.built" ] || [ -f /tmp/site-llama/llama_cpp/__init__.py ] && break; sleep 1; done
+    start_llama_build 0 16  # a call of its own: every core (none when a train call already started it)
+    for _ in $(seq "${BUILD_WAIT:-300}"); do [ -f "$WORK/llama.built" ] || [ -f /tmp/site-llama/llama_cpp/__init__.py ] && break; sleep 1; done
     tail -n 2 "$WORK/llama-build.log"
     python3 -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, 'GPU offload:', \
 llama_cpp.llama_supports_gpu_offload())" || exit 1
@@ -92,11 +97,15 @@ llama_cpp.llama_supports_gpu_offload())" || exit 1
         --set train.base_model="\"$T/tiny\"" --set train.device=cuda \
       && python3 -m toolkit merge $T/train --out $T/merge --force; } > "$WORK/chain.log" 2>&1 \
       || { tail -n 5 "$WORK/chain.log"; exit 1; }
-    for process in child same; do  # the worker process (default), then in-process: the 2026-12-02 crash
-      python3 -m toolkit export $T/merge --out "$WORK/export-$process" --force --quant Q8_0 --pre-tokenizer gpt-4o \
-        --set export.llama_process=$process --set export.n_gpu_layers=-1 > "$WORK/export-$process.log" 2>&1
-      echo "export llama_process=$process: exit status $?"; tail -n 4 "$WORK/export-$process.log"
-      cp "$WORK/export-$process/manifest.json" "$OUT/export-$process-manifest.json" 2>/dev/null
-    done ;;
+    # the worker process (the default); on 2026-12-03 its check crashed there too (SIGSEGV, n_gpu_layers -1 and 0)
+    python3 -m toolkit export $T/merge --out "$WORK/export-child" --force --quant Q8_0 --pre-tokenizer gpt-4o \
+      --set export.n_gpu_layers=-1 > "$WORK/export-child.log" 2>&1
+    echo "export: exit status $?"; tail -n 2 "$WORK/export-child.log"
+    cp "$WORK/export-child/manifest.json" "$OUT/export-child-manifest.json" 2>/dev/null
+    # what the crash needs: the same files without the check, then bench/llama_gpu_smoke.py's cases on the f16 file
+    python3 -m toolkit export $T/merge --out "$WORK/export-files" --force --quant Q8_0 --pre-tokenizer gpt-4o \
+      --set export.verify=false > "$WORK/export-files.log" 2>&1 || { tail -n 3 "$WORK/export-files.log"; exit 1; }
+    python3 bench/llama_gpu_smoke.py "$(ls "$WORK"/export-files/*[Ff]16*.gguf | head -1)" --layers -1 \
+      --cases eval,verify,verify-f16kv,verify-nooffload,verify-cpu,torch-verify | tee "$OUT/llama-smoke.txt" ;;
   *) echo "unknown mode $mode"; exit 2 ;;
 esac
