@@ -10,7 +10,11 @@ Cases, each as toolkit loads llama.cpp:
   first). On 2026-12-02 every GPU export check segfaulted on the H200 while a plain load did not;
 - verify-f16kv, verify-nooffload, verify-cpu: verify with one thing changed, to find what a crash needs: the
   default f16 KV cache; llama.cpp's op offload off (large batches of a layer kept on the CPU move to the GPU
-  otherwise, n_gpu_layers=0 included); no layer on the GPU and op offload off (the CPU computes everything).
+  otherwise, n_gpu_layers=0 included); no layer on the GPU and op offload off (the CPU computes everything);
+- toolkit-verify: `toolkit.gguf.verify` itself, as export's worker process runs it (the Harmony prompts of
+  export.verify_texts, several evaluations with resets, a short completion), with reference logits of zeros
+  (the figures mean nothing; whether it runs is the result) and no torch in the process. On 2026-12-03 export's
+  worker crashed on the H200 while every case above but torch-verify passed on the same file.
 
 One line per case on stdout, `CASE ok ...` or `CASE failed (exit N)` (lower case: `gemma_gpu.sh wait` takes
 FAILED in its log for a failed stage); exit status 1 when `eval` failed (the build is of no use for the eval grid
@@ -23,7 +27,7 @@ import argparse
 import subprocess
 import sys
 
-CASES = ("eval", "verify", "torch-verify", "verify-f16kv", "verify-nooffload", "verify-cpu")
+CASES = ("eval", "verify", "torch-verify", "verify-f16kv", "verify-nooffload", "verify-cpu", "toolkit-verify")
 
 
 def run_case(case: str, path: str, layers: int) -> str:
@@ -33,6 +37,8 @@ def run_case(case: str, path: str, layers: int) -> str:
         import torch
 
         torch.zeros(1, device="cuda").sum().item()
+    if case == "toolkit-verify":
+        return toolkit_verify(path, layers)
     if case == "eval":
         llm = llama_cpp.Llama(model_path=path, logits_all=False, n_ctx=2048, n_gpu_layers=layers, n_threads=1,
                               n_threads_batch=1, n_batch=512, seed=0, verbose=False)
@@ -58,6 +64,28 @@ def run_case(case: str, path: str, layers: int) -> str:
     ids = llm.tokenize("今天天氣真好，我們去公園散步。".encode(), add_bos=True, special=True)
     llm.eval(ids)
     return f"logits of {len(ids)} positions, finite: {all(abs(x) < 1e30 for x in llm.scores[len(ids) - 1])}"
+
+
+def toolkit_verify(path: str, layers: int) -> str:
+    """`toolkit.gguf.verify` on `path` with zero reference logits; the prompts tokenized by the file's own vocab."""
+    import dataclasses
+    from pathlib import Path
+
+    import llama_cpp
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from toolkit import config, gguf, prompt
+
+    cfg = dataclasses.replace(config.build("export"), n_gpu_layers=layers)
+    prompts = [prompt.default_spec().render_prompt(text) for text in cfg.verify_texts]
+    vocab = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+    ids = [vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True) for text in prompts]
+    ref = {"ids": ids, "logits": [np.zeros((len(row), vocab.n_vocab()), np.float32) for row in ids],
+           "last_as_shipped": None, "rope_rounded": False}
+    vocab.close()
+    figures = gguf.verify(Path(path), "f16", prompts, ref, cfg)
+    return f"{figures['positions']} positions of {len(prompts)} prompts, torch loaded: {'torch' in sys.modules}"
 
 
 def main() -> int:

@@ -106,6 +106,6 @@ llama_cpp.llama_supports_gpu_offload())" || exit 1
     python3 -m toolkit export $T/merge --out "$WORK/export-files" --force --quant Q8_0 --pre-tokenizer gpt-4o \
       --set export.verify=false > "$WORK/export-files.log" 2>&1 || { tail -n 3 "$WORK/export-files.log"; exit 1; }
     python3 bench/llama_gpu_smoke.py "$(ls "$WORK"/export-files/*[Ff]16*.gguf | head -1)" --layers -1 \
-      --cases eval,verify,verify-f16kv,verify-nooffload,verify-cpu,torch-verify | tee "$OUT/llama-smoke.txt" ;;
+      --cases eval,verify,verify-f16kv,verify-nooffload,verify-cpu,torch-verify,toolkit-verify | tee "$OUT/llama-smoke.txt" ;;
   *) echo "unknown mode $mode"; exit 2 ;;
 esac

@@ -92,13 +92,14 @@ def test_llama_smoke_cases_run_in_their_own_processes(tiny_gguf):
     import subprocess
 
     script = ROOT / "bench" / "llama_gpu_smoke.py"
-    cases = ["torch-verify", "eval", "verify", "verify-f16kv", "verify-nooffload", "verify-cpu"]
+    cases = ["torch-verify", "eval", "verify", "verify-f16kv", "verify-nooffload", "verify-cpu", "toolkit-verify"]
     proc = subprocess.run([sys.executable, str(script), str(tiny_gguf), "--cases", ",".join(cases)],
                           capture_output=True, text=True, check=False, timeout=300)
     lines = proc.stdout.splitlines()
     assert proc.returncode == 0, proc.stderr
     assert [line.split()[:2] for line in lines] == [["torch-verify", "failed"]] + [[c, "ok:"] for c in cases[1:]]
-    assert "tokens generated" in lines[1] and all("finite: True" in line for line in lines[2:])
+    assert "tokens generated" in lines[1] and all("finite: True" in line for line in lines[2:-1])
+    assert lines[-1].endswith("torch loaded: False")  # export's check, as its worker runs it, without torch
     crash = subprocess.run([sys.executable, str(script), str(tiny_gguf) + ".missing", "--cases", "eval"],
                            capture_output=True, text=True, check=False, timeout=300)
     assert crash.returncode == 1 and crash.stdout.startswith("eval failed (exit ")

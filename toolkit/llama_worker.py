@@ -7,6 +7,10 @@ processes that held llama.cpp alone (`bench/llama_gpu_smoke.py`). So export keep
 in its own process and hands each llama.cpp step to a child that imports only llama-cpp-python, numpy and the
 toolkit's light modules: `export.llama_process = "child"` (the default). A crash there is one clear error, not
 a dead CLI. `same` runs the steps in the export's process (as before; used by tests that patch llama.cpp).
+On the H200 on 2026-12-03 the child's quantize ran but its check still crashed (SIGSEGV, n_gpu_layers -1 and 0)
+while `bench/llama_gpu_smoke.py`'s loads of the same file passed: torch is not the only cause there, and the
+error names the way out (`export.verify=false`, or a CPU build of llama-cpp-python for the check);
+bench/results/export-gpu-2026-12-03.md.
 
     python -m toolkit.llama_worker JOB.pkl RESULT.pkl LOG_LEVEL      (what `run` starts; not for users)
 """
