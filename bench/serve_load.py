@@ -1,7 +1,7 @@
 """Benchmark: `toolkit serve` under load on 127.0.0.1, and its overhead over calling the backend directly.
 
     python bench/serve_load.py [--backend llama-cpp|transformers|echo] [--model PATH]
-                               [--requests 400] [--concurrency 16] [--max-new-tokens 8]
+                               [--requests 400] [--concurrency 16] [--max-new-tokens 8] [--set serve.KEY=VALUE]
 
 Without --model it builds the tiny gpt-oss (`toolkit tiny`) and, for llama-cpp, its f32 GGUF. The
 server is the real `toolkit serve` command in a subprocess (`echo`: the same app around a translator
@@ -91,6 +91,7 @@ def start_server(args: argparse.Namespace, model: Path | None, log_file) -> tupl
     else:
         cmd = [sys.executable, "-m", "toolkit", "serve", str(model), "--backend", args.backend, "--port", "0",
                "--queue-size", str(args.concurrency), "--max-new-tokens", str(args.max_new_tokens)]
+        cmd += [arg for setting in args.set for arg in ("--set", setting)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True)
     url = proc.stdout.readline().strip()
     if not url.startswith("http://127.0.0.1:"):
@@ -191,6 +192,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--overhead-requests", type=int, default=100, help="Sequential requests for the overhead.")
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--set", action="append", default=[], metavar="serve.KEY=VALUE",
+                        help="passed to `toolkit serve` (repeatable), e.g. serve.batch_requests=false")
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_echo:
@@ -215,7 +218,8 @@ def main() -> None:
 
     non_2xx = sum(n for code, n in statuses.items() if not (isinstance(code, int) and 200 <= code < 300))
     errors_5xx = sum(n for code, n in statuses.items() if not isinstance(code, int) or code >= 500)
-    name = args.backend + ("" if args.model or args.backend == "echo" else " (tiny model)")
+    name = args.backend + ("" if args.model or args.backend == "echo" else " (tiny model)") + "".join(
+        f", {setting}" for setting in args.set)
     p50 = {k: pct(v, 50) for k, v in seq.items()}
     print(f"server: {url}, {os.cpu_count()} CPUs, load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}, "
           f"statuses {dict(statuses)}, {logged} request lines logged")

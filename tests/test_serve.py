@@ -35,11 +35,13 @@ class FakeTranslator:
     def __init__(self, *, fail: bool = False, healthy: bool = True) -> None:
         self.fail, self.healthy = fail, healthy
         self.specs: list[PromptSpec] = []
+        self.texts: list[list[str]] = []  # each call's
         self.entered = threading.Event()
         self.release: threading.Event | None = None
 
     def translate(self, texts: list[str], spec: PromptSpec, *, max_new_tokens: int = 256) -> list[Translation]:
         self.specs.append(spec)
+        self.texts.append(list(texts))
         self.entered.set()
         if self.release is not None:
             assert self.release.wait(10), "test never released the fake translator"
@@ -264,6 +266,52 @@ def test_timeout_is_504_and_keeps_the_slot_until_the_backend_returns():
         # The backend still runs: a second call must not start beside it.
         assert gate.admitted == 1
         assert c.post("/translate", json={"text": "next"}).status_code == 429
+        fake.release.set()
+        _wait_for(lambda: gate.admitted == 0)
+        assert c.post("/translate", json={"text": "next"}).status_code == 200
+
+
+class BatchingTranslator(FakeTranslator):
+    decodes_in_batches = True  # as the transformers backend
+
+
+def test_concurrent_requests_are_decoded_as_one_call_each_with_its_own_answer():
+    fake = BatchingTranslator()
+    fake.release = threading.Event()
+    results: list = []
+    payloads = [{"text": "一"}, {"texts": ["二", "三"]}, {"text": "四"}]
+    with client(fake) as c:  # batch_requests is on by default, with no window
+        assert c.app.state.batcher is not None
+        first = _start(c, results, {"text": "零"})
+        assert fake.entered.wait(10)  # a call runs; the next requests wait behind it, together
+        threads = [_start(c, results, payload) for payload in payloads]
+        _wait_for(lambda: c.app.state.gate.admitted == 4)
+        fake.release.set()
+        for thread in [first, *threads]:
+            thread.join(10)
+        reverse = c.post("/translate", json={"text": "五", "source_lang": NAN, "target_lang": ZH})
+    assert sorted(r.status_code for r in results) == [200] * 4 and reverse.status_code == 200
+    answers = sorted([t["text"] for t in r.json()["translations"]] for r in results)
+    assert answers == [[f"{NAN}|一"], [f"{NAN}|二", f"{NAN}|三"], [f"{NAN}|四"], [f"{NAN}|零"]]
+    assert fake.texts[0] == ["零"] and sorted(fake.texts[1]) == ["一", "三", "二", "四"]  # one call for the three
+    assert fake.texts[2] == ["五"] and reverse.json()["translations"][0]["text"] == f"{ZH}|五"
+
+
+def test_batching_is_off_for_backends_that_do_not_batch_and_when_turned_off():
+    with client(FakeTranslator(), batch_window_ms=400) as c:
+        assert c.app.state.batcher is None
+    with client(BatchingTranslator(), batch_requests=False) as c:
+        assert c.app.state.batcher is None
+        assert c.post("/translate", json={"text": "a"}).status_code == 200
+
+
+def test_a_batched_request_that_times_out_keeps_its_slot_until_its_call_returns():
+    fake = BatchingTranslator()
+    fake.release = threading.Event()
+    with client(fake, concurrency=1, queue_size=0, request_timeout_s=0.3) as c:
+        gate = c.app.state.gate
+        assert c.post("/translate", json={"text": "slow"}).status_code == 504
+        assert gate.admitted == 1 and c.post("/translate", json={"text": "next"}).status_code == 429
         fake.release.set()
         _wait_for(lambda: gate.admitted == 0)
         assert c.post("/translate", json={"text": "next"}).status_code == 200

@@ -228,7 +228,10 @@ class TransformersTranslator:
     A `translate` call's sentences are sorted by prompt length and token limit (so a batch pads little and its
     rows end close together), decoded `batch_size` at a time, each row stopped on its own (`_RowStops`), and
     returned in the order given. An adapter is merged into the base weights once at load (`merge_adapter`).
+    `toolkit serve` decodes the requests that wait together as one call (`decodes_in_batches`, toolkit/batcher.py).
     """
+
+    decodes_in_batches = True
 
     def __init__(self, target: str | Path, *, base_model: str | None = None, device: str | None = "auto",
                  dtype: str = "auto", batch_size: int = 32, copy_bias: float = 0.0,

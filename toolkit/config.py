@@ -556,6 +556,12 @@ class ServeConfig(BackendConfig):
     concurrency: int = _help("Backend calls running at once (worker threads). llama.cpp and one transformers "
                              "model are not thread-safe: keep 1 unless the backend is a server (Ollama).", 1)
     queue_size: int = _help("Requests waiting for a worker beyond `concurrency`; when full: 429.", 16)
+    batch_requests: bool = _help("transformers backend: the requests that wait while a call runs are decoded "
+                                 "together as its next call (off: one call per request, `concurrency` at a time).",
+                                 True)
+    batch_window_ms: float = _help("With batch_requests: how long a request that finds no call running waits for "
+                                   "others to join it (0: it starts at once, alone).", 0.0)
+    batch_max_texts: int = _help("With batch_requests: most texts in one joint call.", 128)
     request_timeout_s: float = _help("Seconds a request may wait and run before a 504.", 120.0)
     source_codes: list[str] = _help("LibreTranslate language codes of the model's source language; the first is the "
                                     "one GET /languages lists ([] = the prep column, with zh-Hant beside zh and "
@@ -578,11 +584,14 @@ class ServeConfig(BackendConfig):
                        "language")
         if not 0 <= self.port <= 65535:
             out.append(f"serve.port: expected 0..65535, found {self.port}")
-        for name in ("max_chars", "max_texts", "concurrency", "request_timeout_s", "max_glossary_entries"):
+        for name in ("max_chars", "max_texts", "concurrency", "request_timeout_s", "max_glossary_entries",
+                     "batch_max_texts"):
             if getattr(self, name) <= 0:
                 out.append(f"serve.{name}: expected a positive number, found {getattr(self, name)}")
         if self.queue_size < 0:
             out.append(f"serve.queue_size: expected 0 or more, found {self.queue_size}")
+        if self.batch_window_ms < 0:
+            out.append(f"serve.batch_window_ms: expected 0 or more, found {self.batch_window_ms}")
         return out
 
 

@@ -9,7 +9,8 @@ translation page for people (toolkit/webpage.py).
 
 Backends block (llama.cpp, transformers, an Ollama HTTP call), so they run on a pool of
 `concurrency` worker threads; at most `queue_size` more requests wait for one and the rest get 429
-at once. A request that times out stops waiting (504), but its worker slot stays taken until the
+at once. A backend that decodes in batches (transformers) gets the requests that wait together as one call
+instead (`serve.batch_requests`, toolkit/batcher.py), within the same admission limits. A request that times out stops waiting (504), but its worker slot stays taken until the
 backend call really returns: llama.cpp and a transformers model are not thread-safe, and a slot freed
 early would let a second call run beside the first. Errors are JSON without tracebacks; the
 traceback goes to the server log.
@@ -28,7 +29,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -182,11 +183,20 @@ class Gate:
         self.admitted = 0  # only touched on the event loop thread
 
     async def run(self, fn: Callable[[], T], timeout: float) -> T:
+        """`fn` on a worker thread."""
+        return await self.join(lambda: self.pool.submit(fn), timeout)
+
+    async def join(self, submit: Callable[[], Future], timeout: float) -> Any:
+        """The result of the Future that `submit` starts (a worker thread's call, or a place in a `Batcher`)."""
         if self.admitted >= self.capacity:
             raise QueueFull
         loop = asyncio.get_running_loop()
         self.admitted += 1
-        future = self.pool.submit(fn)
+        try:
+            future = submit()
+        except BaseException:
+            self.admitted -= 1
+            raise
         # Released when the call really ends (or is dropped from the queue), not when the request gives up.
         future.add_done_callback(lambda _: self._release_from(loop))
         # On timeout wait_for cancels the wrapper, which cancels the call only if it has not started.
@@ -241,6 +251,13 @@ def create_app(translator: backends.Translator, spec: PromptSpec, settings: Serv
     """The FastAPI app around one loaded translator. `api_key`: required on /translate and /v1/models when set."""
     codes = codes or runs.prep_columns(None)
     gate = Gate(settings.concurrency, settings.queue_size)
+    batcher = None
+    if settings.batch_requests and getattr(translator, "decodes_in_batches", False):
+        from toolkit.batcher import Batcher
+
+        batcher = Batcher(lambda texts, chosen: translator.translate(texts, chosen,
+                                                                      max_new_tokens=settings.max_new_tokens),
+                          window_s=settings.batch_window_ms / 1e3, max_texts=settings.batch_max_texts)
     counts: Counter = Counter()
     backend_name = settings.backend or type(translator).__name__
     model_name = Path(translator.name).name or translator.name  # a file name, not the server's folders
@@ -249,6 +266,8 @@ def create_app(translator: backends.Translator, spec: PromptSpec, settings: Serv
     async def lifespan(app: FastAPI):
         started = time.monotonic()
         yield
+        if batcher is not None:
+            batcher.close()
         gate.close()
         summary = ", ".join(f"{counts[k]} {k}xx" for k in sorted(counts)) or "none"
         log.info("serve: %d requests (%s) in %.0fs", sum(counts.values()), summary, time.monotonic() - started)
@@ -257,7 +276,7 @@ def create_app(translator: backends.Translator, spec: PromptSpec, settings: Serv
     max_body = settings.max_texts * (settings.max_chars * 6 + 8) + 4096
     app = FastAPI(title="toolkit translate", version="1", lifespan=lifespan, max_body_size=max_body,
                   description=f"{spec.source_name} <-> {spec.target_name} with {model_name}")
-    app.state.gate, app.state.counts = gate, counts
+    app.state.gate, app.state.counts, app.state.batcher = gate, counts, batcher
     app.add_middleware(libretranslate.Dispatch)  # inside the access log, which so logs the path the client used
     app.add_middleware(_AccessLog, counts=counts)
 
@@ -304,7 +323,11 @@ def create_app(translator: backends.Translator, spec: PromptSpec, settings: Serv
                 time.perf_counter()
 
         try:
-            begun, results, ended = await gate.run(call, settings.request_timeout_s)
+            if batcher is not None:  # decoded together with the requests waiting beside it
+                begun, results, ended = await gate.join(lambda: batcher.submit(texts, chosen),
+                                                        settings.request_timeout_s)
+            else:
+                begun, results, ended = await gate.run(call, settings.request_timeout_s)
         except QueueFull:
             raise HTTPException(429, "server busy: too many requests waiting; retry later",
                                 headers={"Retry-After": "1"}) from None
