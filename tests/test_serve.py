@@ -56,6 +56,10 @@ class FakeTranslator:
         return self.healthy
 
 
+class BatchingTranslator(FakeTranslator):
+    decodes_in_batches = True  # as the transformers backend
+
+
 def client(translator: FakeTranslator | None = None, api_key: str | None = None, **settings):
     app = serve.create_app(translator or FakeTranslator(), SPEC, ServeConfig(**settings), api_key=api_key)
     return fastapi_testclient.TestClient(app)
@@ -257,8 +261,9 @@ def test_full_queue_is_429_and_recovers():
     assert len(fake.specs) == 3  # the refused request never reached the backend
 
 
-def test_timeout_is_504_and_keeps_the_slot_until_the_backend_returns():
-    fake = FakeTranslator()
+@pytest.mark.parametrize("batching", [False, True])
+def test_timeout_is_504_and_keeps_the_slot_until_the_backend_returns(batching):
+    fake = BatchingTranslator() if batching else FakeTranslator()  # a worker thread's call / a Batcher's
     fake.release = threading.Event()
     with client(fake, concurrency=1, queue_size=0, request_timeout_s=0.2) as c:
         gate = c.app.state.gate
@@ -269,10 +274,6 @@ def test_timeout_is_504_and_keeps_the_slot_until_the_backend_returns():
         fake.release.set()
         _wait_for(lambda: gate.admitted == 0)
         assert c.post("/translate", json={"text": "next"}).status_code == 200
-
-
-class BatchingTranslator(FakeTranslator):
-    decodes_in_batches = True  # as the transformers backend
 
 
 def test_concurrent_requests_are_decoded_as_one_call_each_with_its_own_answer():
@@ -304,17 +305,6 @@ def test_batching_is_off_for_backends_that_do_not_batch_and_when_turned_off():
         assert c.app.state.batcher is None
         assert c.post("/translate", json={"text": "a"}).status_code == 200
 
-
-def test_a_batched_request_that_times_out_keeps_its_slot_until_its_call_returns():
-    fake = BatchingTranslator()
-    fake.release = threading.Event()
-    with client(fake, concurrency=1, queue_size=0, request_timeout_s=0.3) as c:
-        gate = c.app.state.gate
-        assert c.post("/translate", json={"text": "slow"}).status_code == 504
-        assert gate.admitted == 1 and c.post("/translate", json={"text": "next"}).status_code == 429
-        fake.release.set()
-        _wait_for(lambda: gate.admitted == 0)
-        assert c.post("/translate", json={"text": "next"}).status_code == 200
 
 
 # ---- API key ------------------------------------------------------------------------------------
