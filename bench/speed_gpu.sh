@@ -87,7 +87,9 @@ ROWS
     tail -n 3 "$WORK/llama-build.log" 2>/dev/null ;;
   export)
     start_llama_build 0 16  # a call of its own: every core (none when a train call already started it)
-    for _ in $(seq "${BUILD_WAIT:-300}"); do [ -f "$WORK/llama.built" ] || [ -f /tmp/site-llama/llama_cpp/__init__.py ] && break; sleep 1; done
+    for _ in $(seq "${BUILD_WAIT:-300}"); do
+      [ -f "$WORK/llama.built" ] || [ -f /tmp/site-llama/llama_cpp/__init__.py ] && break; sleep 1
+    done
     tail -n 2 "$WORK/llama-build.log"
     python3 -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, 'GPU offload:', \
 llama_cpp.llama_supports_gpu_offload())" || exit 1
@@ -106,6 +108,7 @@ llama_cpp.llama_supports_gpu_offload())" || exit 1
     python3 -m toolkit export $T/merge --out "$WORK/export-files" --force --quant Q8_0 --pre-tokenizer gpt-4o \
       --set export.verify=false > "$WORK/export-files.log" 2>&1 || { tail -n 3 "$WORK/export-files.log"; exit 1; }
     python3 bench/llama_gpu_smoke.py "$(ls "$WORK"/export-files/*[Ff]16*.gguf | head -1)" --layers -1 \
-      --cases eval,verify,verify-f16kv,verify-nooffload,verify-cpu,torch-verify,toolkit-verify | tee "$OUT/llama-smoke.txt" ;;
+      --cases eval,verify,verify-f16kv,verify-nooffload,verify-cpu,torch-verify,toolkit-verify \
+      | tee "$OUT/llama-smoke.txt" ;;
   *) echo "unknown mode $mode"; exit 2 ;;
 esac

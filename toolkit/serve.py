@@ -10,9 +10,10 @@ translation page for people (toolkit/webpage.py).
 Backends block (llama.cpp, transformers, an Ollama HTTP call), so they run on a pool of
 `concurrency` worker threads; at most `queue_size` more requests wait for one and the rest get 429
 at once. A backend that decodes in batches (transformers) gets the requests that wait together as one call
-instead (`serve.batch_requests`, toolkit/batcher.py), within the same admission limits. A request that times out stops waiting (504), but its worker slot stays taken until the
-backend call really returns: llama.cpp and a transformers model are not thread-safe, and a slot freed
-early would let a second call run beside the first. Errors are JSON without tracebacks; the
+instead (`serve.batch_requests`, toolkit/batcher.py), within the same admission limits. A request that times
+out stops waiting (504), but its worker slot stays taken until the backend call really returns: llama.cpp and
+a transformers model are not thread-safe, and a slot freed early would let a second call run beside the
+first. Errors are JSON without tracebacks; the
 traceback goes to the server log.
 """
 
