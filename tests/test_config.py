@@ -51,6 +51,10 @@ def test_eval_and_serve_share_the_backend_settings():
         assert cfg.translator_options("ollama")["host"] == "http://gpu:11434"
         assert cfg.translator_options("llama-cpp")["decoding"] == cfg.translator_options("ollama")["decoding"]
     assert config.ServeConfig().host == "127.0.0.1"  # serve's host is the address it binds, nothing else
+    # eval decodes eval.batch_size rows at a time; serve a whole joint call of waiting requests (batch_max_texts)
+    assert config.build("eval", None, ["eval.batch_size=7"]).translator_options("transformers")["batch_size"] == 7
+    assert config.build("serve", None, ["serve.batch_max_texts=9"]).translator_options("transformers")[
+        "batch_size"] == 9
 
 
 def test_a_renamed_key_names_the_new_one():

@@ -561,7 +561,7 @@ class ServeConfig(BackendConfig):
                                  True)
     batch_window_ms: float = _help("With batch_requests: how long a request that finds no call running waits for "
                                    "others to join it (0: it starts at once, alone).", 0.0)
-    batch_max_texts: int = _help("With batch_requests: most texts in one joint call.", 128)
+    batch_max_texts: int = _help("With batch_requests: most texts in one joint call, decoded as one batch.", 128)
     request_timeout_s: float = _help("Seconds a request may wait and run before a 504.", 120.0)
     source_codes: list[str] = _help("LibreTranslate language codes of the model's source language; the first is the "
                                     "one GET /languages lists ([] = the prep column, with zh-Hant beside zh and "
@@ -571,6 +571,12 @@ class ServeConfig(BackendConfig):
     glossary: list[str] = _help("Term lexicons (as prep.glossary; CLI: --glossary, repeatable): the entries found in "
                                 "a text go to the model as a hint in its system message.", [])
     max_glossary_entries: int = _help("Most entries of a request's own `glossary` field (more: 413).", 64)
+
+    def translator_options(self, backend: str) -> dict[str, Any]:
+        options = super().translator_options(backend)
+        if backend == "transformers":  # a joint call of waiting requests decodes as one generate call
+            options["batch_size"] = self.batch_max_texts
+        return options
 
     def problems(self) -> list[str]:
         out = self.backend_problems()
