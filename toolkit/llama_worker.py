@@ -8,9 +8,10 @@ in its own process and hands each llama.cpp step to a child that imports only ll
 toolkit's light modules: `export.llama_process = "child"` (the default). A crash there is one clear error, not
 a dead CLI. `same` runs the steps in the export's process (as before; used by tests that patch llama.cpp).
 On the H200 on 2026-12-03 the child's quantize ran but its check still crashed (SIGSEGV, n_gpu_layers -1 and 0)
-while `bench/llama_gpu_smoke.py`'s loads of the same file passed: torch is not the only cause there, and the
-error names the way out (`export.verify=false`, or a CPU build of llama-cpp-python for the check);
-bench/results/export-gpu-2026-12-03.md.
+while `bench/llama_gpu_smoke.py`'s loads of the same file passed: torch is not the only cause there
+(bench/results/export-gpu-2026-12-03.md). A check that crashes with layers on the GPU is therefore run once
+more with llama.cpp on the CPU alone (`toolkit.gguf`); the error of a second crash names the way out
+(`export.verify=false`, or a CPU build of llama-cpp-python).
 
     python -m toolkit.llama_worker JOB.pkl RESULT.pkl LOG_LEVEL      (what `run` starts; not for users)
 """
@@ -31,6 +32,10 @@ from toolkit.errors import ExternalToolError
 STEPS = ("quantize", "verify")
 
 
+class WorkerCrashed(ExternalToolError):
+    """The worker process died by a signal (a crash inside llama.cpp), not by an error it reported."""
+
+
 def run(step: str, *args: Any) -> Any:
     """`toolkit.gguf.<step>(*args)` in a fresh process; its return value, or ExternalToolError when it failed."""
     if step not in STEPS:
@@ -43,10 +48,11 @@ def run(step: str, *args: Any) -> Any:
         # stderr is the export's: llama.cpp's messages and the child's log lines appear as they come
         proc = subprocess.run(command(job, result, level), check=False)
         if proc.returncode != 0:
-            raise ExternalToolError(f"llama.cpp {step} ({describe(args)}) failed in its worker process: "
-                                    f"{exit_reason(proc.returncode)}; see the log above. A CUDA build of "
-                                    "llama-cpp-python that crashes here: export with --set export.verify=false and "
-                                    "check the files with `toolkit eval`, or use a CPU build.")
+            error = WorkerCrashed if proc.returncode < 0 else ExternalToolError
+            raise error(f"llama.cpp {step} ({describe(args)}) failed in its worker process: "
+                        f"{exit_reason(proc.returncode)}; see the log above. A CUDA build of "
+                        "llama-cpp-python that crashes here: export with --set export.verify=false and "
+                        "check the files with `toolkit eval`, or use a CPU build.")
         with open(result, "rb") as f:
             return pickle.load(f)
 
