@@ -50,7 +50,6 @@ class Batcher:
         self._jobs: list[_Job] = []
         self._cond = threading.Condition()
         self._closed = False
-        self.calls = 0  # joint backend calls made (tests, logs)
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self._thread.start()
 
@@ -119,7 +118,6 @@ class Batcher:
     def _serve(self, jobs: list[_Job]) -> None:
         texts = [text for job in jobs for text in job.texts]
         started = time.perf_counter()
-        self.calls += 1
         try:
             results = self._run(texts, jobs[0].key)
             if len(results) != len(texts):

@@ -48,13 +48,14 @@ def combine(down, bias, expert_ids, weights, inv_perm, tokens: int, top_k: int):
 
 
 _FUNCTIONS = {"gate": gate, "combine": combine}
-_EAGER = [False]  # `eager(True)`: the plain functions on CUDA too
+_EAGER = False  # `eager(True)`: the plain functions on CUDA too
 
 
 def eager(on: bool) -> None:
     """Run the two functions eagerly on CUDA too (`on`), or compiled again. For the CUDA allocator's history
     (bench/train_speed.py --memory): recording Python stacks failed inside the compiled functions on the H200."""
-    _EAGER[0] = on
+    global _EAGER
+    _EAGER = on
 
 
 @functools.cache
@@ -68,7 +69,7 @@ def _kernel(name: str, tensor):
     """The compiled function on CUDA outside a compiled region (unless `eager`); the plain one otherwise."""
     import torch
 
-    if tensor.is_cuda and not _EAGER[0] and not torch.compiler.is_compiling():
+    if tensor.is_cuda and not _EAGER and not torch.compiler.is_compiling():
         return _compiled(name)
     return _FUNCTIONS[name]
 

@@ -134,8 +134,8 @@ def _verify(cfg: ExportConfig, path: Path, kind: str, prompts: list[str], ref: d
     except llama_worker.WorkerCrashed as exc:
         if cfg.n_gpu_layers == 0:
             raise
-        log.warning("export: the check of %s crashed with layers on the GPU (%s); checking it again with llama.cpp "
-                    "on the CPU alone", path.name, str(exc).split(": ", 1)[-1].split(";")[0])
+        log.warning("export: the check of %s crashed with layers on the GPU; checking it again with llama.cpp on "
+                    "the CPU alone (%s)", path.name, exc)
     on_cpu = dataclasses.replace(cfg, n_gpu_layers=0)
     figures = _llama(on_cpu, "verify", path, kind, prompts, ref, on_cpu)
     return {**figures, "retried_on_cpu": True}

@@ -252,13 +252,15 @@ def create_app(translator: backends.Translator, spec: PromptSpec, settings: Serv
     """The FastAPI app around one loaded translator. `api_key`: required on /translate and /v1/models when set."""
     codes = codes or runs.prep_columns(None)
     gate = Gate(settings.concurrency, settings.queue_size)
+
+    def backend(texts: list[str], chosen: PromptSpec) -> list[backends.Translation]:
+        return translator.translate(texts, chosen, max_new_tokens=settings.max_new_tokens)
+
     batcher = None
     if settings.batch_requests and getattr(translator, "decodes_in_batches", False):
         from toolkit.batcher import Batcher
 
-        batcher = Batcher(lambda texts, chosen: translator.translate(texts, chosen,
-                                                                      max_new_tokens=settings.max_new_tokens),
-                          window_s=settings.batch_window_ms / 1e3, max_texts=settings.batch_max_texts)
+        batcher = Batcher(backend, window_s=settings.batch_window_ms / 1e3, max_texts=settings.batch_max_texts)
     counts: Counter = Counter()
     backend_name = settings.backend or type(translator).__name__
     model_name = Path(translator.name).name or translator.name  # a file name, not the server's folders
@@ -320,8 +322,7 @@ def create_app(translator: backends.Translator, spec: PromptSpec, settings: Serv
 
         def call() -> tuple[float, list[backends.Translation], float]:
             begun = time.perf_counter()
-            return begun, translator.translate(texts, chosen, max_new_tokens=settings.max_new_tokens), \
-                time.perf_counter()
+            return begun, backend(texts, chosen), time.perf_counter()
 
         try:
             if batcher is not None:  # decoded together with the requests waiting beside it
