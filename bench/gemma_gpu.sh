@@ -35,8 +35,8 @@
 # gemma-gpu` with carry [".gpu/gemma-gpu/pN"] for every part but the last, then `bash bench/gemma_gpu.sh start`
 # with carry [".gpu/gemma-gpu/pLAST", ".gpu/evaldata"], then `bash bench/gemma_gpu.sh wait` until it says done.
 # Device time is 30 minutes a session: the second 2026-12-02 run spent 6 of them on copy_bias tuning, so
-# `TUNED_BIASES=bench/results/glossary-2026-12-02-tuned-biases.txt bash bench/gemma_gpu.sh start` reuses what
-# both runs tuned; `PACK_NOW=1 bash bench/gemma_gpu.sh wait` packs what is done when the time runs out.
+# `SPEED=0 TUNED_BIASES=bench/results/glossary-2026-12-02-tuned-biases.txt bash bench/gemma_gpu.sh start` reuses
+# what both runs tuned and skips the throughput rows; `PACK_NOW=1 bash bench/gemma_gpu.sh wait` packs what is done when the time runs out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:?usage: gemma_gpu.sh slices | start | wait | pipeline | train | measure}
@@ -141,6 +141,8 @@ if [ "$mode" = pipeline ]; then
       || echo "translate speed $1: no result, see above"  # the next rows still run
   }
   mkdir -p "$WORK/speed"
+  # SPEED=0: no throughput rows (stages 2 and 4; issue 21's were measured on 2026-12-03 with bench/speed_gpu.sh)
+  [ "${SPEED:-1}" = 0 ] && touch "$WORK/speed-oss.stamp" "$WORK/speed-gemma.stamp"
   if [ ! -f "$WORK/speed-oss.stamp" ]; then  # 2. issue 21: gpt-oss-20b shapes, while llama.cpp builds (niced)
     stage "translate speed: gpt-oss-20b shapes, random weights"
     speed oss-after --random gpt-oss-20b --tokenizer "$WORK/tok" --modes after --batch-size 128
