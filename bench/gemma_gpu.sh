@@ -68,7 +68,7 @@ if [ "$mode" = wait ]; then  # no pack needed: reports on the pipeline, packs it
       $(ls -d */train/manifest.json */train/metrics.jsonl */train/train_config.json */prep/stats.json \
         */prep/manifest.json 2>/dev/null)) || true
     split -b 15m "$OUT/results.tgz" "$OUT/results.tgz.part-" && rm "$OUT/results.tgz"  # 16 MiB a file comes back
-    cp "$WORK"/speed/*.json "$WORK/pipeline.log" "$WORK/llama-smoke.txt" "$OUT/" 2>/dev/null || true
+    cp "$WORK"/speed/*.json "$WORK/pipeline.log" "$WORK"/llama-smoke*.txt "$OUT/" 2>/dev/null || true
     ls -la "$OUT"; [ -f "$WORK/pipeline.done" ] && echo "pipeline done"
   fi
   exit 0
@@ -186,6 +186,12 @@ if [ "$mode" = pipeline ]; then
     # worker process of its own (toolkit.llama_worker): the check is tried, and an export that still fails is
     # redone once without it (logs/export-V-fallback.log says so). GRID_EXPORT_SET adds export options.
     export_set=${GRID_EXPORT_SET:-}
+    # On 2026-12-03 the check crashed in export's worker on the GPU and again on the CPU alone, while the smoke's
+    # toolkit-verify (the same check, zero reference logits) passed on the base Q4_K_M: the same cases on the f16
+    # file of a merge tell whether the file is the cause (llama-smoke-f16.txt; in the background, once it exists)
+    ( until f=$(ls "$WORK"/gg/chosen/export/*F16.gguf 2>/dev/null); do sleep 10; done
+      python3 bench/llama_gpu_smoke.py "$f" --cases verify,toolkit-verify,verify-cpu > "$WORK/llama-smoke-f16.txt" 2>&1
+    ) &
     env "${cut[@]}" WORK="$WORK/gg" BASE_HF="$base" TOOLKIT=toolkit NEWS="$WORK/data/news500.tsv" \
       MOE_DEV="$SHARED/corpora/zh-nan-moe/dev.tsv" TUNE="$WORK/data/tune.tsv" \
       LEXICONS="${lex[*]}" BIASES="$BIASES" JOBS="${GRID_JOBS:-12}" EXPORT_SET="$export_set" \

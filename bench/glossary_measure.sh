@@ -21,6 +21,8 @@
 #            split (first $MOE_N), both directions, beside copy and the base model, with term accuracy (the
 #            lexicons) and hints for the hint-trained adapters; `toolkit eval --compare` tests each against the
 #            chosen run and against copy. Results: $WORK/summary.md (+ $WORK/report/*/report.md).
+#   anywhere: bash bench/glossary_measure.sh report    the comparisons and summary again from $WORK/eval and
+#            $WORK/tuned_biases.txt (e.g. of a GPU run whose eval folders came back before its report)
 #
 # Where: `measure` runs here on the CPU as bench/real_model_gpu.sh's `local` mode did (JOBS=2; 40 tuning evals of
 # 200 sentences and up to 40 of 400-500, so hours on 2 cores), or on the GPU machine once it has llama-cpp-python
@@ -39,7 +41,7 @@
 # bench/results/glossary-2026-12-02-tuned-biases.txt, what both 2026-12-02 runs tuned).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mode=${1:?usage: glossary_measure.sh train | measure CHOSEN ANALYSIS HINTS BOTH}
+mode=${1:?usage: glossary_measure.sh train | measure CHOSEN ANALYSIS HINTS BOTH | report}
 VARIANTS="chosen analysis hints both"
 NEWS=${NEWS:-../shared/eval/zh-nan.heldout.tsv}
 MOE_DEV=${MOE_DEV:-../shared/corpora/zh-nan-moe/dev.tsv}
@@ -95,7 +97,61 @@ if [ "$mode" = train ]; then
     exit 0
 fi
 
-[ "$mode" = measure ] || { echo "usage: glossary_measure.sh train | measure CHOSEN ANALYSIS HINTS BOTH" >&2; exit 2; }
+report() {  # the comparisons (toolkit eval --compare) and $WORK/summary.md of the evals in $WORK/eval
+    for s in news moe; do for d in forward reverse; do
+        dir=$WORK/eval/$s-$d
+        for dec in greedy tuned; do
+            runs=()
+            for v in $VARIANTS; do
+                if [ "$dec" = tuned ] && [ "${BIAS[$v-$d]}" = 0 ]; then runs+=("$dir/$v-greedy"); else runs+=("$dir/$v-$dec"); fi
+            done
+            [ "$WITH_BASE" = 1 ] && runs+=("$dir/base")
+            $TOOLKIT eval --compare "${runs[@]}" "$dir/copy" --out "$WORK/report/$s-$d-$dec" --force \
+                > "$WORK/logs/compare-$s-$d-$dec.log" 2>&1
+        done
+    done; done
+    python3 - "$WORK" <<'EOF'
+import json, sys
+from pathlib import Path
+work = Path(sys.argv[1])
+biases = dict(line.rsplit(": copy_bias ", 1) for line in (work / "tuned_biases.txt").read_text().splitlines())
+def p(v): return "p<0.001" if v < 0.001 else f"p={v:.3f}"
+def pct(v): return "–" if v is None else f"{100 * v:.0f}%"
+lines = ["| set | direction | decoding | system | chrF ± 95% | BLEU | chrF vs chosen | chrF vs copy | ref. terms | "
+         "hinted terms | analysis in language |", "|" + "---|" * 11]
+for report in sorted((work / "report").glob("*/scores.json")):
+    s, d, dec = report.parent.name.split("-")
+    scores = json.loads(report.read_text())
+    for name, v in scores["systems"].items():
+        short = name.rsplit("/", 1)[-1]
+        vs_first = (scores.get("paired_vs_first") or {}).get(name, {}).get("chrf")
+        vs_copy = (scores.get("paired_vs_copy") or {}).get(name, {}).get("chrf")
+        terms = (scores.get("terms") or {}).get(name, {})
+        out = (scores.get("outputs") or {}).get(name) or {}
+        rl = out.get("reasoning_language") or {}
+        variant = short.rsplit("-", 1)[0]
+        label = short + (f" (bias {biases.get(f'{variant} {d}', '?')})" if short.endswith("-tuned") else "")
+        lines.append("| " + " | ".join([
+            s, d, dec, label, f"{v['chrf']['score']:.1f} ± {v['chrf'].get('ci', 0):.1f}", f"{v['bleu']['score']:.1f}",
+            f"{vs_first['delta']:+.1f} ({p(vs_first['p_value'])})" if vs_first else "",
+            f"{vs_copy['delta']:+.1f} ({p(vs_copy['p_value'])})" if vs_copy else "",
+            pct(terms.get("reference_term_accuracy")), pct(terms.get("hint_accuracy")),
+            (f"{pct(rl.get('share'))} of {rl.get('checked')}" if out.get("with_analysis") else "–"),
+        ]) + " |")
+(work / "summary.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF
+}
+
+if [ "$mode" = report ]; then  # again from the eval folders of a run (e.g. one that came back before its report)
+    declare -A BIAS
+    for v in $VARIANTS; do for d in forward reverse; do
+        BIAS[$v-$d]=$(sed -n "s/^$v $d: copy_bias //p" "$WORK/tuned_biases.txt")
+    done; done
+    report
+    exit 0
+fi
+[ "$mode" = measure ] || { echo "usage: glossary_measure.sh train | measure CHOSEN ANALYSIS HINTS BOTH | report" >&2; exit 2; }
 shift
 [ $# = 4 ] || { echo "measure: expected the four train folders (chosen analysis hints both), found $#" >&2; exit 2; }
 declare -A TRAIN_DIR=([chosen]=$1 [analysis]=$2 [hints]=$3 [both]=$4)
@@ -194,47 +250,4 @@ for s in news moe; do for d in forward reverse; do for v in $VARIANTS; do
     fi
 done; done; done
 drain
-for s in news moe; do for d in forward reverse; do
-    dir=$WORK/eval/$s-$d
-    for dec in greedy tuned; do
-        runs=()
-        for v in $VARIANTS; do
-            if [ "$dec" = tuned ] && [ "${BIAS[$v-$d]}" = 0 ]; then runs+=("$dir/$v-greedy"); else runs+=("$dir/$v-$dec"); fi
-        done
-        [ "$WITH_BASE" = 1 ] && runs+=("$dir/base")
-        $TOOLKIT eval --compare "${runs[@]}" "$dir/copy" --out "$WORK/report/$s-$d-$dec" --force \
-            > "$WORK/logs/compare-$s-$d-$dec.log" 2>&1
-    done
-done; done
-
-python3 - "$WORK" <<'EOF'
-import json, sys
-from pathlib import Path
-work = Path(sys.argv[1])
-biases = dict(line.rsplit(": copy_bias ", 1) for line in (work / "tuned_biases.txt").read_text().splitlines())
-def p(v): return "p<0.001" if v < 0.001 else f"p={v:.3f}"
-def pct(v): return "–" if v is None else f"{100 * v:.0f}%"
-lines = ["| set | direction | decoding | system | BLEU | chrF | chrF vs chosen | chrF vs copy | ref. terms | hinted "
-         "terms | analysis in language |", "|" + "---|" * 11]
-for report in sorted((work / "report").glob("*/scores.json")):
-    s, d, dec = report.parent.name.split("-")
-    scores = json.loads(report.read_text())
-    for name, v in scores["systems"].items():
-        short = name.rsplit("/", 1)[-1]
-        vs_first = (scores.get("paired_vs_first") or {}).get(name, {}).get("chrf")
-        vs_copy = (scores.get("paired_vs_copy") or {}).get(name, {}).get("chrf")
-        terms = (scores.get("terms") or {}).get(name, {})
-        out = (scores.get("outputs") or {}).get(name) or {}
-        rl = out.get("reasoning_language") or {}
-        variant = short.rsplit("-", 1)[0]
-        label = short + (f" (bias {biases.get(f'{variant} {d}', '?')})" if short.endswith("-tuned") else "")
-        lines.append("| " + " | ".join([
-            s, d, dec, label, f"{v['bleu']['score']:.1f}", f"{v['chrf']['score']:.1f}",
-            f"{vs_first['delta']:+.1f} ({p(vs_first['p_value'])})" if vs_first else "",
-            f"{vs_copy['delta']:+.1f} ({p(vs_copy['p_value'])})" if vs_copy else "",
-            pct(terms.get("reference_term_accuracy")), pct(terms.get("hint_accuracy")),
-            (f"{pct(rl.get('share'))} of {rl.get('checked')}" if out.get("with_analysis") else "–"),
-        ]) + " |")
-(work / "summary.md").write_text("\n".join(lines) + "\n")
-print("\n".join(lines))
-EOF
+report

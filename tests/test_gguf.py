@@ -287,37 +287,22 @@ def test_a_failed_llama_worker_is_one_clear_error(script, reason, tmp_path, monk
     assert isinstance(err.value, llama_worker.WorkerCrashed) == ("SIG" in reason)  # a crash, not a reported error
 
 
-def test_a_check_that_crashes_on_the_gpu_runs_again_on_the_cpu(tmp_path, monkeypatch):
+class _CrashOnLoad:
+    """Unpickled, it reads address 0: a segfault in the worker before the step starts."""
+
+    def __reduce__(self):
+        import ctypes
+
+        return ctypes.string_at, (0,)
+
+
+def test_a_worker_crash_leaves_the_python_stack_in_the_log(tmp_path, capfd):
     from toolkit import llama_worker
 
-    calls, crash_on = [], {"gpu"}
-
-    def fake_llama(cfg, step, path, kind, prompts, ref, cfg_arg):
-        where = "cpu" if cfg_arg.n_gpu_layers == 0 else "gpu"
-        calls.append(where)
-        if where in crash_on:
-            raise llama_worker.WorkerCrashed("llama.cpp verify (m.gguf) failed in its worker process: killed by "
-                                             "SIGSEGV; see the log above.")
-        if "reported" in crash_on:
-            raise ExternalToolError("llama.cpp verify (m.gguf) failed in its worker process: exit status 1")
-        return {"file": path.name, "passed": True}
-
-    monkeypatch.setattr(gguf, "_llama", fake_llama)
-    def check(layers):
-        return gguf._verify(export_cfg(n_gpu_layers=layers), tmp_path / "m.gguf", "f32", ["你好"], {})
-
-    assert check(-1) == {"file": "m.gguf", "passed": True, "retried_on_cpu": True} and calls == ["gpu", "cpu"]
-    crash_on.add("cpu")  # a second crash is the error
     with pytest.raises(llama_worker.WorkerCrashed, match="killed by SIGSEGV"):
-        check(-1)
-    calls.clear()  # configured for the CPU already: one try
-    with pytest.raises(llama_worker.WorkerCrashed):
-        check(0)
-    assert calls == ["cpu"]
-    crash_on, calls[:] = {"reported"}, []  # an error the worker reported (not a crash) is not retried either
-    with pytest.raises(ExternalToolError, match="exit status 1"):
-        check(-1)
-    assert calls == ["gpu"]
+        llama_worker.run("verify", tmp_path / "m.gguf", _CrashOnLoad())
+    err = capfd.readouterr().err
+    assert "Segmentation fault" in err and "llama_worker.py" in err  # faulthandler's stack of the worker
 
 
 def test_llama_worker_returns_what_the_step_returns_and_reports_its_errors(tmp_path):

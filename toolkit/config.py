@@ -385,8 +385,7 @@ class ExportConfig:
                             "model's flat logits give 0.78-0.98, so keep it well below that.", 0.7)
     n_threads: int = _help("CPU threads for quantization and verification (0 = all).", 0)
     n_gpu_layers: int = _help("Layers llama-cpp-python offloads to the GPU while verifying (-1 = all, 0 = none: "
-                              "the CPU alone; a CPU-only build ignores it). A check that crashes with layers on "
-                              "the GPU runs once more on the CPU.", -1)
+                              "the CPU alone; a CPU-only build ignores it).", -1)
     llama_process: str = _help("Where llama.cpp quantizes and verifies: `child` (a fresh process per step, which "
                                "never holds torch: a CUDA build of llama-cpp-python segfaulted beside it) or `same` "
                                "(the export's own process).", "child", choices=("child", "same"))

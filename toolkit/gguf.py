@@ -27,7 +27,6 @@ a finished export re-run with the same config and merge folder is a no-op.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import logging
 import subprocess
 import sys
@@ -120,25 +119,6 @@ def _llama(cfg: ExportConfig, step: str, *args: Any) -> Any:
     from toolkit import llama_worker
 
     return llama_worker.run(step, *args)
-
-
-def _verify(cfg: ExportConfig, path: Path, kind: str, prompts: list[str], ref: dict[str, Any]) -> dict[str, Any]:
-    """`verify` through `_llama`; a worker that crashes with layers on the GPU gets one more try on the CPU alone.
-
-    A CUDA build of llama-cpp-python crashed in export's check on the H200 (2026-12-03) for reasons not yet known
-    (bench/results/export-gpu-2026-12-03.md); the check's figures do not depend on where llama.cpp computes."""
-    from toolkit import llama_worker
-
-    try:
-        return _llama(cfg, "verify", path, kind, prompts, ref, cfg)
-    except llama_worker.WorkerCrashed as exc:
-        if cfg.n_gpu_layers == 0:
-            raise
-        log.warning("export: the check of %s crashed with layers on the GPU; checking it again with llama.cpp on "
-                    "the CPU alone (%s)", path.name, exc)
-    on_cpu = dataclasses.replace(cfg, n_gpu_layers=0)
-    figures = _llama(on_cpu, "verify", path, kind, prompts, ref, on_cpu)
-    return {**figures, "retried_on_cpu": True}
 
 
 def _failed_check_fix(failed: list[dict[str, Any]], files: list[dict[str, Any]]) -> str:
@@ -381,7 +361,7 @@ def _export(cfg: ExportConfig, merged_dir: Path, merged: dict[str, Any], folder:
         ref = reference_logits(merged_dir, prompts)
         reference = {"dtype": ref["dtype"], "rope_rounded_like_llama_cpp": ref["rope_rounded"],
                      "prompts": len(prompts), "tokens": [len(row) for row in ref["ids"]], "method": "layerwise"}
-        files = [_verify(cfg, path, kind, prompts, ref) for kind, path in paths.items()]
+        files = [_llama(cfg, "verify", path, kind, prompts, ref, cfg) for kind, path in paths.items()]
         failed = [f for f in files if not f["passed"]]
         if failed:
             raise ArtifactError("export check failed: " + "; ".join(

@@ -7,17 +7,18 @@ processes that held llama.cpp alone (`bench/llama_gpu_smoke.py`). So export keep
 in its own process and hands each llama.cpp step to a child that imports only llama-cpp-python, numpy and the
 toolkit's light modules: `export.llama_process = "child"` (the default). A crash there is one clear error, not
 a dead CLI. `same` runs the steps in the export's process (as before; used by tests that patch llama.cpp).
-On the H200 on 2026-12-03 the child's quantize ran but its check still crashed (SIGSEGV, n_gpu_layers -1 and 0)
-while `bench/llama_gpu_smoke.py`'s loads of the same file passed: torch is not the only cause there
-(bench/results/export-gpu-2026-12-03.md). A check that crashes with layers on the GPU is therefore run once
-more with llama.cpp on the CPU alone (`toolkit.gguf`); the error of a second crash names the way out
-(`export.verify=false`, or a CPU build of llama-cpp-python).
+On the H200 on 2026-12-03 the child's quantize ran but its check still crashed (SIGSEGV) with every layer on the
+GPU, with none, and with no GPU visible, while `bench/llama_gpu_smoke.py` loaded and checked the base model's file
+in processes of its own (bench/results/export-gpu-2026-12-03.md, glossary-2026-12-03.md). Cause not found; the
+error names the way out (`export.verify=false`, or a CPU build), and the child prints its Python stack when it
+crashes (faulthandler) so the next log shows which call.
 
     python -m toolkit.llama_worker JOB.pkl RESULT.pkl LOG_LEVEL      (what `run` starts; not for users)
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import pickle
 import signal
@@ -76,6 +77,7 @@ def exit_reason(code: int) -> str:
 
 def main(argv: list[str]) -> int:
     job, result, level = argv
+    faulthandler.enable()  # a crash inside llama.cpp leaves the Python stack (which call) in the export's log
     logging.basicConfig(level=int(level), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     with open(job, "rb") as f:
         step, args = pickle.load(f)
