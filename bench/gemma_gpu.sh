@@ -36,7 +36,8 @@
 # with carry [".gpu/gemma-gpu/pLAST", ".gpu/evaldata"], then `bash bench/gemma_gpu.sh wait` until it says done.
 # Device time is 30 minutes a session: the second 2026-12-02 run spent 6 of them on copy_bias tuning, so
 # `SPEED=0 TUNED_BIASES=bench/results/glossary-2026-12-02-tuned-biases.txt bash bench/gemma_gpu.sh start` reuses
-# what both runs tuned and skips the throughput rows; `PACK_NOW=1 bash bench/gemma_gpu.sh wait` packs what is done when the time runs out.
+# what both runs tuned and skips the throughput rows; `PACK_NOW=1 bash bench/gemma_gpu.sh wait` packs what is
+# done when the time runs out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:?usage: gemma_gpu.sh slices | start | wait | pipeline | train | measure}

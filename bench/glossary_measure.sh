@@ -143,11 +143,16 @@ print("\n".join(lines))
 EOF
 }
 
-if [ "$mode" = report ]; then  # again from the eval folders of a run (e.g. one that came back before its report)
-    declare -A BIAS
+declare -A BIAS
+read_biases() {  # FILE: BIAS[variant-direction] from its "VARIANT DIRECTION: copy_bias B" lines
     for v in $VARIANTS; do for d in forward reverse; do
-        BIAS[$v-$d]=$(sed -n "s/^$v $d: copy_bias //p" "$WORK/tuned_biases.txt")
+        BIAS[$v-$d]=$(sed -n "s/^$v $d: copy_bias //p" "$1")
+        [ -n "${BIAS[$v-$d]}" ] || { echo "$1: no line \"$v $d: copy_bias B\"" >&2; exit 2; }
     done; done
+}
+
+if [ "$mode" = report ]; then  # again from the eval folders of a run (e.g. one that came back before its report)
+    read_biases "$WORK/tuned_biases.txt"
     report
     exit 0
 fi
@@ -199,14 +204,10 @@ for v in $VARIANTS; do
 done
 drain
 
-declare -A BIAS
 if [ -n "${TUNED_BIASES:-}" ]; then  # the biases an earlier run tuned on the same slice: its tuned_biases.txt
     echo "== copy_bias of each adapter and direction: from $TUNED_BIASES" >&2
     [ "$TUNED_BIASES" -ef "$WORK/tuned_biases.txt" ] || cp "$TUNED_BIASES" "$WORK/tuned_biases.txt"
-    for v in $VARIANTS; do for d in forward reverse; do
-        BIAS[$v-$d]=$(sed -n "s/^$v $d: copy_bias //p" "$TUNED_BIASES")
-        [ -n "${BIAS[$v-$d]}" ] || { echo "$TUNED_BIASES: no line \"$v $d: copy_bias B\"" >&2; exit 2; }
-    done; done
+    read_biases "$TUNED_BIASES"
 else
 echo "== copy_bias of each adapter and direction on the tuning slice ($BIASES)" >&2
 for v in $VARIANTS; do for d in forward reverse; do for b in $BIASES; do
